@@ -1,0 +1,6 @@
+"""Fast paths behind the functional API.
+
+Each kernel states the reference expression it computes; tests use that expression as the oracle and
+benchmarks as the baseline. ``rows`` holds the pure-torch row kernels (any device); ``blocks`` splits an
+``(N, C, d1, ..., dk)`` tensor into cache-sized ``(n, C)`` row blocks.
+"""
