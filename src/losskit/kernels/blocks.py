@@ -64,14 +64,18 @@ class Block:
         return p2[self.b0:self.b1, self.l0:self.l1].reshape(-1)
 
 
-def block_rows(n_classes: int, itemsize: int = 4, budget: int = BLOCK_BYTES) -> int:
+def block_rows(n_classes: int, itemsize: int = 4, budget: int | None = None) -> int:
     """Rows per block: ``budget // (C * itemsize)``, at least one row (a row larger than the budget is
-    processed whole: its work buffer is ``C * itemsize`` bytes)."""
+    processed whole: its work buffer is ``C * itemsize`` bytes). ``budget`` defaults to ``BLOCK_BYTES``,
+    read at call time so that tests can shrink it."""
+    budget = BLOCK_BYTES if budget is None else budget
     return max(1, budget // max(1, n_classes * itemsize))
 
 
 def blocks(n: int, length: int, rows: int) -> Iterator[Block]:
-    """Cover ``(n, length)`` positions in blocks of about ``rows`` positions."""
+    """Cover ``(n, length)`` positions in blocks of about ``rows`` positions (none when either is 0)."""
+    if n == 0 or length == 0:
+        return
     if length >= rows or n == 1:
         for b in range(n):
             for l0 in range(0, length, rows):
