@@ -5,7 +5,8 @@ and ``torch.nn`` for the losses they hold.
 """
 
 from . import functional, nn
+from ._learner import LosskitWarning, checks_enabled, set_checks
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "functional", "nn"]
+__all__ = ["LosskitWarning", "__version__", "checks_enabled", "functional", "nn", "set_checks"]

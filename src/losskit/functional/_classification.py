@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _checks, _reduction
+from .. import _checks, _learner, _reduction
 from .._autograd import attach, needs_grad
 from .._types import Reduction
 from ..kernels.blocks import accumulation_dtype, as_3d, block_rows, blocks, positions_2d, work_buffer
@@ -162,6 +162,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, *
     _checks.number_in("label_smoothing", label_smoothing, 0.0, 1.0)
     if not probabilities:
         _checks.class_targets(target, input.shape[_class_dim(input)], ignore_index)
+    _learner.check_logits("cross_entropy", input, _class_dim(input))
     return softmax_xent(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=float(label_smoothing), gamma=0.0, probabilities=probabilities)
 
@@ -188,6 +189,7 @@ def focal_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, g
     weight = _check_common(weight, input, reduction, ignore_index)
     _checks.number_in("gamma", gamma, 0.0)
     _checks.class_targets(target, input.shape[_class_dim(input)], ignore_index)
+    _learner.check_logits("focal_loss", input, _class_dim(input))
     return softmax_xent(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=0.0, gamma=float(gamma), probabilities=False)
 
@@ -211,6 +213,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ign
     weight = _check_common(weight, input, reduction, ignore_index)
     n_classes = input.shape[_class_dim(input)]
     _checks.class_targets(target, n_classes, ignore_index)
+    _learner.check_log_probabilities("nll_loss", input, _class_dim(input))
     (want_x,) = needs_grad(input)
     acc = accumulation_dtype(input.dtype)
     cd = _class_dim(input)
