@@ -5,7 +5,8 @@ Everything here is independent of losskit's fast paths: references are written i
 ops from the formula in each loss's docstring.
 """
 
+from ._gradcheck import gradcheck
 from ._memory import peak_memory_above
 from ._tolerance import TOLERANCES, Tolerance, assert_close, assert_no_worse_than
 
-__all__ = ["TOLERANCES", "Tolerance", "assert_close", "assert_no_worse_than", "peak_memory_above"]
+__all__ = ["TOLERANCES", "Tolerance", "assert_close", "assert_no_worse_than", "gradcheck", "peak_memory_above"]
