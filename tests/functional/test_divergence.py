@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import losskit
 import losskit.functional as LF
 import losskit.kernels.blocks as blocks
 import losskit.kernels.elementwise as elementwise
@@ -211,6 +212,16 @@ def test_kl_div_identities(reduction):
     module = LN.KLDivLoss(reduction=reduction, log_target=True)
     assert_close(_quiet(module, x, t.log()), _quiet(LF.kl_div, x, t.log(), reduction=reduction, log_target=True))
     assert "log_target=True" in repr(module)
+
+
+def test_kl_div_check_mode_flags_probabilities_as_input():
+    before = losskit.checks_enabled()
+    losskit.set_checks(True)
+    try:
+        with pytest.warns(losskit.LosskitWarning, match="log-probabilities"):
+            LF.kl_div(torch.full((2, 3), 1 / 3), torch.full((2, 3), 1 / 3), reduction="sum")
+    finally:
+        losskit.set_checks(before)
 
 
 def test_kl_div_bad_input():

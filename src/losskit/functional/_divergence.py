@@ -16,7 +16,7 @@ from typing import get_args
 import torch
 from torch import Tensor
 
-from .. import _checks, _reduction
+from .. import _checks, _learner, _reduction
 from .._autograd import attach, needs_grad
 from .._types import KLReduction
 from ..kernels import blocks as _blocks
@@ -83,6 +83,7 @@ def kl_div(input: Tensor, target: Tensor, *, reduction: KLReduction = "mean", lo
         ) from None
     if reduction == "mean":
         warnings.warn(_MEAN_WARNING, stacklevel=2)
+    _learner.check_kl_div(x, t, log_target)
     want_x, want_t = needs_grad(x, t)
     with torch.no_grad():
         loss, grad_x, grad_t = _kl_div(x, t, shape, reduction, log_target, want_x, want_t)
