@@ -121,18 +121,21 @@ def test_nll_loss_given_log_probabilities(checks, dtype):
     _no_warning(lambda: LF.nll_loss(_logits(4, 50_000).log_softmax(1).to(dtype), _targets(4, 50_000)))
 
 
-# -- binary_cross_entropy_with_logits wants logits ----------------------------------------------------
+# -- binary_cross_entropy_with_logits (and the other with-logits binary losses) want logits -----------
 
 
-def test_binary_logits_given_probabilities(checks):
-    with pytest.warns(LosskitWarning, match=r"bce .*look like probabilities.*Pass the logits"):
-        _learner.check_binary_logits("bce", torch.rand(4, 4))
+@pytest.mark.parametrize("loss", [LF.binary_cross_entropy_with_logits, LF.multilabel_soft_margin_loss])
+def test_binary_logits_given_probabilities(checks, loss):
+    target = (torch.rand(4, 4, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    with pytest.warns(LosskitWarning, match=rf"{loss.__name__} .*look like probabilities.*Pass the logits"):
+        loss(_logits(4, 4).sigmoid(), target)
 
 
 def test_binary_logits_given_logits(checks):
-    _no_warning(lambda: _learner.check_binary_logits("bce", _logits(4, 4)))
+    target = (torch.rand(4, 4, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    _no_warning(lambda: LF.binary_cross_entropy_with_logits(_logits(4, 4), target))
     # Too few entries to tell small logits from probabilities.
-    _no_warning(lambda: _learner.check_binary_logits("bce", torch.tensor([0.2, 0.7])))
+    _no_warning(lambda: LF.binary_cross_entropy_with_logits(torch.tensor([0.2, 0.7]), torch.tensor([0.0, 1.0])))
 
 
 # -- kl_div: input log-probabilities, target probabilities unless log_target --------------------------
@@ -140,21 +143,20 @@ def test_binary_logits_given_logits(checks):
 
 def test_kl_div_target_in_log_space_without_log_target(checks):
     logp = _logits(4, 5).log_softmax(1)
-    with pytest.warns(LosskitWarning, match="log_target=True"):
-        _learner.check_kl_div(logp, _logits(4, 5).log_softmax(1), log_target=False)
-    _no_warning(lambda: _learner.check_kl_div(logp, _logits(4, 5).log_softmax(1), log_target=True))
+    with pytest.warns(LosskitWarning, match="kl_div .*log-probabilities. Pass log_target=True"):
+        LF.kl_div(logp, _logits(4, 5).log_softmax(1), reduction="batchmean")
+    _no_warning(lambda: LF.kl_div(logp, _logits(4, 5).log_softmax(1), reduction="batchmean", log_target=True))
 
 
 @pytest.mark.parametrize("transform, match", [(lambda x: x.softmax(1), "probabilities"),
                                               (lambda x: x, "raw logits")])
 def test_kl_div_input_not_log_probabilities(checks, transform, match):
     with pytest.warns(LosskitWarning, match=rf"log-probabilities .*looks like {match}.*log_softmax"):
-        _learner.check_kl_div(transform(_logits(4, 5)), _logits(4, 5).softmax(1), log_target=False)
+        LF.kl_div(transform(_logits(4, 5)), _logits(4, 5).softmax(1), reduction="batchmean")
 
 
 def test_kl_div_ordinary_inputs(checks):
-    _no_warning(lambda: _learner.check_kl_div(_logits(4, 5).log_softmax(1), _logits(4, 5).softmax(1),
-                                              log_target=False))
+    _no_warning(lambda: LF.kl_div(_logits(4, 5).log_softmax(1), _logits(4, 5).softmax(1), reduction="batchmean"))
 
 
 def test_checks_skip_empty_inputs(checks):
