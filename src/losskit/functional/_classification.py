@@ -160,6 +160,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, *
     probabilities = check_class_input(input, target, probabilities_allowed=True)
     weight = _check_common(weight, input, reduction, ignore_index)
     _checks.number_in("label_smoothing", label_smoothing, 0.0, 1.0)
+    if probabilities and ignore_index != -100:
+        raise ValueError(f"ignore_index={ignore_index} is not supported with probability targets (target has the "
+                         f"input's shape {tuple(input.shape)}); give ignored positions an all-zero target row instead")
     if not probabilities:
         _checks.class_targets(target, input.shape[_class_dim(input)], ignore_index)
     _learner.check_logits("cross_entropy", input, _class_dim(input))
@@ -224,7 +227,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ign
                                                                          device=input.device))
     w_y = w_y * valid.unsqueeze(cd)
     with torch.no_grad():
-        per = -(input.gather(cd, safe).to(acc) * w_y).squeeze(cd)
+        per = -(input.gather(cd, safe).to(acc) * w_y).squeeze(cd).masked_fill(~valid, 0.0)  # ignored: 0, not 0 * -inf
         denominator = w_y.sum()
         loss = _reduction.reduce(per, reduction, denominator).to(input.dtype)
         grad = None

@@ -8,6 +8,7 @@ its gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,8 +39,9 @@ def as_3d(x: Tensor) -> Tensor:
 
 
 def positions_2d(t: Tensor, n: int) -> Tensor:
-    """Per-position tensor (target indices) ``()``, ``(N,)`` or ``(N, d1..dk)`` -> ``(N, L)``."""
-    return t.reshape(n, -1)
+    """Per-position tensor (target indices) ``()``, ``(N,)`` or ``(N, d1..dk)`` -> ``(N, L)``, also for N = 0
+    (where ``reshape(0, -1)`` is ambiguous)."""
+    return t.reshape(n, math.prod(t.shape[1:]) if t.dim() else 1)
 
 
 @dataclass(frozen=True)

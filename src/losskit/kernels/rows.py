@@ -70,7 +70,7 @@ def xent_rows_(work: Tensor, target: Tensor, spec: RowSpec, scale: Tensor | floa
     sumexp = work.sum(1)
     log_s = sumexp.log()  # logsumexp(x) - max
     lse = m.squeeze(1) + log_s
-    logp_y = x_y - log_s
+    logp_y = (x_y - log_s).masked_fill(ignored, 0.0)  # ignored rows: finite even if x[0] is -inf or NaN
 
     if spec.gamma:
         q = -torch.expm1(logp_y)  # 1 - p_y, accurate when p_y is near 1
