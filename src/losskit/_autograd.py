@@ -7,7 +7,9 @@ nothing the size of the input, and nothing but the gradients is kept between for
 
 Consequences, each raised as a clear error rather than a wrong number:
 
-* double backward (``create_graph=True``) is not supported: the stored gradient is a constant;
+* double backward (``create_graph=True``) is not supported: the stored gradient is a constant, so it is
+  refused when backward is called, rather than silently giving a zero second derivative (which
+  ``once_differentiable`` would do here: its error only fires when ``grad_output`` requires grad);
 * a second backward through the same graph (``retain_graph=True``) is refused, because the first one
   scaled the stored gradient in place.
 """
@@ -18,7 +20,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 
 def _scale_(grad: Tensor, grad_output: Tensor, expand_dim: int | None) -> Tensor:
@@ -29,8 +30,9 @@ def _scale_(grad: Tensor, grad_output: Tensor, expand_dim: int | None) -> Tensor
     """
     if grad_output.dim() == 0:
         # The common case is loss.backward() on a scalar: grad_output is exactly 1 and the pass over the
-        # gradient can be skipped. Reading the value synchronises an accelerator, so only on CPU.
-        if grad_output.device.type == "cpu" and bool(grad_output == 1):
+        # gradient can be skipped. Reading the value synchronises an accelerator, so only on CPU, and
+        # not while torch.compile traces (a data-dependent branch would break the graph).
+        if grad_output.device.type == "cpu" and not torch.compiler.is_compiling() and bool(grad_output == 1):
             return grad
         return grad.mul_(grad_output)
     if expand_dim is not None and grad_output.dim() < grad.dim():
@@ -50,8 +52,13 @@ class _PrecomputedGrad(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
+        if torch.is_grad_enabled():  # the engine enables grad mode in backward exactly for create_graph=True
+            raise RuntimeError(
+                "losskit: double backward (create_graph=True) is not supported: the fused losses store their "
+                "gradient as a constant, so its derivative would silently be zero; use torch.nn.functional for "
+                "higher-order gradients"
+            )
         if ctx.used:
             raise RuntimeError(
                 "losskit: backward through the same fused loss twice is not supported (the first backward "
