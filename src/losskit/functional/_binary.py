@@ -24,6 +24,10 @@ __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "multilab
 
 _Grads = tuple[Tensor | None, Tensor | None]
 
+#: Floor of ``(1 - x) x`` in torch's BCE backward: ATen's ``EPSILON = 1e-12f``, a float32 constant,
+#: 9.99999996e-13, used for every dtype (float64 included).
+_BCE_EPSILON = float(torch.tensor(1e-12, dtype=torch.float32))
+
 
 def _weighted(t: Tensor | None, w: Tensor | None) -> Tensor | None:
     """``t * w`` (in place; ``t`` is a fresh temporary) or ``t`` when either is None."""
@@ -31,7 +35,7 @@ def _weighted(t: Tensor | None, w: Tensor | None) -> Tensor | None:
 
 
 def _bce_kernel(ops: Sequence[Tensor | None], want: Sequence[bool]) -> tuple[Tensor, _Grads]:
-    """torch's CPU kernel and backward (ATen ``binary_cross_entropy``, ``EPSILON = 1e-12``)::
+    """torch's CPU kernel and backward (ATen ``binary_cross_entropy``, ``EPSILON = float32(1e-12)``)::
 
         loss = w * ((y - 1) * max(log1p(-x), -100) - y * max(log(x), -100))
         dx   = w * (x - y) / max((1 - x) * x, 1e-12)
@@ -41,7 +45,7 @@ def _bce_kernel(ops: Sequence[Tensor | None], want: Sequence[bool]) -> tuple[Ten
     _checks.in_unit_interval("input", x)
     _checks.in_unit_interval("target", y)
     loss = (y - 1) * torch.log1p(-x).clamp_min_(-100) - y * torch.log(x).clamp_min_(-100)
-    dx = (x - y).div_(((1 - x) * x).clamp_min_(1e-12)) if want[0] else None
+    dx = (x - y).div_(((1 - x) * x).clamp_min_(_BCE_EPSILON)) if want[0] else None
     dy = torch.logit(x).neg_() if want[1] else None
     return _weighted(loss, w), (_weighted(dx, w), _weighted(dy, w))
 
@@ -99,26 +103,28 @@ def _focal_kernel(ops: Sequence[Tensor | None], want: Sequence[bool], *, alpha: 
     """
     x, y = ops
     s, sn = torch.sigmoid(x), torch.sigmoid(-x)
-    ce = (1 - y) * x - F.logsigmoid(x)
-    q = s * (1 - y) + sn * y
+    ny = 1 - y
+    ce = torch.mul(ny, x).sub_(F.logsigmoid(x))  # torch's BCE-with-logits
+    q = torch.mul(s, ny).addcmul_(sn, y)
     q_g = q.pow(gamma)
-    a = alpha * y + (1 - alpha) * (1 - y) if alpha >= 0 else None
     loss = ce * q_g
+    a = ny.mul_(1 - alpha).add_(y, alpha=alpha) if alpha >= 0 else None  # reuses the 1 - y piece
+    # gamma * ce / q (1 where q == 0), written over ce: few live pieces, the focal kernel has the most.
+    ratio = ce.div_(q).masked_fill_(q == 0, 1).mul_(gamma) if gamma and (want[0] or want[1]) else None
     dx = dy = None
-    if gamma and (want[0] or want[1]):
-        ratio = torch.where(q > 0, ce / q, torch.ones_like(q)).mul_(gamma)  # gamma * ce / q
-    if want[0]:
-        dx = s - y
-        if gamma:
-            dx.add_(ratio * s * sn * (1 - 2 * y))
-        dx = _weighted(dx.mul_(q_g), a)
     if want[1]:
-        dy = -x
-        if gamma:
-            dy = dy.add_(ratio * (sn - s))
+        dy = torch.neg(x)
+        if ratio is not None:
+            dy.addcmul_(ratio, sn - s)
         dy = _weighted(dy.mul_(q_g), a)
         if a is not None:
-            dy.add_(loss * (2 * alpha - 1))
+            dy.add_(loss, alpha=2 * alpha - 1)
+    if want[0]:
+        dx = s - y
+        if ratio is not None:
+            r = ratio.mul_(s).mul_(sn)  # gamma (ce / q) s (1 - s), ratio is not used after this
+            dx.add_(r).sub_(r.mul_(y).mul_(2))  # + r (1 - 2y)
+        dx = _weighted(dx.mul_(q_g), a)
     return _weighted(loss, a), (dx, dy)
 
 

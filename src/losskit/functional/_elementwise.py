@@ -63,8 +63,12 @@ def forward(kernel: Kernel, operands: Sequence[Tensor | None], want: Sequence[bo
     scale = _reduction.scale(reduction, rows, rows) / row_length if count else 0.0
     loss, grads = run(kernel, operands, want, acc=acc, out_dtype=out_dtype, keep=keep, grad_scale=scale,
                       sum_last_dim=True)
-    # Row sums (or the partial sums) divided by C: 0 / 0 = NaN for C = 0, as torch.
-    per_row = loss / row_length if keep else loss.sum(0, keepdim=True) / row_length
+    # Row sums (or the total of the partial sums, standing for the sum of rows) divided by C: as in torch,
+    # a row of C = 0 entries is 0 / 0 = NaN, and there is no term at all when there are no rows.
+    if keep:
+        per_row = loss / row_length
+    else:
+        per_row = loss.sum(0, keepdim=True) / row_length if rows else loss.new_zeros(0)
     return _reduction.reduce(per_row, reduction, rows).to(out_dtype), grads
 
 

@@ -54,10 +54,11 @@ def pieces(shape: Sequence[int], chunk: int | None = None) -> Iterator[tuple[int
     split -= 1  # shape[split] * inner > chunk >= inner
     size = shape[split]
     n_slices = math.ceil(size / max(1, chunk // inner))
-    step = math.ceil(size / n_slices)  # balanced: no tiny last slice
+    # Balanced: slice i is [i * size // n, (i + 1) * size // n), sizes differ by at most one entry.
+    bounds = [i * size // n_slices for i in range(n_slices + 1)]
     for outer in itertools.product(*map(range, shape[:split])):
-        for start in range(0, size, step):
-            yield (*outer, slice(start, min(size, start + step)))
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            yield (*outer, slice(start, stop))
 
 
 def run(kernel: Kernel, operands: Sequence[Tensor | None], want: Sequence[bool], *, acc: torch.dtype,

@@ -1,6 +1,10 @@
 """Loss modules mirroring ``torch.nn``: each is a one-call shell over :mod:`losskit.functional`."""
 
+from ._binary import BCELoss, BCEWithLogitsLoss, MultiLabelSoftMarginLoss, SigmoidFocalLoss
 from ._classification import CrossEntropyLoss, FocalLoss, LogSoftmax, NLLLoss, Softmax
 from ._divergence import Entropy, KLDivLoss
+from ._regression import MSELoss, RMSELoss
 
-__all__ = ["CrossEntropyLoss", "Entropy", "FocalLoss", "KLDivLoss", "LogSoftmax", "NLLLoss", "Softmax"]
+__all__ = ["BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "Entropy", "FocalLoss", "KLDivLoss",
+           "LogSoftmax", "MSELoss", "MultiLabelSoftMarginLoss", "NLLLoss", "RMSELoss", "SigmoidFocalLoss",
+           "Softmax"]
