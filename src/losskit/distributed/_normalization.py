@@ -1,0 +1,135 @@
+r"""Exact loss normalisation across data-parallel ranks and gradient-accumulation micro-batches.
+
+The mean loss of a global batch is the sum of its per-token losses divided by its number of scored
+tokens (with class weights: by :math:`\sum w_y`), :math:`L = \sum_i \ell_i / \sum_i w_i` over every
+non-ignored token of every micro-batch on every data-parallel rank. When a step is split into pieces
+with different numbers of scored tokens (padding, packing, ``ignore_index``), the usual
+``reduction="mean"`` per micro-batch, then averaged over micro-batches (gradient accumulation divides
+by their number) and over ranks (``DistributedDataParallel`` averages gradients), gives every *piece*
+the same weight instead of every *token*: a different loss and different gradients, which also change
+with the split. A piece with no scored token even makes it NaN.
+
+The exact recipe, whatever the split: per-token **sums**, one **global count** reduced once, **one
+division**::
+
+    count = global_token_count([mb.target for mb in micro_batches], group=dp_group)  # one all_reduce
+    for mb in micro_batches:
+        loss_sum = LF.cross_entropy(model(mb.input), mb.target, reduction="sum")
+        loss = global_mean(loss_sum, count)  # this piece's share of the global mean
+        loss.backward()                      # accumulation sums the pieces' gradients
+    # Sum the gradients over dp_group (all_reduce SUM): the result is the full batch's gradient.
+    # DistributedDataParallel *averages* over its W ranks: call (loss * W).backward() instead.
+    # The global mean itself is the sum of every piece's `loss`, over micro-batches and ranks.
+
+``count`` needs the targets of the whole step before the first forward, which a data loader has.
+The same works with ``vocab_parallel_cross_entropy(..., reduction="sum")`` in a tensor-parallel group:
+its sum is the same on every rank of that group, so count over the data-parallel group only.
+
+Example (one process, two micro-batches of 3 and 1 scored tokens):
+    >>> import torch, losskit.functional as LF
+    >>> from losskit.distributed import global_mean, global_token_count
+    >>> logits = [torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([[0.0, 3.0], [5.0, 0.0]])]
+    >>> targets = [torch.tensor([0, 1, 0]), torch.tensor([0, -100])]
+    >>> sum(LF.cross_entropy(x, t) for x, t in zip(logits, targets)) / 2  # mean of means: wrong
+    tensor(1.7132)
+    >>> LF.cross_entropy(torch.cat(logits), torch.cat(targets))  # the full batch
+    tensor(1.0455)
+    >>> count = global_token_count(targets)
+    >>> sum(global_mean(LF.cross_entropy(x, t, reduction="sum"), count) for x, t in zip(logits, targets))
+    tensor(1.0455)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from ..kernels.blocks import accumulation_dtype
+from ._comm import default_device, raise_shared, resolve
+
+__all__ = ["global_mean", "global_token_count"]
+
+
+def global_token_count(target: Tensor | Sequence[Tensor], *, ignore_index: int = -100, weight: Tensor | None = None,
+                       group: object = None) -> Tensor:
+    r"""The denominator of the global mean: scored tokens of every micro-batch on every rank of ``group``.
+
+    ``target``: this rank's class-index targets for the step, one tensor or one per micro-batch (any
+    shapes). Returns :math:`\sum [y \ne \text{ignore\_index}]` (with class ``weight``:
+    :math:`\sum w_y`, torch's weighted-mean denominator) over all of them and over all ranks, as a 0-dim
+    float64 tensor (exact for counts below :math:`2^{53}`), the same on every rank. ``group=None`` is the
+    default process group when torch.distributed is initialised, else this process alone.
+
+    One ``all_reduce`` SUM of ``1 + W`` float64 (the count and one error flag per rank), then one
+    device-to-host copy of the flags: an invalid argument on any rank raises on every rank.
+
+    Example:
+        >>> import torch
+        >>> from losskit.distributed import global_token_count
+        >>> global_token_count([torch.tensor([3, -100, 1]), torch.tensor([[0, 2], [-100, -100]])])
+        tensor(4., dtype=torch.float64)
+    """
+    comm = resolve(group)
+    targets = [target] if isinstance(target, Tensor) else target
+    first = targets[0] if isinstance(targets, Sequence) and targets else None
+    device = default_device(comm, first)
+    error: Exception | None = None
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        total = _local_count(targets, ignore_index, weight, device)
+    except Exception as exc:  # noqa: BLE001 - shared with every rank before anyone raises
+        if not comm.active:
+            raise
+        error = exc
+    if not comm.active:
+        return total
+    buf = torch.zeros(1 + comm.world, dtype=torch.float64, device=device)  # (count, one flag per rank)
+    buf[0] = total
+    buf[1 + comm.rank] = float(error is not None)
+    comm.all_reduce_(buf, "sum")
+    flags = buf[1:].tolist()
+    raise_shared(comm, "global_token_count", error, [r for r, f in enumerate(flags) if f])
+    return buf[0]
+
+
+def _local_count(targets: object, ignore_index: object, weight: object, device: torch.device) -> Tensor:
+    if not isinstance(targets, Sequence) or not targets:
+        raise TypeError(f"target must be a tensor or a non-empty sequence of tensors, got {targets!r}")
+    _checks.integer("ignore_index", ignore_index)
+    w = _checks.optional_floating("weight", weight)
+    if w is not None and w.dim() != 1:
+        raise ValueError(f"weight must be a 1-D tensor with one entry per class, got shape {tuple(w.shape)}")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, t in enumerate(targets):
+        name = f"target[{i}]" if len(targets) > 1 else "target"
+        t = _checks.tensor(name, t)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold class indices with an integer dtype, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the count is on {device}: put every target on one device")
+        valid = t != ignore_index
+        if w is None:
+            total += valid.sum()
+        else:
+            _checks.same_device("weight", w, name, t)
+            _checks.class_targets(t, w.numel(), ignore_index, name)
+            total += (w.double()[t.long().masked_fill(~valid, 0)] * valid).sum()
+    return total
+
+
+def global_mean(loss_sum: Tensor, count: Tensor) -> Tensor:
+    """``loss_sum / count``: one piece's share of the global mean, in ``loss_sum``'s dtype.
+
+    ``loss_sum`` is a loss with ``reduction="sum"`` (or per-token losses), ``count`` the result of
+    :func:`global_token_count`. The division runs in float32 (float64 for float64 losses) so that a
+    float16/bfloat16 loss is not divided by a count rounded to 8 or 11 bits. Differentiable.
+    """
+    loss = _checks.floating("loss_sum", loss_sum)
+    c = _checks.tensor("count", count)
+    if c.dim() != 0:
+        raise ValueError(f"count must be a 0-dim tensor (from global_token_count), got shape {tuple(c.shape)}")
+    acc = accumulation_dtype(loss.dtype)
+    return (loss.to(acc) / c.to(device=loss.device, dtype=acc)).to(loss.dtype)
