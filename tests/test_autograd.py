@@ -3,6 +3,8 @@ grad_output, no gradient work when none is needed, clear errors for what the des
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,32 +49,41 @@ def test_no_graph_when_nothing_requires_grad(name):
     assert out.grad_fn is None and not out.requires_grad
 
 
+def _spy_on_driver(monkeypatch):
+    """Record (want_x, want_t) of every call of the cross_entropy/focal driver, whatever its backend."""
+    seen = []
+    real = classification._softmax_xent
+    signature = inspect.signature(real)
+
+    def spy(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        seen.append((bound["want_x"], bound["want_t"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classification, "_softmax_xent", spy)
+    return seen
+
+
 @pytest.mark.parametrize("with_grad", [False, True])
 def test_no_gradient_work_when_none_is_needed(monkeypatch, with_grad):
-    seen = []
-    real = classification.xent_rows_
-
-    def spy(work, target, spec, scale, want_grad, target_grad=None):
-        seen.append((want_grad, target_grad is not None))
-        return real(work, target, spec, scale, want_grad, target_grad)
-
-    monkeypatch.setattr(classification, "xent_rows_", spy)
+    seen = _spy_on_driver(monkeypatch)
     x, t = _case()
     tp = torch.rand(4, C, dtype=torch.float64)
     x.requires_grad_(with_grad)
     LF.cross_entropy(x, t)
     LF.cross_entropy(x, tp)
-    assert seen == [(with_grad, False), (with_grad, False)]
+    LF.focal_loss(x, t)
+    with torch.no_grad():
+        LF.cross_entropy(x, tp)
+    assert seen == [(with_grad, False)] * 3 + [(False, False)]
 
 
 def test_gradient_only_for_the_target_when_only_it_requires_grad(monkeypatch):
-    seen = []
-    real = classification.xent_rows_
-    monkeypatch.setattr(classification, "xent_rows_", lambda *a: seen.append((a[4], a[5] is not None)) or real(*a))
+    seen = _spy_on_driver(monkeypatch)
     x, _ = _case()
     tp = torch.rand(4, C, dtype=torch.float64, requires_grad=True)
     LF.cross_entropy(x, tp).backward()
-    assert seen == [(False, True)] and tp.grad is not None
+    assert seen == [(False, True)] and tp.grad is not None and x.grad is None
 
 
 @pytest.mark.parametrize("name", FUSED)
