@@ -182,13 +182,11 @@ def test_low_precision_no_worse_than_torch(dtype, reduction, loss):
         # torchvision's formula run in the low dtype is the baseline (the float64 .double() is skipped).
         ours_fn, args, kwargs = LF.sigmoid_focal_loss, (), {}
         ref_fn = _focal_in_dtype
-    lowp = lambda v: None if v is None else v.to(dtype)  # noqa: E731
-    kwargs["reduction"] = reduction
-    truth = _run(ref_fn, x, t, *args, **kwargs)
-    ours = _run(ours_fn, x.to(dtype), t.to(dtype), *map(lowp, args), **{k: lowp(v) if k != "reduction" else v
-                                                                          for k, v in kwargs.items()})
-    base = _run(ref_fn, x.to(dtype), t.to(dtype), *map(lowp, args), **{k: lowp(v) if k != "reduction" else v
-                                                                         for k, v in kwargs.items()})
+    low_args = [None if v is None else v.to(dtype) for v in args]
+    low_kwargs = {k: v.to(dtype) for k, v in kwargs.items()}
+    truth = _run(ref_fn, x, t, *args, reduction=reduction, **kwargs)
+    ours = _run(ours_fn, x.to(dtype), t.to(dtype), *low_args, reduction=reduction, **low_kwargs)
+    base = _run(ref_fn, x.to(dtype), t.to(dtype), *low_args, reduction=reduction, **low_kwargs)
     for name, a, b, c in zip(("loss", "d/dinput", "d/dtarget"), ours, base, truth):
         assert a.dtype == dtype
         assert_no_worse_than(a, b, c, msg=f"{loss} {name}")

@@ -139,9 +139,10 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = 
 
     (torch clamps each log at -100, so ``x`` = 0 or 1 gives a finite loss), and "mean" divides the sum
     by the number of elements (not by the weights' sum). ``input`` and ``target`` have any equal shape and
-    the same floating dtype, with every element in [0, 1] (ValueError otherwise; NaN propagates to the
-    loss). The gradients are torch's: :math:`w (x - y) / \max((1 - x) x, 10^{-12})` for the input and
-    :math:`-w\,\mathrm{logit}(x)` for the target. Output: the input's dtype, shape ``()`` or the input's.
+    the same floating dtype, with every element in [0, 1] (ValueError otherwise; a NaN propagates to the
+    loss, where torch's CPU kernel raises). The gradients are torch's: :math:`w (x - y) / \max((1 - x) x,
+    10^{-12})` for the input and :math:`-w\,\mathrm{logit}(x)` for the target. Output: the input's dtype,
+    shape ``()`` or the input's.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -233,7 +234,9 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     and "mean" divides the sum by the number of elements; ``gamma = 0`` and ``alpha < 0`` give
     ``binary_cross_entropy_with_logits(inputs, targets, reduction=...)``. ``targets`` has the inputs'
     shape (floating); ``alpha <= 1``, ``gamma >= 0``. Gradients with respect to inputs and targets are
-    computed in the forward pass. Output: the promoted dtype of inputs and targets.
+    computed in the forward pass; where :math:`1 - p_t` underflows to 0 (a saturated, correct logit) the
+    input gradient is its limit 0, where torchvision's autograd gives NaN for ``gamma < 1``. Output: the
+    promoted dtype of inputs and targets.
 
     Example:
         >>> import torch, losskit.functional as LF
