@@ -91,24 +91,32 @@ def expect(kind: type[Exception], pattern: str, fn: Callable[[], object]) -> Non
 
 # ---------------------------------------------------------------------------------------------- checks
 
+def _option_grid() -> list[tuple[torch.dtype, tuple[int, ...], bool, float, str, int]]:
+    """(dtype, shape, weighted, label_smoothing, reduction, ignore_index): every combination for float64
+    (N, V); for the other shapes and float32, each reduction with all options off and with all on (the
+    single-process tests cover every combination of every shape)."""
+    full = list(itertools.product([torch.float64], [(13, V)], (False, True), (0.0, 0.2), REDUCTIONS, (-100, 3)))
+    ends = [(dtype, shape, on, 0.2 * on, reduction, 3 if on else -100)
+            for dtype, shape in ((torch.float64, (V,)), (torch.float64, (3, V, 2, 2)), (torch.float32, (13, V)))
+            for reduction in REDUCTIONS for on in (False, True)]
+    return full + ends
+
+
 def check_cross_entropy_options(rank: int, world: int) -> None:
-    """Every option, shape and reduction, float64 and float32, uneven shards, several blocks per call."""
+    """Options, shapes and reductions, float64 and float32, uneven shards, several blocks per call."""
     gen = torch.Generator().manual_seed(0)
-    shapes = {torch.float64: ((13, V), (V,), (3, V, 2, 2)), torch.float32: ((13, V),)}
-    for dtype, shape_list in shapes.items():
-        for shape, weighted, ls, reduction, ignore_index in itertools.product(
-                shape_list, (False, True), (0.0, 0.2), REDUCTIONS, (-100, 3)):
-            full = torch.randn(shape, generator=gen, dtype=dtype) * 3
-            tshape = shape[:1] + shape[2:] if len(shape) > 1 else ()
-            target = targets(tshape, ignore_index, gen) if tshape else torch.tensor(4)
-            weight = torch.rand(V, generator=gen, dtype=dtype) + 0.5 if weighted else None
-            cd = 1 if len(shape) > 1 else 0
-            x = shard(full, rank, world, cd).clone().requires_grad_()
-            x_ref = full.clone().requires_grad_()
-            kw = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=ls)
-            ours = vocab_parallel_cross_entropy(x, target, **kw)
-            ref = F.cross_entropy(x_ref, target, **kw)
-            backward_and_compare(ours, ref, x, x_ref, rank, world, gen, cd, msg=f"{dtype} {shape} {kw}")
+    for dtype, shape, weighted, ls, reduction, ignore_index in _option_grid():
+        full = torch.randn(shape, generator=gen, dtype=dtype) * 3
+        tshape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+        target = targets(tshape, ignore_index, gen) if tshape else torch.tensor(4)
+        weight = torch.rand(V, generator=gen, dtype=dtype) + 0.5 if weighted else None
+        cd = 1 if len(shape) > 1 else 0
+        x = shard(full, rank, world, cd).clone().requires_grad_()
+        x_ref = full.clone().requires_grad_()
+        kw = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=ls)
+        ours = vocab_parallel_cross_entropy(x, target, **kw)
+        ref = F.cross_entropy(x_ref, target, **kw)
+        backward_and_compare(ours, ref, x, x_ref, rank, world, gen, cd, msg=f"{dtype} {shape} {kw}")
 
 
 def check_cross_entropy_extremes(rank: int, world: int) -> None:
@@ -193,8 +201,9 @@ def check_linear_options(rank: int, world: int) -> None:
     """The fused head against cross_entropy(F.linear(input, W, b)): input, weight and bias gradients."""
     gen = torch.Generator().manual_seed(5)
     d = 4
-    for dtype, biased, weighted, ls, reduction in itertools.product(
-            (torch.float64, torch.float32), (False, True), (False, True), (0.0, 0.2), ("mean", "sum")):
+    for dtype, biased, options_on, reduction in itertools.product(
+            (torch.float64, torch.float32), (False, True), (False, True), ("mean", "sum")):
+        weighted, ls = options_on, 0.2 * options_on  # class weights and label smoothing together
         h_full = torch.randn(2, 5, d, generator=gen, dtype=dtype)
         w_full = torch.randn(V, d, generator=gen, dtype=dtype)
         b_full = torch.randn(V, generator=gen, dtype=dtype) if biased else None

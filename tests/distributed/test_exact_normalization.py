@@ -57,7 +57,7 @@ def test_any_split_gives_the_full_batch_loss_and_gradient(lengths, seed):
         loss = global_mean(LF.cross_entropy(model(x), t, reduction="sum"), count)
         loss.backward()
         total += loss.detach()
-    assert_close(total, full.detach())  # NaN == NaN when every token is ignored, as torch
+    assert_close(total, full.detach())  # every token ignored: NaN, and zero gradients, as torch
     for p, g in zip(model.parameters(), full_grads):
         assert_close(p.grad, g)
 
@@ -105,3 +105,15 @@ def test_bad_input():
         global_mean(torch.tensor(3), torch.tensor(1.0))
     with pytest.raises(ValueError, match=r"count must be a 0-dim tensor \(from global_token_count\), got shape \(2,\)"):
         global_mean(torch.tensor(3.0), torch.ones(2))
+
+
+def test_nothing_scored_is_nan_with_a_zero_gradient_as_torch():
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    t = torch.tensor([-100, -100])
+    ours = global_mean(LF.cross_entropy(x, t, reduction="sum"), global_token_count(t))
+    ref = F.cross_entropy(x_ref, t)
+    ours.backward()
+    ref.backward()
+    assert torch.isnan(ours) and torch.isnan(ref)
+    assert_close(x.grad, x_ref.grad)

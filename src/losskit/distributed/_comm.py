@@ -90,14 +90,12 @@ def exchange(comm: Comm, device: torch.device, caller: str, names: Sequence[str]
     Cost: one ``all_gather`` of ``len(names) + 1`` int64 per rank and one device-to-host copy.
     """
     try:
-        fields, error = local(), None
+        row, error = _row(local(), names, device), None
     except Exception as exc:  # noqa: BLE001 - any failure must be shared before the collective
         if not comm.active:
             raise
-        fields, error = {}, exc
-    row = torch.stack([torch.as_tensor(error is not None, dtype=torch.int64, device=device)]
-                      + [torch.as_tensor(fields.get(n, 0), device=device).to(torch.int64).reshape(())
-                         for n in names])
+        row, error = torch.zeros(1 + len(names), dtype=torch.int64, device=device), exc
+        row[0] = 1
     if comm.active:
         rows = [torch.empty_like(row) for _ in range(comm.world)]
         dist.all_gather(rows, row, group=comm.group)
@@ -106,6 +104,18 @@ def exchange(comm: Comm, device: torch.device, caller: str, names: Sequence[str]
     table = torch.stack(rows).tolist()  # (world, 1 + len(names)) on the host; the same on every rank
     raise_shared(comm, caller, error, [r for r, values in enumerate(table) if values[0]])
     return {n: [values[i + 1] for values in table] for i, n in enumerate(names)}
+
+
+def _row(fields: Fields, names: Sequence[str], device: torch.device) -> Tensor:
+    """``(1 + len(names),)`` int64 on ``device``: 0 (no error), then the fields (0 where missing); one
+    host-to-device copy for the Python integers, while tensor-valued fields (statistics of device
+    tensors) stay on the device."""
+    values = [fields.get(n, 0) for n in names]
+    row = torch.tensor([0] + [v if isinstance(v, int) else 0 for v in values], dtype=torch.int64, device=device)
+    on_device = [i for i, v in enumerate(values) if isinstance(v, Tensor)]
+    if on_device:
+        row[[i + 1 for i in on_device]] = torch.stack([values[i].to(torch.int64).reshape(()) for i in on_device])
+    return row
 
 
 def raise_shared(comm: Comm, caller: str, error: Exception | None, failed: Sequence[int]) -> None:

@@ -125,11 +125,15 @@ def global_mean(loss_sum: Tensor, count: Tensor) -> Tensor:
 
     ``loss_sum`` is a loss with ``reduction="sum"`` (or per-token losses), ``count`` the result of
     :func:`global_token_count`. The division runs in float32 (float64 for float64 losses) so that a
-    float16/bfloat16 loss is not divided by a count rounded to 8 or 11 bits. Differentiable.
+    float16/bfloat16 loss is not divided by a count rounded to 8 or 11 bits. Differentiable. A count of 0
+    (every token of the global batch ignored) gives NaN and a zero gradient, as torch's "mean".
     """
     loss = _checks.floating("loss_sum", loss_sum)
     c = _checks.tensor("count", count)
     if c.dim() != 0:
         raise ValueError(f"count must be a 0-dim tensor (from global_token_count), got shape {tuple(c.shape)}")
     acc = accumulation_dtype(loss.dtype)
-    return (loss.to(acc) / c.to(device=loss.device, dtype=acc)).to(loss.dtype)
+    c = c.to(device=loss.device, dtype=acc)
+    scored = c != 0
+    # Nothing scored anywhere: NaN, as torch's mean, but a zero gradient (as torch), not 0 * inf = NaN.
+    return torch.where(scored, loss.to(acc) / torch.where(scored, c, 1.0), torch.nan).to(loss.dtype)
