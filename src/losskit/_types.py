@@ -10,3 +10,7 @@ Reduction = Literal["none", "mean", "sum"]
 KLReduction = Literal["none", "mean", "sum", "batchmean"]
 
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
+#: Which implementation computes a loss: ``"compiled"`` losskit's C kernels (CPU tensors), ``"torch"`` the
+#: pure-torch path (any device; the reference), ``"auto"`` the compiled one where it is built and applies.
+Impl = Literal["auto", "torch", "compiled"]
+IMPLS: tuple[str, ...] = ("auto", "torch", "compiled")

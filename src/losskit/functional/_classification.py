@@ -12,7 +12,8 @@ from torch import Tensor
 
 from .. import _checks, _learner, _reduction
 from .._autograd import attach, needs_grad
-from .._types import Reduction
+from .._types import Impl, Reduction
+from ..kernels import native
 from ..kernels.blocks import accumulation_dtype, as_3d, block_rows, blocks, positions_2d, work_buffer
 from ..kernels.rows import RowSpec, xent_rows_
 
@@ -63,18 +64,19 @@ def _index_shape(x: Tensor) -> tuple[int, ...]:
 
 
 def softmax_xent(input: Tensor, target: Tensor, weight: Tensor | None, *, ignore_index: int, reduction: str,
-                 label_smoothing: float, gamma: float, probabilities: bool) -> Tensor:
-    """Shared driver of cross_entropy and focal_loss; arguments already validated."""
+                 label_smoothing: float, gamma: float, probabilities: bool, impl: Impl = "torch") -> Tensor:
+    """Shared driver of cross_entropy and focal_loss; arguments already validated except ``impl``."""
+    compiled = native.use_compiled(impl, input, target)
     want_x, want_t = needs_grad(input, target if probabilities else None)
     with torch.no_grad():
         loss, grad, tgrad = _softmax_xent(input, target, weight, ignore_index, reduction, label_smoothing, gamma,
-                                          probabilities, want_x, want_t)
+                                          probabilities, want_x, want_t, compiled)
     return attach(loss, (input, target), (grad, tgrad), expand_dim=_class_dim(input))
 
 
 def _softmax_xent(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
-                  label_smoothing: float, gamma: float, probabilities: bool, want_x: bool, want_t: bool
-                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                  label_smoothing: float, gamma: float, probabilities: bool, want_x: bool, want_t: bool,
+                  compiled: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     n_classes = input.shape[_class_dim(input)]
     acc = accumulation_dtype(input.dtype)
     spec = RowSpec(weight=None if weight is None else weight.to(acc), ignore_index=ignore_index,
@@ -83,10 +85,10 @@ def _softmax_xent(input: Tensor, target: Tensor, weight: Tensor | None, ignore_i
     n, _, length = x3.shape
 
     if probabilities:
-        t3 = as_3d(target)
+        tgt = as_3d(target)  # (N, C, L)
         denominator: Tensor | float = float(n * length)  # torch: mean over positions, weights or not
     else:
-        t2 = positions_2d(target, n).long()  # (N, L)
+        t2 = tgt = positions_2d(target, n).long()  # (N, L)
         valid = t2 != ignore_index
         if spec.weight is None:
             denominator = valid.sum().to(acc)
@@ -100,18 +102,33 @@ def _softmax_xent(input: Tensor, target: Tensor, weight: Tensor | None, ignore_i
     g3 = as_3d(grad) if grad is not None else None
     tg3 = as_3d(tgrad) if tgrad is not None else None
     loss2 = torch.empty(n, length, dtype=acc, device=input.device)  # per-position loss
+    if compiled:
+        native.xent_rows(x3, tgt if probabilities else tgt.reshape(-1).contiguous(), g3, tg3,
+                         None if spec.weight is None else spec.weight.contiguous(), loss2, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, gamma=gamma, scale=float(scale))
+    else:
+        _xent_blocks(x3, tgt, g3, tg3, spec, scale, loss2, probabilities)
+    loss = _reduction.reduce(loss2.view(_index_shape(input)), reduction, denominator).to(input.dtype)
+    return loss, grad, tgrad
 
+
+def _xent_blocks(x3: Tensor, tgt: Tensor, g3: Tensor | None, tg3: Tensor | None, spec: RowSpec,
+                 scale: Tensor | float, loss2: Tensor, probabilities: bool) -> None:
+    """The pure-torch path: :func:`xent_rows_` over cache-sized blocks of ``x3`` (N, C, L); fills ``loss2``
+    (N, L) and the gradients ``g3``/``tg3`` (N, C, L) when given."""
+    n, n_classes, length = x3.shape
+    acc, want_x = loss2.dtype, g3 is not None
     # work: (rows, C) acc dtype, BLOCK_BYTES; with a float32/64 (N, C) input the gradient rows are
     # used as the work buffer directly and no copy-back is needed.
     rows = block_rows(n_classes, torch.finfo(acc).bits // 8)
-    in_place = g3 is not None and input.dtype == acc and length == 1
-    buf = None if in_place else work_buffer(min(rows, n * length), n_classes, acc, input.device)
-    tbuf = work_buffer(min(rows, n * length), n_classes, acc, input.device) if tg3 is not None else None
+    in_place = g3 is not None and x3.dtype == acc and length == 1
+    buf = None if in_place else work_buffer(min(rows, n * length), n_classes, acc, x3.device)
+    tbuf = work_buffer(min(rows, n * length), n_classes, acc, x3.device) if tg3 is not None else None
     for blk in blocks(n, length, rows):
         nb, nl = blk.b1 - blk.b0, blk.l1 - blk.l0
         work = g3[blk.b0:blk.b1, :, 0] if in_place else buf[:blk.rows]
         work.view(nb, nl, n_classes).copy_(blk.of(x3))
-        tb = blk.of(t3).reshape(-1, n_classes).to(acc) if probabilities else blk.positions(t2)
+        tb = blk.of(tgt).reshape(-1, n_classes).to(acc) if probabilities else blk.positions(tgt)
         tgb = tbuf[:blk.rows] if tbuf is not None else None
         res = xent_rows_(work, tb, spec, scale, want_x, tgb)
         loss2[blk.b0:blk.b1, blk.l0:blk.l1] = res.loss.view(nb, nl)
@@ -119,9 +136,6 @@ def _softmax_xent(input: Tensor, target: Tensor, weight: Tensor | None, ignore_i
             blk.of(g3).copy_(work.view(nb, nl, n_classes))
         if tgb is not None:
             blk.of(tg3).copy_(tgb.view(nb, nl, n_classes))
-
-    loss = _reduction.reduce(loss2.view(_index_shape(input)), reduction, denominator).to(input.dtype)
-    return loss, grad, tgrad
 
 
 def _check_common(weight: object, input: Tensor, reduction: object, ignore_index: object) -> Tensor | None:
@@ -131,7 +145,7 @@ def _check_common(weight: object, input: Tensor, reduction: object, ignore_index
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ignore_index: int = -100,
-                  reduction: Reduction = "mean", label_smoothing: float = 0.0) -> Tensor:
+                  reduction: Reduction = "mean", label_smoothing: float = 0.0, impl: Impl = "auto") -> Tensor:
     r"""Cross-entropy between softmax(``input``) and ``target``; drop-in for ``torch.nn.functional.cross_entropy``.
 
     ``input`` holds raw, unnormalised logits of shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``.
@@ -151,6 +165,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, *
     ``()`` for "mean"/"sum", the target positions' shape for "none". The gradient with respect to
     ``input`` (and to probability targets) is computed in the forward pass.
 
+    ``impl`` chooses the implementation: ``"compiled"`` losskit's C kernel (CPU tensors, see
+    :mod:`losskit.kernels.native`), ``"torch"`` the pure-torch path (any device; the reference), ``"auto"``
+    the compiled kernel for CPU tensors when it is built, else torch. Both agree to the dtype's tolerance.
+
     Example:
         >>> import torch, losskit.functional as LF
         >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
@@ -167,11 +185,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, *
         _checks.class_targets(target, input.shape[_class_dim(input)], ignore_index)
     _learner.check_logits("cross_entropy", input, _class_dim(input))
     return softmax_xent(input, target, weight, ignore_index=ignore_index, reduction=reduction,
-                        label_smoothing=float(label_smoothing), gamma=0.0, probabilities=probabilities)
+                        label_smoothing=float(label_smoothing), gamma=0.0, probabilities=probabilities, impl=impl)
 
 
 def focal_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, gamma: float = 2.0,
-               ignore_index: int = -100, reduction: Reduction = "mean") -> Tensor:
+               ignore_index: int = -100, reduction: Reduction = "mean", impl: Impl = "auto") -> Tensor:
     r"""Multi-class softmax focal loss (Lin et al., 2017) over logits.
 
     With ``p_y = softmax(input)[y]`` and class weights ``w`` (ones when None), the unreduced loss is
@@ -180,7 +198,7 @@ def focal_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, g
 
     and ``reduction="mean"`` divides the sum by :math:`\sum w_y` over non-ignored positions, so
     ``gamma=0`` equals ``cross_entropy(input, target, weight)``. Shapes as :func:`cross_entropy` with
-    class-index targets; ``gamma >= 0``.
+    class-index targets; ``gamma >= 0``; ``impl`` as in :func:`cross_entropy`.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -194,7 +212,7 @@ def focal_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, g
     _checks.class_targets(target, input.shape[_class_dim(input)], ignore_index)
     _learner.check_logits("focal_loss", input, _class_dim(input))
     return softmax_xent(input, target, weight, ignore_index=ignore_index, reduction=reduction,
-                        label_smoothing=0.0, gamma=float(gamma), probabilities=False)
+                        label_smoothing=0.0, gamma=float(gamma), probabilities=False, impl=impl)
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ignore_index: int = -100,
