@@ -1,0 +1,93 @@
+"""Timing, peak memory and copy bandwidth of forward+backward calls on fixed inputs.
+
+Every call starts from ``.grad = None`` on the differentiated inputs, so each implementation writes
+fresh gradients; a garbage collection runs before each call, outside the timed region.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+from torch import Tensor
+
+from ..testing import TOLERANCES, peak_memory_above
+from ._cases import Impl, Inputs
+
+
+def differentiated(inputs: Inputs) -> list[Tensor]:
+    return [t for t in inputs.values() if t.requires_grad]
+
+
+def reset(inputs: Inputs) -> None:
+    for t in differentiated(inputs):
+        t.grad = None
+
+
+def call(impl: Impl, inputs: Inputs) -> tuple[object, list[Tensor | None]]:
+    """One forward+backward; returns the output and the gradients (what the memory probe counts)."""
+    out = impl(inputs)
+    if isinstance(out, Tensor) and out.requires_grad:
+        out.backward(inputs.get("grad_output"))
+    return out, [t.grad for t in differentiated(inputs)]
+
+
+def seconds(impl: Impl, inputs: Inputs) -> float:
+    """Wall time of one forward+backward."""
+    reset(inputs)
+    gc.collect()
+    start = time.perf_counter()
+    call(impl, inputs)
+    elapsed = time.perf_counter() - start
+    reset(inputs)
+    return elapsed
+
+
+def peak_bytes(impl: Impl, inputs: Inputs) -> int:
+    """Peak resident bytes one forward+backward adds above the (already allocated) inputs; the output
+    and the gradients count."""
+    reset(inputs)
+    gc.collect()
+    peak = peak_memory_above(lambda: call(impl, inputs))
+    reset(inputs)
+    return peak
+
+
+def round_robin(impls: dict[str, Impl], inputs: Inputs, reps: int) -> dict[str, float]:
+    """Median seconds per implementation over ``reps`` repetitions; each repetition calls every
+    implementation once, starting one further along the list each time so none is always first."""
+    names = list(impls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(seconds(impls[name], inputs))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Bytes per second of ``dst.copy_(src)`` (read + write counted) on buffers well beyond any cache."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch: page faults, not bandwidth
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def disagreement(ours: list[Tensor], reference: list[Tensor], dtype: torch.dtype) -> str:
+    """"" when every tensor of ``ours`` matches ``reference`` within losskit.testing.TOLERANCES[dtype],
+    else the worst error relative to the reference's largest magnitude."""
+    tol = TOLERANCES[dtype]
+    worst = 0.0
+    for a, b in zip(ours, reference):
+        b = b.to(a.dtype)
+        if not torch.allclose(a, b, rtol=tol.rtol, atol=tol.atol, equal_nan=True):
+            scale = b.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+            worst = max(worst, ((a.float() - b.float()).abs().max() / scale).item())
+    return f"differs: {worst:.1e} rel." if worst else ""

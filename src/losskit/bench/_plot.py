@@ -1,0 +1,67 @@
+"""Time and peak memory against size, one line per implementation, for every (case, dtype) of a run.
+
+Drawn from tidy records (what ``losskit bench`` writes to CSV), so ``losskit bench`` and ``losskit plot``
+draw the same figure. matplotlib is imported here, lazily, with the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ._sizes import parse_size
+
+_METRICS = (("time_ms", "forward+backward [ms]"), ("peak_mib", "peak above inputs [MiB]"))
+_GROUPS_PER_ROW = 2  # each group takes two axes (time, memory): four axes per row
+
+
+def _numel(size: str) -> int:
+    return math.prod(parse_size(size))
+
+
+def plot(rows: list[dict[str, str]], path: Path) -> Path:
+    """Write the figure of ``rows`` (tidy records) to ``path`` as PNG and return ``path``."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("losskit plots need matplotlib: pip install 'losskit[bench]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault((row["case"], row["dtype"]), []).append(row)
+    if not groups:
+        raise ValueError("nothing to plot: no measurements")
+    n_rows = math.ceil(len(groups) / _GROUPS_PER_ROW)
+    fig, axes = plt.subplots(n_rows, 2 * _GROUPS_PER_ROW, figsize=(18, 3.2 * n_rows), squeeze=False)
+    flat = list(axes.flat)
+    # One colour per implementation across the whole figure.
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {impl: palette[i % len(palette)] for i, impl in enumerate(dict.fromkeys(row["impl"] for row in rows))}
+    for g, ((case, dtype), group) in enumerate(groups.items()):
+        sizes = sorted({row["size"] for row in group}, key=_numel)
+        for (metric, label), ax in zip(_METRICS, flat[2 * g:2 * g + 2]):
+            impls = dict.fromkeys(row["impl"] for row in group if row["metric"] == metric)
+            for impl in impls:
+                points = {row["size"]: float(row["value"]) for row in group
+                          if row["impl"] == impl and row["metric"] == metric}
+                xs = [i for i, s in enumerate(sizes) if s in points]
+                ax.plot(xs, [points[sizes[i]] for i in xs], marker="o", label=impl, color=colors[impl])
+            ax.set_xticks(range(len(sizes)), sizes, rotation=20, fontsize=7)
+            values = [float(row["value"]) for row in group if row["metric"] == metric]
+            if values and min(values) > 0:  # a log axis cannot show a zero (a tiny size's peak)
+                ax.set_yscale("log")
+                ax.minorticks_off()  # hundreds of tick artists per axes otherwise; slow to draw
+            ax.set_title(f"{case} ({dtype})", fontsize=9)
+            ax.set_ylabel(label, fontsize=8)
+            ax.legend(fontsize=7)
+    for ax in flat[2 * len(groups):]:
+        ax.set_visible(False)
+    # Fixed margins: tight_layout measures every tick label of every axes and costs seconds on big grids.
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.4 / n_rows, top=1 - 0.25 / n_rows, wspace=0.3,
+                        hspace=0.55)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,132 @@
+"""What a run prints and writes: the terminal table, the acceptance verdicts and tidy CSV records."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from ._cases import EAGER, LOSSKIT
+from ._run import Result
+from ._sizes import format_size
+
+MIB = 1 << 20
+#: Columns of the tidy CSV: one measured value per row.
+FIELDS = ("case", "impl", "size", "dtype", "metric", "value", "machine", "versions")
+#: The pseudo-implementation whose "peak_mib" is the size of the gradients (the memory floor).
+GRADIENT = "gradient"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def records(results: list[Result], *, machine: str, versions: str) -> list[dict[str, str]]:
+    """Tidy rows (see FIELDS): time_ms per implementation and the roofline, peak_mib per implementation
+    and the gradient size."""
+    rows = []
+    for r in results:
+        if r.unavailable:
+            continue
+        peaks = {**{k: v for k, v in r.peak.items() if v is not None}, GRADIENT: r.grad_bytes}
+        values = [*((impl, "time_ms", ms) for impl, ms in r.ms.items()),
+                  *((impl, "peak_mib", b / MIB) for impl, b in peaks.items())]
+        rows += [{"case": r.unit.case.name, "impl": impl, "size": format_size(r.unit.size),
+                  "dtype": dtype_name(r.unit.dtype), "metric": metric, "value": f"{value:.6g}",
+                  "machine": machine, "versions": versions} for impl, metric, value in values]
+    return rows
+
+
+def write_csv(rows: list[dict[str, str]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV written by ``losskit bench --csv``; ValueError naming the file when it is not one."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [name for name in FIELDS if name not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path} is not a losskit bench CSV: missing column(s) {', '.join(missing)} "
+                             f"(expected {', '.join(FIELDS)})")
+        rows = list(reader)
+    for line, row in enumerate(rows, start=2):
+        try:
+            float(row["value"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}, line {line}: value {row['value']!r} is not a number") from None
+    return rows
+
+
+HEADER = ("case", "size", "dtype", "impl", "ms", "speed-up", "peak MiB", "peak/grad", "mem ratio", "reps", "note")
+_LEFT = 4  # case, size, dtype and impl are left-aligned, the numbers right-aligned
+
+LEGEND = ("ms: median forward+backward time. speed-up: this row's ms / losskit's ms (how many times faster "
+          "losskit is).\npeak MiB: peak resident memory above the inputs, loss and gradients included. "
+          "peak/grad: peak / size of the gradients.\nmem ratio: losskit's peak / this row's peak. roofline: "
+          "bytes a fused kernel must move (read inputs, write\ngradients) at the measured copy bandwidth.")
+
+
+def _number(x: float) -> str:
+    """Three significant digits without exponents: 0.0123, 1.23, 12.3, 123, 1234."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _ratio(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}x"
+
+
+def _rows(r: Result) -> list[list[str]]:
+    head = [r.unit.case.name, format_size(r.unit.size), dtype_name(r.unit.dtype)]
+    if r.unavailable:
+        return [[*head, LOSSKIT, "", "", "", "", "", "", f"unavailable: {r.unavailable}"]]
+    ours_ms, ours_peak = r.ms[LOSSKIT], r.peak.get(LOSSKIT)
+    rows = []
+    for impl, ms in r.ms.items():
+        peak = r.peak.get(impl)
+        baseline = impl != LOSSKIT
+        mem_ratio = ours_peak / peak if baseline and peak and ours_peak is not None else None
+        note = (r.check or "matches reference") if impl == LOSSKIT else ""
+        rows.append([*(head if not rows else [""] * 3), impl, _number(ms), _ratio(ms / ours_ms if baseline else None),
+                     "" if peak is None else _number(peak / MIB),
+                     "" if peak is None or not r.grad_bytes else f"{peak / r.grad_bytes:.2f}",
+                     _ratio(mem_ratio), str(r.reps) if not rows else "", note])
+    return rows
+
+
+def table(results: list[Result]) -> str:
+    rows = [row for r in results for row in _rows(r)]
+    widths = [max(len(row[i]) for row in [list(HEADER), *rows]) for i in range(len(HEADER))]
+
+    def line(row: list[str] | tuple[str, ...]) -> str:
+        cells = [c.ljust(w) if i < _LEFT or i == len(row) - 1 else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    rule = "-" * len(line(HEADER))
+    return "\n".join([line(HEADER), rule, *(line(row) for row in rows), rule, LEGEND])
+
+
+def verdicts(results: list[Result]) -> list[str]:
+    """One line per acceptance target that this run measured."""
+    lines = []
+    for r in results:
+        for target in r.unit.case.targets:
+            if r.unavailable or (target.size, target.dtype) != (r.unit.size, r.unit.dtype):
+                continue
+            speedup = r.ms[EAGER] / r.ms[LOSSKIT]
+            parts = [f"{speedup:.2f}x faster than {EAGER} (target >= {target.min_speedup:g}x: "
+                     f"{'met' if speedup >= target.min_speedup else 'NOT met'})"]
+            peak = r.peak.get(LOSSKIT)
+            if peak is not None:
+                over = peak / r.grad_bytes
+                parts.append(f"peak above inputs {over:.2f}x the gradient (target <= {target.max_peak_over_grad:g}x: "
+                             f"{'met' if over <= target.max_peak_over_grad else 'NOT met'})")
+            lines.append(f"acceptance {r.unit.case.name} {format_size(r.unit.size)} {dtype_name(r.unit.dtype)}: "
+                         + "; ".join(parts))
+    return lines

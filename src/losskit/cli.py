@@ -1,0 +1,225 @@
+"""The ``losskit`` command: ``losskit bench``, ``losskit plot`` and ``losskit env``.
+
+``losskit bench`` runs every case of the catalogue (losskit against its torch reference) on quick
+default sizes and prints a table, writes a PNG plot and a tidy CSV, and prints their paths. Peak memory
+is read from Linux's VmHWM, which is only meaningful when glibc returns freed blocks to the system: the
+command re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536`` when that is not already set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def _arg_type(parse):  # argparse reports ArgumentTypeError's message next to the option's name
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _cases(text: str) -> list:
+    from .bench import BY_NAME
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BY_NAME]
+    if unknown or not names:
+        raise ValueError(f"unknown case(s) {', '.join(map(repr, unknown)) or repr(text)}; "
+                         f"choose from: {', '.join(BY_NAME)}")
+    return [BY_NAME[name] for name in names]
+
+
+def _dtypes(text: str) -> list[torch.dtype]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in _DTYPES]
+    if unknown or not names:
+        raise ValueError(f"unknown dtype(s) {', '.join(map(repr, unknown)) or repr(text)}; "
+                         f"choose from: {', '.join(_DTYPES)}")
+    return [_DTYPES[name] for name in names]
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _sizes(text: str) -> list[tuple[int, ...]]:
+    from .bench import parse_sizes
+
+    return parse_sizes(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="losskit", description="losskit: benchmark, plot, environment.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,plot,env}")
+
+    bench = sub.add_parser("bench", help="time and peak memory of every loss against torch",
+                           description="Forward+backward time and peak memory of each losskit loss against its "
+                                       "torch reference, side by side on the same inputs.")
+    bench.add_argument("--cases", type=_arg_type(_cases), metavar="NAME,...",
+                       help="cases to run (default: all; see --list)")
+    bench.add_argument("--sizes", type=_arg_type(_sizes), metavar="SIZE,...",
+                       help="sizes to sweep instead of each case's default, e.g. 1024x4096,4kx32k for (N, C) cases "
+                            "and 2kx1kx32k for linear_cross_entropy's (N, D, V); a case runs the sizes whose number "
+                            "of extents matches its dimensions")
+    bench.add_argument("--dtype", type=_arg_type(_dtypes), default=[torch.float32], metavar="DTYPE,...",
+                       help=f"input dtypes, from {', '.join(_DTYPES)} (default: float32)")
+    bench.add_argument("--reps", type=_arg_type(_positive_int), default=5,
+                       help="timed repetitions per case, each after the warm-up (default: 5)")
+    bench.add_argument("--budget", type=_arg_type(_seconds), default=10.0, metavar="SECONDS",
+                       help="cut the repetitions of a case to what fits in this many seconds, at least one "
+                            "(default: 10; 0: no limit)")
+    bench.add_argument("--compile", action="store_true",
+                       help="add torch.compile(reference) as a baseline (slow: compiles every case and size)")
+    bench.add_argument("--out", type=Path, default=Path("losskit-bench"), metavar="DIR",
+                       help="directory of the PNG plot and the CSV (default: ./losskit-bench)")
+    bench.add_argument("--csv", type=Path, metavar="PATH", help="tidy CSV records (default: DIR/bench.csv)")
+    bench.add_argument("--list", action="store_true", help="list the cases and their references, then exit")
+
+    plot = sub.add_parser("plot", help="draw time and memory against size from a bench CSV",
+                          description="Draw time and peak memory against size per implementation from the CSV "
+                                      "written by `losskit bench`.")
+    plot.add_argument("csv", type=Path, metavar="PATH.csv")
+    plot.add_argument("--out", type=Path, metavar="PNG", help="output PNG (default: PATH.png)")
+
+    sub.add_parser("env", help="print versions and the machine", description="Print the versions of python, "
+                   "torch, losskit and optional dependencies, and the machine (CPU, cores, memory, OS).")
+    return parser
+
+
+def _list_cases() -> int:
+    from .bench import CASES, format_size
+
+    for case in CASES:
+        sizes = ", ".join(format_size(s) for s in case.sizes)
+        print(f"{case.name}  ({'x'.join(case.dims)}; default {sizes})\n    reference: {case.reference_text}")
+        if case.baselines:
+            print(f"    also: {', '.join(case.baselines)}")
+    return 0
+
+
+def _units(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list, list[str]]:
+    from .bench import CASES, Unit
+
+    units, skipped = [], []
+    for case in args.cases or CASES:
+        sizes = [s for s in args.sizes if len(s) == len(case.dims)] if args.sizes else case.sizes
+        if not sizes:
+            skipped.append(f"{case.name}: no --sizes entry of the form {'x'.join(case.dims)}")
+        units += [Unit(case, size, dtype) for size in sizes for dtype in args.dtype]
+    if not units:
+        parser.error(f"argument --sizes: no selected case takes these sizes ({'; '.join(skipped)})")
+    return units, skipped
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.list:
+        return _list_cases()
+    units, skipped = _units(parser, args)
+    if _MALLOC_ENV not in os.environ and sys.platform.startswith("linux"):
+        # glibc must unmap freed blocks for VmHWM to mean anything: restart with the threshold set.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "losskit.cli", *argv],
+                  {**os.environ, _MALLOC_ENV: "65536"})
+    try:
+        from tqdm import tqdm
+    except ImportError as error:
+        raise ImportError("losskit bench needs tqdm and matplotlib: pip install 'losskit[bench]'") from error
+    from .bench import format_size, plot, records, run, table, verdicts, write_csv
+    from .bench._env import machine, one_line, versions
+    from .bench._report import dtype_name
+
+    host, vers = machine(), versions()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"losskit {vers['losskit']}, torch {vers['torch']}, python {vers['python']} on {host['cpu']}, "
+          f"{host['cores']} cores, {host['torch threads']} torch threads, load average {load:.1f}")
+
+    with tqdm(total=len(units), unit="case", file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(unit, phase: str) -> None:
+            if phase == "done":
+                bar.update(1)
+            else:
+                bar.set_postfix_str(f"{unit.case.name} {format_size(unit.size)} {dtype_name(unit.dtype)}: {phase}")
+
+        results, bandwidth, memory_error = run(units, reps=args.reps, budget=args.budget,
+                                               compile_reference=args.compile, progress=progress)
+
+    print(table(results))
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    if memory_error:
+        print(f"peak memory not measured: {memory_error}")
+    for line in [*verdicts(results), *(f"skipped {s}" for s in skipped)]:
+        print(line)
+    rows = records(results, machine=one_line(host), versions=one_line(vers))
+    csv_path = args.csv or args.out / "bench.csv"
+    write_csv(rows, csv_path)
+    print(f"csv: {csv_path}")
+    if rows:
+        print(f"plot: {plot(rows, args.out / 'bench.png')}")
+    return 0
+
+
+def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .bench import plot, read_csv
+
+    if not args.csv.is_file():
+        parser.error(f"argument PATH.csv: {args.csv}: no such file")
+    try:
+        rows = read_csv(args.csv)
+    except (ValueError, UnicodeDecodeError) as error:
+        parser.error(f"argument PATH.csv: {error}")
+    if not rows:
+        parser.error(f"argument PATH.csv: {args.csv} holds no measurements")
+    print(f"plot: {plot(rows, args.out or args.csv.with_suffix('.png'))}")
+    return 0
+
+
+def _env() -> int:
+    from .bench._env import machine, versions
+
+    for title, info in (("versions", versions()), ("machine", machine())):
+        print(f"{title}:")
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"  {key.ljust(width)}  {value}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    subparser = parser._subparsers._group_actions[0].choices[args.command]  # for errors with the right usage
+    if args.command == "bench":
+        return _bench(subparser, args, argv)
+    if args.command == "plot":
+        return _plot(subparser, args)
+    return _env()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
