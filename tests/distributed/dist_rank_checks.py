@@ -184,6 +184,13 @@ def check_communication_counted(rank: int, world: int) -> None:
         with Collectives() as c:
             loss.backward()
         assert c.calls == [], c.calls
+    empty = shard(torch.randn(0, V, generator=gen), rank, world).requires_grad_()
+    with Collectives() as c:  # no position: the header only, and torch's values (NaN mean, 0 sum)
+        means = vocab_parallel_cross_entropy(empty, target[:0])
+        sums = vocab_parallel_cross_entropy(empty, target[:0], reduction="sum")
+    assert c.calls == [("all_gather", 14)] * 2, c.calls
+    assert_close(means, F.cross_entropy(torch.zeros(0, V), target[:0]))
+    assert_close(sums, F.cross_entropy(torch.zeros(0, V), target[:0], reduction="sum"))
     h = torch.randn(n, d, generator=gen, requires_grad=True)
     w = shard(torch.randn(V, d, generator=gen), rank, world, 0).requires_grad_()
     with Collectives() as c:
@@ -309,7 +316,8 @@ def check_bad_input_raises_everywhere(rank: int, world: int) -> None:
     outside[2] = V
     expect(ValueError, r"target contains class index 11, outside \[0, 11\)",
            lambda: vocab_parallel_cross_entropy(x, outside))
-    expect(ValueError, r"weight must be a 1-D tensor with one entry per class \(11\)",
+    expect(ValueError, r"weight has 10 entries, one per class of the whole vocabulary, but the vocabulary "
+                     r"shards hold 11 classes split as \[",
            lambda: vocab_parallel_cross_entropy(x, target, weight=torch.ones(V - 1)))
     # Errors on one rank only are shared; the others name the failing rank.
     bad_target = target.float() if rank == last else target

@@ -214,8 +214,11 @@ def test_bad_input():
         vocab_parallel_cross_entropy(x, torch.tensor([1, -1, 0]))
     with pytest.raises(TypeError, match="target must hold class indices"):
         vocab_parallel_cross_entropy(x, torch.rand(3, 4))  # probability targets are not supported
-    with pytest.raises(ValueError, match=r"weight must be a 1-D tensor with one entry per class \(4\)"):
+    with pytest.raises(ValueError, match=r"weight has 3 entries, one per class of the whole vocabulary, but the "
+                                         r"vocabulary shards hold 4 classes"):
         vocab_parallel_cross_entropy(x, t, weight=torch.ones(3))
+    with pytest.raises(ValueError, match=r"weight must be a 1-D tensor with one entry per class of the whole vocabulary"):
+        vocab_parallel_cross_entropy(x, t, weight=torch.ones(2, 2))
     with pytest.raises(ValueError, match="weight requires grad"):
         vocab_parallel_cross_entropy(x, t, weight=torch.ones(4, requires_grad=True))
     with pytest.raises(ValueError, match="label_smoothing must be in"):

@@ -31,8 +31,9 @@ class Comm:
         return self.group is not None
 
     def all_reduce_(self, t: Tensor, op: str) -> Tensor:
-        """In-place ``all_reduce`` of a contiguous tensor with ``op`` "sum" or "max"; a no-op alone."""
-        if self.active:
+        """In-place ``all_reduce`` of a contiguous tensor with ``op`` "sum" or "max"; a no-op alone or for
+        an empty tensor (every rank agreed on the sizes beforehand, so all skip it together)."""
+        if self.active and t.numel():
             dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
         return t
 

@@ -37,7 +37,7 @@ _NAMES = ("vocabulary shard", "target min", "target max", "number of target posi
           "input.requires_grad")
 _AGREED = _NAMES[3:]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_SAME_HINT = " (the target, the options and the input's dtype are replicated; only the logits are split)"
+_SAME_HINT = " (target, weight, options and dtype are the same on every rank; only the vocabulary is split)"
 
 
 def _shared_fields(input: Tensor, target: Tensor, weight: object, ignore_index: object, reduction: object,
@@ -86,7 +86,9 @@ def _layout(comm: Comm, caller: str, local: Callable[[], Fields], input: object,
     if vocab_size is not None and total != vocab_size:
         raise ValueError(f"vocab_size is {vocab_size} but the vocabulary shards hold {total} classes{split}: "
                          f"each rank must hold a contiguous range of classes, ranks in order, covering the vocabulary")
-    weight = _checks.class_weight(weight, total, input)  # type: ignore[arg-type]
+    if weight is not None and weight.numel() != total:  # dtype, shape, device: checked locally
+        raise ValueError(f"weight has {weight.numel()} entries, one per class of the whole vocabulary, but the "
+                         f"vocabulary shards hold {total} classes{split}")
     low, high = min(table["target min"]), max(table["target max"])
     if low < 0 or high >= total:
         raise ValueError(f"target contains class index {low if low < 0 else high}, outside [0, {total}) for a "
