@@ -3,7 +3,9 @@
 The parent hosts the rendezvous ``TCPStore`` on a free localhost port (port 0: the OS picks it, so two
 test runs never race for a port) and starts ``W`` children from a fork server that imported torch, its
 DTensor package (which ``torch.testing.assert_close`` loads, seconds on a busy machine) and the checks
-once: each child is a fresh fork of a process that never computed anything, not a second import. Each child joins the default group
+once: each child is a fresh fork of a process that never computed anything, not a second import. The
+fork server starts with ``MALLOC_MMAP_THRESHOLD_=65536`` so that a rank can measure its peak memory with
+``losskit.testing.peak_memory_above`` (glibc reads it at process start). Each child joins the default group
 (gloo, CPU; collectives time out after ``collective_timeout`` seconds), calls ``fn(rank, world)`` and
 sends back its result or its traceback. The parent fails as soon as one rank fails, and kills the other
 ranks instead of waiting for them: a rank that raises never leaves the test hanging. Every run is
@@ -13,6 +15,7 @@ bounded by ``timeout`` seconds, after which all children are killed.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import time
 import traceback
@@ -58,8 +61,16 @@ def run(fn: Callable[[int, int], Any], world: int, *, timeout: float = 120.0,
     out: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
     try:
-        for p in procs:
-            p.start()
+        saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the fork server if this starts it
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            if saved is None:
+                del os.environ["MALLOC_MMAP_THRESHOLD_"]
+            else:
+                os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
         while len(out) < world:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ranks {sorted(set(range(world)) - set(out))} of {world} did not finish "

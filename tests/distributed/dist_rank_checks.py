@@ -22,7 +22,7 @@ import losskit.functional as LF
 from losskit.distributed import (_cross_entropy, global_mean, global_token_count, vocab_parallel_cross_entropy,
                                  vocab_parallel_linear_cross_entropy)
 from losskit.kernels import blocks as kblocks
-from losskit.testing import assert_close, assert_no_worse_than
+from losskit.testing import assert_close, assert_no_worse_than, peak_memory_above
 
 V = 11  # uneven shards: [5, 6] on 2 ranks, [3, 4, 4] on 3
 REDUCTIONS = ("mean", "sum", "none")
@@ -261,6 +261,31 @@ def check_linear_low_precision(rank: int, world: int) -> None:
                          msg="d/dlinear_weight")
 
 
+def check_no_rank_holds_full_logits(rank: int, world: int) -> None:
+    """Peak memory of a rank: the fused head keeps its gradients and one logits chunk, never the logits
+    (of its shard, let alone of the vocabulary); given logits, their gradient and one work block."""
+    saved = _cross_entropy.LINEAR_BLOCK_BYTES
+    _cross_entropy.LINEAR_BLOCK_BYTES = 1 << 20
+    try:
+        n, d, v_r = 256, 32, 8192  # this rank's logits (n, v_r) float32: 8 MiB, 8 * world MiB in all
+        gen = torch.Generator().manual_seed(10 + rank)
+        h = torch.randn(n, d, generator=torch.Generator().manual_seed(10)).requires_grad_()
+        w = (torch.randn(v_r, d, generator=gen) / 8).requires_grad_()
+        x = torch.randn(n, v_r, generator=gen).requires_grad_()
+        target = torch.randint(0, v_r * world, (n,), generator=torch.Generator().manual_seed(11))
+        mib = 1 << 20
+        for name, call, budget in (
+                # gradients: input 32 KiB, linear_weight 1 MiB; one 1 MiB chunk and its matmul temporaries
+                ("linear", lambda: vocab_parallel_linear_cross_entropy(h, w, target, label_smoothing=0.1), 4 * mib),
+                # the logits' gradient (8 MiB) + a work block + per-token vectors
+                ("cross_entropy", lambda: vocab_parallel_cross_entropy(x, target, label_smoothing=0.1), 12 * mib)):
+            call()  # first call: one-time allocations of torch's kernels, not the loss's
+            peak = peak_memory_above(call)
+            assert peak <= budget, f"{name}: {peak / mib:.1f} MiB above the inputs"
+    finally:
+        _cross_entropy.LINEAR_BLOCK_BYTES = saved
+
+
 def check_group_choice(rank: int, world: int) -> None:
     """group=None is the initialised default group; a one-rank group runs no collective and is the
     single-process loss; a rank outside the group is refused."""
@@ -399,7 +424,7 @@ def check_exact_normalisation(rank: int, world: int) -> None:
 CHECKS: tuple[Callable[[int, int], None], ...] = (
     check_cross_entropy_options, check_cross_entropy_extremes, check_cross_entropy_low_precision,
     check_input_untouched, check_communication_counted, check_linear_options, check_linear_low_precision,
-    check_group_choice, check_bad_input_raises_everywhere, check_exact_normalisation,
+    check_no_rank_holds_full_logits, check_group_choice, check_bad_input_raises_everywhere, check_exact_normalisation,
 )
 NAMES = tuple(c.__name__ for c in CHECKS)
 

@@ -2,7 +2,7 @@
 
 The same kernels run here as on many ranks, minus the collectives, so the math is tested in-process
 against torch for every option (with hypothesis over shapes); ``test_spawned_ranks`` runs it on 2 and 3
-gloo processes.
+gloo processes, and measures there that no rank holds the logits.
 """
 
 from __future__ import annotations
@@ -235,3 +235,4 @@ def test_bad_input():
         vocab_parallel_linear_cross_entropy(x, torch.randn(5, 4), t, linear_bias=torch.randn(4))
     with pytest.raises(ValueError, match=r"target must have shape \(3,\) for input of shape \(3, 4\)"):
         vocab_parallel_linear_cross_entropy(x, torch.randn(5, 4), t[:2])
+
