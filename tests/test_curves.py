@@ -10,6 +10,7 @@ import matplotlib.image
 import pytest
 import torch
 
+from losskit.cli import main
 from losskit.curves import _P, loss_curves, plot_curves
 from losskit.testing import assert_close
 
@@ -69,3 +70,17 @@ def test_missing_matplotlib_names_the_extra(tmp_path):
             f"try:\n    plot_curves({str(tmp_path / 'c.png')!r})\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'losskit[plot]'" in out.stdout
+
+
+def test_cli_plot_curves(tmp_path, capsys):
+    out = tmp_path / "curves.png"
+    assert main(["plot", "curves", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"plot: {out}"]
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_cli_plot_curves_bad_out(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", "curves", "--out", str(tmp_path / "curves.jpg")])
+    assert exit_info.value.code == 2
+    assert "--out" in capsys.readouterr().err

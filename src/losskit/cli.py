@@ -99,11 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--csv", type=Path, metavar="PATH", help="tidy CSV records (default: DIR/bench.csv)")
     bench.add_argument("--list", action="store_true", help="list the cases and their references, then exit")
 
-    plot = sub.add_parser("plot", help="draw time and memory against size from a bench CSV",
+    plot = sub.add_parser("plot", help="draw a bench CSV, or (`losskit plot curves`) how each loss behaves",
                           description="Draw time and peak memory against size per implementation from the CSV "
-                                      "written by `losskit bench`.")
-    plot.add_argument("csv", type=Path, metavar="PATH.csv")
-    plot.add_argument("--out", type=Path, metavar="PNG", help="output PNG (default: PATH.png)")
+                                      "written by `losskit bench`. `losskit plot curves` instead draws each loss "
+                                      "against the predicted probability of the true class, and the softmax and "
+                                      "log_softmax of a vector (losskit.curves).")
+    plot.add_argument("csv", type=Path, metavar="PATH.csv|curves")
+    plot.add_argument("--out", type=Path, metavar="PNG",
+                      help="output PNG (default: PATH.png; losskit-curves.png for curves)")
 
     sub.add_parser("env", help="print versions and the machine", description="Print the versions of python, "
                    "torch, losskit and optional dependencies, and the machine (CPU, cores, memory, OS).")
@@ -186,6 +189,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequ
 def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .bench import plot, read_csv
 
+    if args.csv == Path("curves"):
+        return _plot_curves(parser, args.out or Path("losskit-curves.png"))
     if not args.csv.is_file():
         parser.error(f"argument PATH.csv: {args.csv}: no such file")
     try:
@@ -195,6 +200,17 @@ def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not rows:
         parser.error(f"argument PATH.csv: {args.csv} holds no measurements")
     print(f"plot: {plot(rows, args.out or args.csv.with_suffix('.png'))}")
+    return 0
+
+
+def _plot_curves(parser: argparse.ArgumentParser, out: Path) -> int:
+    from .curves import plot_curves
+
+    try:
+        plot_curves(out)
+    except (ValueError, OSError) as error:
+        parser.error(f"argument --out: {error}")
+    print(f"plot: {out}")
     return 0
 
 
