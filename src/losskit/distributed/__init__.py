@@ -1,4 +1,4 @@
-"""Losses on ``torch.distributed``: vocab-parallel cross-entropy and exact loss normalisation across ranks.
+r"""Losses on ``torch.distributed``: vocab-parallel cross-entropy and exact loss normalisation across ranks.
 
 Vocab-parallel (tensor-parallel output layer): each rank of a group holds the logits, or the output
 layer's rows, of a contiguous range of classes, ranks in order. :func:`vocab_parallel_cross_entropy`
@@ -8,7 +8,7 @@ stably (the max over ranks, then the sum of rescaled exponentials).
 
 Exact normalisation (data parallelism and gradient accumulation): :func:`global_token_count` and
 :func:`global_mean` make the mean loss of a global batch, and its gradients, independent of how its
-tokens are split across ranks and micro-batches (see :mod:`losskit.distributed._normalization`).
+tokens are split across ranks and micro-batches (the recipe is at the end).
 
 ``group``: as everywhere in ``torch.distributed``, ``None`` means the default process group when
 ``torch.distributed`` is initialised; when it is not, the call is a single-process one and runs no
@@ -31,6 +31,46 @@ global_token_count                     ``all_reduce`` SUM of ``1 + W`` float64 (
 Validation never deadlocks: a bad argument on any rank (shards that do not add up to ``vocab_size``,
 a target outside the vocabulary, options or targets that differ between ranks) raises on every rank.
 Under NCCL the small header travels on the current CUDA device (``torch.cuda.set_device``).
+
+Exact normalisation
+-------------------
+The mean loss of a global batch is the sum of its per-token losses divided by its number of scored
+tokens (with class weights: by :math:`\sum w_y`), :math:`L = \sum_i \ell_i / \sum_i w_i` over every
+non-ignored token of every micro-batch on every data-parallel rank. When a step is split into pieces
+with different numbers of scored tokens (padding, packing, ``ignore_index``), the usual
+``reduction="mean"`` per micro-batch, then averaged over micro-batches (gradient accumulation divides
+by their number) and over ranks (``DistributedDataParallel`` averages gradients), gives every *piece*
+the same weight instead of every *token*: a different loss and different gradients, which also change
+with the split. A piece with no scored token even makes it NaN.
+
+The exact recipe, whatever the split: per-token **sums**, one **global count** reduced once, **one
+division**::
+
+    count = global_token_count([mb.target for mb in micro_batches], group=dp_group)  # one all_reduce
+    for mb in micro_batches:
+        loss_sum = LF.cross_entropy(model(mb.input), mb.target, reduction="sum")
+        loss = global_mean(loss_sum, count)  # this piece's share of the global mean
+        loss.backward()                      # accumulation sums the pieces' gradients
+    # Sum the gradients over dp_group (all_reduce SUM): the result is the full batch's gradient.
+    # DistributedDataParallel *averages* over its W ranks: call (loss * W).backward() instead.
+    # The global mean itself is the sum of every piece's `loss`, over micro-batches and ranks.
+
+``count`` needs the targets of the whole step before the first forward, which a data loader has.
+The same works with ``vocab_parallel_cross_entropy(..., reduction="sum")`` in a tensor-parallel group:
+its sum is the same on every rank of that group, so count over the data-parallel group only.
+
+Example (one process, two micro-batches of 3 and 1 scored tokens):
+    >>> import torch, losskit.functional as LF
+    >>> from losskit.distributed import global_mean, global_token_count
+    >>> logits = [torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([[0.0, 3.0], [5.0, 0.0]])]
+    >>> targets = [torch.tensor([0, 1, 0]), torch.tensor([0, -100])]
+    >>> sum(LF.cross_entropy(x, t) for x, t in zip(logits, targets)) / 2  # mean of means: wrong
+    tensor(1.7132)
+    >>> LF.cross_entropy(torch.cat(logits), torch.cat(targets))  # the full batch
+    tensor(1.0455)
+    >>> count = global_token_count(targets)
+    >>> sum(global_mean(LF.cross_entropy(x, t, reduction="sum"), count) for x, t in zip(logits, targets))
+    tensor(1.0455)
 """
 
 from ._cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy

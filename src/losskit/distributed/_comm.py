@@ -12,17 +12,21 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 @dataclass(frozen=True)
 class Comm:
     """Where the collectives of one call go. ``group`` is None for a single process (no collectives)."""
 
-    group: object | None
+    group: ProcessGroup | None
     rank: int
     world: int
 
@@ -38,7 +42,7 @@ class Comm:
         return t
 
 
-def resolve(group: object) -> Comm:
+def resolve(group: ProcessGroup | None) -> Comm:
     """The process group of a call.
 
     ``group=None`` follows torch.distributed: the default group when ``torch.distributed`` is initialised,

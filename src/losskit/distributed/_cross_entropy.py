@@ -9,10 +9,14 @@ blocks of the local logits: read from the input for the first, computed block by
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 from .. import _checks
 from .._autograd import attach, needs_grad
@@ -96,7 +100,7 @@ def _layout(comm: Comm, caller: str, local: Callable[[], Fields], input: object,
     return Shard(sum(sizes[:comm.rank]), sizes[comm.rank], total), weight
 
 
-def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, *, group: object = None, weight: Tensor | None = None,
+def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, *, group: ProcessGroup | None = None, weight: Tensor | None = None,
                                  ignore_index: int = -100, reduction: Reduction = "mean", label_smoothing: float = 0.0,
                                  vocab_size: int | None = None) -> Tensor:
     r"""Cross-entropy of logits split by vocabulary across the ranks of ``group``, never gathering them.
@@ -182,7 +186,7 @@ def _xent(comm: Comm, shard: Shard, input: Tensor, target: Tensor, weight: Tenso
     return loss.to(input.dtype), grad
 
 
-def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, group: object = None,
+def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, group: ProcessGroup | None = None,
                                         linear_bias: Tensor | None = None, weight: Tensor | None = None,
                                         ignore_index: int = -100, reduction: Reduction = "mean",
                                         label_smoothing: float = 0.0, vocab_size: int | None = None) -> Tensor:

@@ -1,50 +1,17 @@
-r"""Exact loss normalisation across data-parallel ranks and gradient-accumulation micro-batches.
-
-The mean loss of a global batch is the sum of its per-token losses divided by its number of scored
-tokens (with class weights: by :math:`\sum w_y`), :math:`L = \sum_i \ell_i / \sum_i w_i` over every
-non-ignored token of every micro-batch on every data-parallel rank. When a step is split into pieces
-with different numbers of scored tokens (padding, packing, ``ignore_index``), the usual
-``reduction="mean"`` per micro-batch, then averaged over micro-batches (gradient accumulation divides
-by their number) and over ranks (``DistributedDataParallel`` averages gradients), gives every *piece*
-the same weight instead of every *token*: a different loss and different gradients, which also change
-with the split. A piece with no scored token even makes it NaN.
-
-The exact recipe, whatever the split: per-token **sums**, one **global count** reduced once, **one
-division**::
-
-    count = global_token_count([mb.target for mb in micro_batches], group=dp_group)  # one all_reduce
-    for mb in micro_batches:
-        loss_sum = LF.cross_entropy(model(mb.input), mb.target, reduction="sum")
-        loss = global_mean(loss_sum, count)  # this piece's share of the global mean
-        loss.backward()                      # accumulation sums the pieces' gradients
-    # Sum the gradients over dp_group (all_reduce SUM): the result is the full batch's gradient.
-    # DistributedDataParallel *averages* over its W ranks: call (loss * W).backward() instead.
-    # The global mean itself is the sum of every piece's `loss`, over micro-batches and ranks.
-
-``count`` needs the targets of the whole step before the first forward, which a data loader has.
-The same works with ``vocab_parallel_cross_entropy(..., reduction="sum")`` in a tensor-parallel group:
-its sum is the same on every rank of that group, so count over the data-parallel group only.
-
-Example (one process, two micro-batches of 3 and 1 scored tokens):
-    >>> import torch, losskit.functional as LF
-    >>> from losskit.distributed import global_mean, global_token_count
-    >>> logits = [torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([[0.0, 3.0], [5.0, 0.0]])]
-    >>> targets = [torch.tensor([0, 1, 0]), torch.tensor([0, -100])]
-    >>> sum(LF.cross_entropy(x, t) for x, t in zip(logits, targets)) / 2  # mean of means: wrong
-    tensor(1.7132)
-    >>> LF.cross_entropy(torch.cat(logits), torch.cat(targets))  # the full batch
-    tensor(1.0455)
-    >>> count = global_token_count(targets)
-    >>> sum(global_mean(LF.cross_entropy(x, t, reduction="sum"), count) for x, t in zip(logits, targets))
-    tensor(1.0455)
+r"""``global_token_count`` and ``global_mean``: the helpers of the exact-normalisation recipe documented in
+:mod:`losskit.distributed`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 from .. import _checks
 from ..kernels.blocks import accumulation_dtype
@@ -54,7 +21,7 @@ __all__ = ["global_mean", "global_token_count"]
 
 
 def global_token_count(target: Tensor | Sequence[Tensor], *, ignore_index: int = -100, weight: Tensor | None = None,
-                       group: object = None) -> Tensor:
+                       group: ProcessGroup | None = None) -> Tensor:
     r"""The denominator of the global mean: scored tokens of every micro-batch on every rank of ``group``.
 
     ``target``: this rank's class-index targets for the step, one tensor or one per micro-batch (any
