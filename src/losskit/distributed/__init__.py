@@ -12,7 +12,10 @@ tokens are split across ranks and micro-batches (the recipe is at the end).
 
 ``group``: as everywhere in ``torch.distributed``, ``None`` means the default process group when
 ``torch.distributed`` is initialised; when it is not, the call is a single-process one and runs no
-collective. A group of one rank runs no collective either.
+collective. A group of one rank runs no collective either. With tensor and data parallelism, pass the
+tensor-parallel group. A data-parallel job that passes its full logits with ``group=None`` gets an error
+("target differs between rank 0 and rank 1"), not a wrong number: every call checks that the ranks
+agree on the target and the options.
 
 Communication per call, ``P`` target positions, ``a`` bytes per value of the accumulation dtype (4,
 or 8 for float64), ``W`` ranks (all forward; backward communicates nothing):
