@@ -172,7 +172,8 @@ def check_input_untouched(rank: int, world: int) -> None:
 
 def check_communication_counted(rank: int, world: int) -> None:
     """What the docstrings promise: 1 all_gather of 14 int64, MAX of P, SUM of 2P (3P smoothed); the
-    linear head adds P x D when input requires grad; backward communicates nothing."""
+    linear head adds P x D when input requires grad; backward communicates nothing, except the
+    linear head's for reduction="none" with linear_weight requiring grad, which reduces P x D there."""
     gen = torch.Generator().manual_seed(4)
     n, d = 6, 5
     x = shard(torch.randn(n, V, generator=gen), rank, world).requires_grad_()
@@ -202,6 +203,13 @@ def check_communication_counted(rank: int, world: int) -> None:
     with Collectives() as c:
         loss.backward()
     assert c.calls == [], c.calls
+    # reduction="none" with linear_weight requiring grad: d/dinput is reduced in backward instead.
+    with Collectives() as c:
+        loss = vocab_parallel_linear_cross_entropy(h, w, target, reduction="none")
+    assert c.calls == [("all_gather", 14), ("all_reduce", n), ("all_reduce", 2 * n)], c.calls
+    with Collectives() as c:
+        loss.sum().backward()
+    assert c.calls == [("all_reduce", n * d)], c.calls
 
 
 def check_linear_options(rank: int, world: int) -> None:
@@ -231,14 +239,23 @@ def check_linear_options(rank: int, world: int) -> None:
         assert_close(w.grad, shard(w_ref.grad, rank, world, 0), msg=msg + " d/dlinear_weight")
         if biased:
             assert_close(b.grad, shard(b_ref.grad, rank, world, 0), msg=msg + " d/dlinear_bias")
-    # reduction="none": input gradient only, for a random grad_output.
+    # reduction="none", for a random grad_output: the input gradient alone is precomputed; with
+    # linear_weight and linear_bias requiring grad too, backward recomputes (and all-reduces d/dinput).
     h_full = torch.randn(3, d, generator=gen, dtype=torch.float64)
     w_full = torch.randn(V, d, generator=gen, dtype=torch.float64)
+    b_full = torch.randn(V, generator=gen, dtype=torch.float64)
     target = targets((3,), -100, gen)
-    h, h_ref = h_full.clone().requires_grad_(), h_full.clone().requires_grad_()
-    ours = vocab_parallel_linear_cross_entropy(h, shard(w_full, rank, world, 0), target, reduction="none")
-    ref = F.cross_entropy(h_ref @ w_full.t(), target, reduction="none")
-    backward_and_compare(ours, ref, h, h_ref, rank, world, gen, dim=None, msg="none")
+    for all_grads in (False, True):
+        h, h_ref = h_full.clone().requires_grad_(), h_full.clone().requires_grad_()
+        w = shard(w_full, rank, world, 0).clone().requires_grad_(all_grads)
+        b = shard(b_full, rank, world, 0).clone().requires_grad_(all_grads)
+        w_ref, b_ref = w_full.clone().requires_grad_(), b_full.clone().requires_grad_()
+        ours = vocab_parallel_linear_cross_entropy(h, w, target, linear_bias=b, reduction="none", label_smoothing=0.1)
+        ref = F.cross_entropy(F.linear(h_ref, w_ref, b_ref), target, reduction="none", label_smoothing=0.1)
+        backward_and_compare(ours, ref, h, h_ref, rank, world, gen, dim=None, msg=f"none, all grads {all_grads}")
+        if all_grads:
+            assert_close(w.grad, shard(w_ref.grad, rank, world, 0))
+            assert_close(b.grad, shard(b_ref.grad, rank, world, 0))
 
 
 def check_linear_low_precision(rank: int, world: int) -> None:

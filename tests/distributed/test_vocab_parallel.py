@@ -102,8 +102,9 @@ def test_gradcheck():
     t = torch.tensor([0, 4, -100, 2])
     weight = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5
     assert gradcheck(lambda x: vocab_parallel_cross_entropy(x, t, weight=weight, label_smoothing=0.2), [x])
-    assert gradcheck(lambda h, w, b: vocab_parallel_linear_cross_entropy(h, w, t, linear_bias=b, label_smoothing=0.2),
-                     [h, w, b])
+    for reduction in ("mean", "none"):  # precomputed gradients, and the recomputing backward
+        assert gradcheck(lambda h, w, b: vocab_parallel_linear_cross_entropy(
+            h, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.2), [h, w, b])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -135,21 +136,31 @@ def test_linear_matches_torch(dtype):
                   label_smoothing=ls)
         if biased:
             _compare(lambda h, w, b: vocab_parallel_linear_cross_entropy(h, w, t, linear_bias=b, **kw),
-                     lambda h, w, b: F.cross_entropy(F.linear(h, w, b).flatten(0, 1), t.flatten(), **kw), [h, w, b], gen)
+                     lambda h, w, b: F.cross_entropy(F.linear(h, w, b).flatten(0, 1), t.flatten(), **kw),
+                     [h, w, b], gen)
         else:
             _compare(lambda h, w: vocab_parallel_linear_cross_entropy(h, w, t, **kw),
                      lambda h, w: F.cross_entropy(F.linear(h, w).flatten(0, 1), t.flatten(), **kw), [h, w], gen)
 
 
-def test_linear_none_reduction_gives_the_input_gradient():
+def test_linear_none_reduction():
+    # The input gradient is precomputed; with linear_weight/linear_bias requiring grad, backward recomputes.
     gen = torch.Generator().manual_seed(5)
     h = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
     t = _targets((2, 3), 6, -100, gen)
-    _compare(lambda h: vocab_parallel_linear_cross_entropy(h, w, t, reduction="none"),
-             lambda h: F.cross_entropy((h @ w.t()).permute(0, 2, 1), t, reduction="none"), [h], gen)
-    with pytest.raises(ValueError, match="reduction='none' gives no gradient for linear_weight"):
-        vocab_parallel_linear_cross_entropy(h, w.requires_grad_(), t, reduction="none")
+    kw = dict(reduction="none", label_smoothing=0.1, weight=torch.rand(6, generator=gen, dtype=torch.float64))
+    _compare(lambda h: vocab_parallel_linear_cross_entropy(h, w.detach(), t, **kw),
+             lambda h: F.cross_entropy((h @ w.detach().t()).permute(0, 2, 1), t, **kw), [h], gen)
+    _compare(lambda h, w, b: vocab_parallel_linear_cross_entropy(h, w, t, linear_bias=b, **kw),
+             lambda h, w, b: F.cross_entropy(F.linear(h, w, b).permute(0, 2, 1), t, **kw), [h, w, b], gen)
+    _compare(lambda w: vocab_parallel_linear_cross_entropy(h.detach(), w, t, **kw),
+             lambda w: F.cross_entropy((h.detach() @ w.t()).permute(0, 2, 1), t, **kw), [w], gen)
+    # The recomputing backward can run twice (retain_graph) and gives the same gradient.
+    loss = vocab_parallel_linear_cross_entropy(h.detach(), w, t, **kw).sum()
+    first = torch.autograd.grad(loss, w, retain_graph=True)[0]
+    assert_close(torch.autograd.grad(loss, w)[0], first)
 
 
 def test_identities():
@@ -217,7 +228,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"weight has 3 entries, one per class of the whole vocabulary, but the "
                                          r"vocabulary shards hold 4 classes"):
         vocab_parallel_cross_entropy(x, t, weight=torch.ones(3))
-    with pytest.raises(ValueError, match=r"weight must be a 1-D tensor with one entry per class of the whole vocabulary"):
+    with pytest.raises(ValueError, match="weight must be a 1-D tensor with one entry per class of the whole"):
         vocab_parallel_cross_entropy(x, t, weight=torch.ones(2, 2))
     with pytest.raises(ValueError, match="weight requires grad"):
         vocab_parallel_cross_entropy(x, t, weight=torch.ones(4, requires_grad=True))

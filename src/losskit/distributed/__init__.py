@@ -18,7 +18,8 @@ tensor-parallel group. A data-parallel job that passes its full logits with ``gr
 agree on the target and the options.
 
 Communication per call, ``P`` target positions, ``a`` bytes per value of the accumulation dtype (4,
-or 8 for float64), ``W`` ranks (all forward; backward communicates nothing):
+or 8 for float64), ``W`` ranks (all in the forward pass, where the gradients are computed; backward
+communicates nothing, except as noted):
 
 =====================================  ===============================================================
 call                                   collectives
@@ -27,7 +28,8 @@ vocab_parallel_cross_entropy           ``all_gather`` 14 int64 (checks, layout);
                                        ``P`` values; ``all_reduce`` SUM ``2P`` (``3P`` with label
                                        smoothing): ``3a`` (``4a``) bytes per token
 vocab_parallel_linear_cross_entropy    the same, plus ``all_reduce`` SUM of ``P x D`` values (``a*D``
-                                       bytes per token) when ``input`` requires grad
+                                       bytes per token) when ``input`` requires grad (in backward
+                                       for "none" with ``linear_weight`` requiring grad)
 global_token_count                     ``all_reduce`` SUM of ``1 + W`` float64 (count, error flags)
 =====================================  ===============================================================
 

@@ -8,12 +8,13 @@ blocks of the local logits: read from the input for the first, computed block by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -100,9 +101,9 @@ def _layout(comm: Comm, caller: str, local: Callable[[], Fields], input: object,
     return Shard(sum(sizes[:comm.rank]), sizes[comm.rank], total), weight
 
 
-def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, *, group: ProcessGroup | None = None, weight: Tensor | None = None,
-                                 ignore_index: int = -100, reduction: Reduction = "mean", label_smoothing: float = 0.0,
-                                 vocab_size: int | None = None) -> Tensor:
+def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, *, group: ProcessGroup | None = None,
+                                 weight: Tensor | None = None, ignore_index: int = -100, reduction: Reduction = "mean",
+                                 label_smoothing: float = 0.0, vocab_size: int | None = None) -> Tensor:
     r"""Cross-entropy of logits split by vocabulary across the ranks of ``group``, never gathering them.
 
     Rank ``r`` holds ``input`` = the logits of a contiguous range of classes, ranks in order: shape
@@ -186,8 +187,9 @@ def _xent(comm: Comm, shard: Shard, input: Tensor, target: Tensor, weight: Tenso
     return loss.to(input.dtype), grad
 
 
-def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, group: ProcessGroup | None = None,
-                                        linear_bias: Tensor | None = None, weight: Tensor | None = None,
+def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                                        group: ProcessGroup | None = None, linear_bias: Tensor | None = None,
+                                        weight: Tensor | None = None,
                                         ignore_index: int = -100, reduction: Reduction = "mean",
                                         label_smoothing: float = 0.0, vocab_size: int | None = None) -> Tensor:
     r"""Fused output layer and cross-entropy with the layer split by vocabulary across ranks.
@@ -207,11 +209,13 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     then gradients). The gradient of ``input`` is the sum over ranks (reduced in the forward pass, in the
     accumulation dtype); ``linear_weight`` and ``linear_bias`` get their own shard's gradient. The loss
     formula, options, ``group`` and ``vocab_size`` are :func:`vocab_parallel_cross_entropy`'s.
-    ``reduction="none"`` supports a gradient for ``input`` only (the weights' gradient would need the
-    per-position ``grad_output``, which a loss computed in the forward pass does not have).
+    For ``reduction="none"`` the gradients of ``linear_weight`` and ``linear_bias`` depend on
+    ``grad_output``: the forward pass then computes the loss only, and backward runs the gradient pass
+    (with the input gradient's ``all_reduce``, so every rank of the group must call backward).
 
     Communication: :func:`vocab_parallel_cross_entropy`'s, plus, when ``input`` requires grad, one
-    ``all_reduce`` SUM of ``P x D`` values in the accumulation dtype (``a * D`` bytes per token).
+    ``all_reduce`` SUM of ``P x D`` values in the accumulation dtype (``a * D`` bytes per token), in
+    the forward pass (in backward for the recomputing "none" case above).
     Memory beside the gradients: one logits chunk, and for float16/bfloat16 float32 accumulators of
     the ``input`` and ``linear_weight`` gradients.
 
@@ -251,66 +255,107 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
             raise ValueError(f"target must have shape {tuple(x.shape[:-1])} for input of shape {tuple(x.shape)}, got "
                              f"{tuple(t.shape)}")
         _checks.same_device("target", t, "input", x)
-        if reduction == "none" and (want_w or want_b):
-            raise ValueError("reduction='none' gives no gradient for linear_weight or linear_bias: use 'mean' or "
-                             "'sum', or detach them")
         fields = _shared_fields(x, t, weight, ignore_index, reduction, label_smoothing, vocab_size)
         return {"vocabulary shard": w.shape[0], **fields, "hidden size": x.shape[-1],
                 "input.requires_grad": int(want_h)}
 
     shard, weight = _layout(comm, caller, local, input, weight, vocab_size)
     with torch.no_grad():
-        loss, grads = _linear_xent(comm, shard, input, linear_weight, linear_bias, target, weight, ignore_index,
-                                   reduction, float(label_smoothing), (want_h, want_w, want_b))
-    inputs = [t for t in (input, linear_weight, linear_bias) if t is not None]
-    return attach(loss, inputs, grads, expand_dim=-1)
+        head = _Head(comm, shard, input, linear_weight, linear_bias, target, weight, ignore_index,
+                     float(label_smoothing))
+        loss = head.loss(reduction)
+        loss = (loss.view(target.shape) if reduction == "none" else loss).to(input.dtype)
+    tensors = (input, linear_weight, linear_bias)
+    if reduction == "none" and (want_w or want_b):
+        return _RecomputeNone.apply(head, loss, *tensors)
+    with torch.no_grad():
+        grads = _like(head.grads(head.core, (want_h, want_w, want_b)), tensors)
+    kept = [(t, g) for t, g in zip(tensors, grads) if t is not None]
+    return attach(loss, [t for t, _ in kept], [g for _, g in kept], expand_dim=-1)
 
 
-def _linear_xent(comm: Comm, shard: Shard, input: Tensor, lw: Tensor, lb: Tensor | None, target: Tensor,
-                 weight: Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
-                 want: tuple[bool, bool, bool]) -> tuple[Tensor, list[Tensor | None]]:
-    acc = accumulation_dtype(input.dtype)
-    h2 = input.reshape(-1, input.shape[-1])  # (P, D)
-    n, d, v_r = h2.shape[0], h2.shape[1], lw.shape[0]
-    core = ShardXent(target.reshape(n, 1).long(), shard, None if weight is None else weight.to(acc),
-                     ignore_index, label_smoothing, acc)
-    # work: (rows, V_r) logits in acc, LINEAR_BLOCK_BYTES; positions are rows of h2, as (P, 1) blocks.
-    rows = block_rows(v_r, torch.finfo(acc).bits // 8, LINEAR_BLOCK_BYTES)
-    buf = work_buffer(min(rows, n), v_r, acc, input.device)
+class _Head:
+    """The fused head of one call: the input rows ``h2`` (P, D), this rank's classifier shard ``lw``
+    (V_r, D) and ``lb`` (V_r,), and the per-position state of the loss. Positions are the rows of ``h2``,
+    walked as ``(P, 1)`` blocks of ``rows`` rows; each pass allocates its own ``(rows, V_r)`` chunk, so
+    nothing of that size outlives a pass (LINEAR_BLOCK_BYTES)."""
 
-    def load(blk: Block) -> Tensor:
-        work, hc = buf[:blk.rows], h2[blk.b0:blk.b1]
-        if input.dtype == acc:
-            torch.mm(hc, lw.t(), out=work)
-            if lb is not None:
-                work.add_(lb)
-        else:  # the low-precision logits F.linear gives, as the reference computes them
-            work.copy_(F.linear(hc, lw, lb))
-        return work
+    def __init__(self, comm: Comm, shard: Shard, input: Tensor, lw: Tensor, lb: Tensor | None, target: Tensor,
+                 weight: Tensor | None, ignore_index: int, label_smoothing: float) -> None:
+        self.comm, self.lw, self.lb = comm, lw, lb
+        self.acc = accumulation_dtype(input.dtype)
+        self.h2 = input.reshape(-1, input.shape[-1])
+        self.core = ShardXent(target.reshape(-1, 1).long(), shard, None if weight is None else weight.to(self.acc),
+                              ignore_index, label_smoothing, self.acc)
+        self.rows = block_rows(lw.shape[0], torch.finfo(self.acc).bits // 8, LINEAR_BLOCK_BYTES)
 
-    for blk in blocks(n, 1, rows):
-        core.stats_block_(blk, load(blk))
-    loss = core.finish(comm, reduction)
-    want_h, want_w, want_b = want
-    # Gradient accumulators in acc: (P, D), (V_r, D), (V_r,); for float32/64 they are the gradients.
-    gh = torch.zeros(n, d, dtype=acc, device=input.device) if want_h else None
-    gw = torch.zeros(v_r, d, dtype=acc, device=input.device) if want_w else None
-    gb = torch.zeros(v_r, dtype=acc, device=input.device) if want_b else None
-    if any(want):
-        for blk in blocks(n, 1, rows):
-            work = load(blk)  # (rows, V_r) logits -> scale * dloss/dlogits
-            core.grad_block_(blk, work)
-            hc = h2[blk.b0:blk.b1]
-            if gh is not None:
-                gh[blk.b0:blk.b1] = work @ lw if lw.dtype == acc else (work.to(lw.dtype) @ lw)
-            if gw is not None:
-                gw.addmm_(work.t(), hc.to(acc))
-            if gb is not None:
-                gb.add_(work.sum(0))
-    if gh is not None:
-        comm.all_reduce_(gh, "sum")
-    if reduction == "none":
-        loss = loss.view(target.shape)
-    grads = [None if g is None else g.to(t.dtype).view(t.shape)
-             for g, t in ((gh, input), (gw, lw), (gb, lb)) if t is not None]
-    return loss.to(input.dtype), grads
+    def _chunks(self) -> Iterator[tuple[Block, Tensor]]:
+        """Each block and its logits ``h2[rows] @ lw.T + lb``, (rows, V_r) in acc, in one reused buffer."""
+        n = self.h2.shape[0]
+        buf = work_buffer(min(self.rows, n), self.lw.shape[0], self.acc, self.h2.device)
+        for blk in blocks(n, 1, self.rows):
+            work, hc = buf[:blk.rows], self.h2[blk.b0:blk.b1]
+            if hc.dtype == self.acc:
+                torch.mm(hc, self.lw.t(), out=work)
+                if self.lb is not None:
+                    work.add_(self.lb)
+            else:  # the low-precision logits F.linear gives, as the reference computes them
+                work.copy_(F.linear(hc, self.lw, self.lb))
+            yield blk, work
+
+    def loss(self, reduction: str) -> Tensor:
+        """Pass 1 and the collectives: the loss of every position, reduced (in acc)."""
+        for blk, work in self._chunks():
+            self.core.stats_block_(blk, work)
+        return self.core.finish(self.comm, reduction)
+
+    def grads(self, core: ShardXent, want: Sequence[bool]) -> list[Tensor | None]:
+        """Pass 2 with ``core``'s factors: the gradients of input (all-reduced over the group),
+        linear_weight and linear_bias where ``want``, in acc: (P, D), (V_r, D), (V_r,)."""
+        want_h, want_w, want_b = want
+        (n, d), v_r, dev = self.h2.shape, self.lw.shape[0], self.h2.device
+        gh = torch.zeros(n, d, dtype=self.acc, device=dev) if want_h else None
+        gw = torch.zeros(v_r, d, dtype=self.acc, device=dev) if want_w else None
+        gb = torch.zeros(v_r, dtype=self.acc, device=dev) if want_b else None
+        if any(want):
+            for blk, work in self._chunks():
+                core.grad_block_(blk, work)  # logits -> scale * dloss/dlogits
+                if gh is not None:
+                    lw = self.lw
+                    gh[blk.b0:blk.b1] = work @ lw if lw.dtype == self.acc else (work.to(lw.dtype) @ lw)
+                if gw is not None:
+                    gw.addmm_(work.t(), self.h2[blk.b0:blk.b1].to(self.acc))
+                if gb is not None:
+                    gb.add_(work.sum(0))
+        if gh is not None:
+            self.comm.all_reduce_(gh, "sum")
+        return [gh, gw, gb]
+
+
+def _like(grads: Sequence[Tensor | None], tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Accumulators cast to each tensor's dtype and shape (None where no gradient)."""
+    return [None if g is None or t is None else g.to(t.dtype).view(t.shape) for g, t in zip(grads, tensors)]
+
+
+class _RecomputeNone(torch.autograd.Function):
+    """reduction="none" with linear_weight or linear_bias requiring grad: their gradient is a
+    grad_output-weighted sum over positions, which no tensor precomputed in the forward pass can give.
+    The forward keeps the per-position state (O(P)); backward folds grad_output into it and runs pass 2
+    (one more logits product per chunk), with the input gradient's all_reduce, so every rank of the
+    group must run this backward, as tensor-parallel training does."""
+
+    @staticmethod
+    def forward(ctx, head, loss, input, linear_weight, linear_bias):  # type: ignore[override]
+        ctx.head = head
+        ctx.save_for_backward(input, linear_weight, linear_bias)  # refuses backward after in-place edits
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        head: _Head = ctx.head
+        tensors = ctx.saved_tensors
+        with torch.no_grad():
+            core = head.core.scaled(grad_output.reshape(-1, 1).to(head.acc))
+            grads = head.grads(core, ctx.needs_input_grad[2:])
+        return (None, None, *_like(grads, tensors))

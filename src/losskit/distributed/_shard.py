@@ -25,6 +25,7 @@ writing into the caller's logits and of keeping nothing input-sized but the grad
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,14 @@ class ShardXent:
         self.alpha_over_s = alpha / self.packed[0]  # p_c = exp(x_c - M) / S
         self.g = (ls / n_classes) * keep * scale if ls else None
         return _reduction.reduce(loss, reduction, denominator)
+
+    def scaled(self, factor: Tensor) -> ShardXent:
+        """A copy whose gradient factors are multiplied by ``factor`` (N, L), for a per-position
+        ``grad_output`` (reduction "none"); this one stays as it is, for a second backward."""
+        out = copy.copy(self)
+        out.alpha_over_s, out.beta = self.alpha_over_s * factor, self.beta * factor
+        out.g = None if self.g is None else self.g * factor
+        return out
 
     def grad_block_(self, blk: Block, work: Tensor) -> None:
         """Pass 2 on one block: ``work`` (rows, V_r) holds its logits and becomes ``scale * dloss/dx``."""
