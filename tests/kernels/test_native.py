@@ -271,3 +271,16 @@ def test_exp_accuracy_in_ulp():
         assert err < bound, (dtype, err)
         special = native.exp_(torch.tensor([low * 1.01, low * 10, float("-inf"), float("nan"), 0.0], dtype=dtype))
         assert special[:3].eq(0).all() and special[3].isnan() and special[4] == 1
+
+
+def test_auto_leaves_torch_compile_traces_on_the_torch_path():
+    x, t, _ = _inputs((4, 6), "index", torch.float32)
+    seen = []
+
+    def probe(a):
+        seen.append(native.use_compiled("auto", a))
+        return a.sum()
+
+    torch.compile(probe, backend="eager", fullgraph=True)(x)
+    assert seen == [False]
+    assert native.use_compiled("auto", x)

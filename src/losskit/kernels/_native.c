@@ -99,12 +99,12 @@ INLINE float bf16_to_f32(uint16_t h)
     return f;
 }
 
-INLINE uint16_t f32_to_bf16(float f) /* round to nearest even, NaN stays NaN (as torch) */
+INLINE uint16_t f32_to_bf16(float f) /* round to nearest even, NaN stays NaN (as torch); branch-free */
 {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if (f != f) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    const uint16_t rounded = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16), quiet = (uint16_t)((u >> 16) | 0x40);
+    return f != f ? quiet : rounded;
 }
 
 /* One strided (N, C, L) operand: element (n, c, l) is at ptr + n*sn + c*sc + l*sl (in elements). */
@@ -125,25 +125,33 @@ struct xent_args {
     double label_smoothing, gamma, scale, weight_sum;
 };
 
+/* Element c of a row at offset o with class stride s; the s == 1 copy of each loop is the one that
+ * vectorises (contiguous rows), the other serves strided rows. */
+#define ROW_LOOP(C, s, BODY)                                                                            \
+    do {                                                                                                \
+        if ((s) == 1) { for (int64_t c = 0, i = o; c < (C); c++, i++) BODY; }                           \
+        else { for (int64_t c = 0, i = o; c < (C); c++, i += (s)) BODY; }                               \
+    } while (0)
+
 #define DEFINE_ROW_IO(T, SUF)                                                                           \
     HOT static void load_row_##SUF(T *dst, const struct view *v, int64_t r, int64_t L, int64_t C)      \
     {                                                                                                   \
         const int64_t o = row_offset(v, r, L), s = v->sc;                                              \
         switch (v->dtype) {                                                                             \
-        case DT_F32: for (int64_t c = 0; c < C; c++) dst[c] = (T)((const float *)v->ptr)[o + c * s]; break; \
-        case DT_F64: for (int64_t c = 0; c < C; c++) dst[c] = (T)((const double *)v->ptr)[o + c * s]; break; \
-        case DT_BF16: for (int64_t c = 0; c < C; c++) dst[c] = (T)bf16_to_f32(((const uint16_t *)v->ptr)[o + c * s]); break; \
-        default: for (int64_t c = 0; c < C; c++) dst[c] = (T)((const _Float16 *)v->ptr)[o + c * s]; break; \
+        case DT_F32: { const float *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }              \
+        case DT_F64: { const double *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }             \
+        case DT_BF16: { const uint16_t *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)bf16_to_f32(p[i])); break; } \
+        default: { const _Float16 *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }               \
         }                                                                                               \
     }                                                                                                   \
     HOT static void store_row_##SUF(const struct view *v, int64_t r, int64_t L, int64_t C, const T *src) \
     {                                                                                                   \
         const int64_t o = row_offset(v, r, L), s = v->sc;                                              \
         switch (v->dtype) {                                                                             \
-        case DT_F32: for (int64_t c = 0; c < C; c++) ((float *)v->ptr)[o + c * s] = (float)src[c]; break; \
-        case DT_F64: for (int64_t c = 0; c < C; c++) ((double *)v->ptr)[o + c * s] = (double)src[c]; break; \
-        case DT_BF16: for (int64_t c = 0; c < C; c++) ((uint16_t *)v->ptr)[o + c * s] = f32_to_bf16((float)src[c]); break; \
-        default: for (int64_t c = 0; c < C; c++) ((_Float16 *)v->ptr)[o + c * s] = (_Float16)src[c]; break; \
+        case DT_F32: { float *p = v->ptr; ROW_LOOP(C, s, p[i] = (float)src[c]); break; }                \
+        case DT_F64: { double *p = v->ptr; ROW_LOOP(C, s, p[i] = (double)src[c]); break; }              \
+        case DT_BF16: { uint16_t *p = v->ptr; ROW_LOOP(C, s, p[i] = f32_to_bf16((float)src[c])); break; } \
+        default: { _Float16 *p = v->ptr; ROW_LOOP(C, s, p[i] = (_Float16)src[c]); break; }              \
         }                                                                                               \
     }
 

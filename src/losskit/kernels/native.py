@@ -53,8 +53,10 @@ def available() -> bool:
 def use_compiled(impl: object, *tensors: Tensor) -> bool:
     """Resolve ``impl`` for a call on ``tensors``: True to run the compiled kernel.
 
-    ``"auto"`` picks it when it is built and every tensor is on the CPU; ``"compiled"`` insists, with an
-    ImportError saying how to build it or a ValueError for tensors it cannot take.
+    ``"auto"`` picks it when it is built, every tensor is on the CPU and no torch.compile trace is
+    running (the kernel is opaque to dynamo, a graph break; the torch path traces and fuses);
+    ``"compiled"`` insists, with an ImportError saying how to build it or a ValueError for tensors it
+    cannot take.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -62,7 +64,7 @@ def use_compiled(impl: object, *tensors: Tensor) -> bool:
         return False
     on_cpu = all(t.device.type == "cpu" for t in tensors)
     if impl == "auto":
-        return on_cpu and available()
+        return on_cpu and not torch.compiler.is_compiling() and available()
     if _load() is None:
         raise ImportError(
             "impl='compiled' needs losskit's C extension (losskit.kernels._native), which did not load "
