@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -409,3 +413,40 @@ def test_entropy_bad_input():
         LF.entropy(torch.rand(2, 0))
     with pytest.raises(TypeError, match="logits"):
         LF.entropy(torch.rand(2, 3), logits="yes")
+
+
+# --- memory: nothing input-sized but the gradients (and a "none" output) -----------------------------
+
+_PROBE = textwrap.dedent("""
+    import torch, losskit.functional as LF
+    from losskit.testing import peak_memory_above
+    n = 1 << 22  # 4M float32 elements: 16 MiB per input-sized tensor
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=g).log_softmax(0).requires_grad_()
+    t = torch.rand(n, generator=g).requires_grad_()
+    logits = torch.randn(4096, 1024, generator=g).requires_grad_()
+    probs = torch.rand(4096, 1024, generator=g).softmax(1).requires_grad_()
+    calls = {
+        "kl_sum": lambda: LF.kl_div(x, t, reduction="sum"),
+        "kl_log_target": lambda: LF.kl_div(x, t, reduction="batchmean", log_target=True),
+        "kl_none": lambda: LF.kl_div(x, t, reduction="none"),
+        "entropy_logits": lambda: LF.entropy(logits, logits=True),
+        "entropy_probs": lambda: LF.entropy(probs),
+    }
+    for name, call in calls.items():
+        call()  # first call: one-time allocations of torch's kernels, not the loss's
+        print(name, peak_memory_above(call))
+""")
+
+
+def test_only_gradients_and_output_are_input_sized():
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
+    peaks = {name: int(v) for name, v in (line.split() for line in out.stdout.split("\n") if line)}
+    tensor = (1 << 22) * 4
+    # kl_div: about a dozen live float32 pieces of CHUNK elements; entropy: the (rows, C) work block of
+    # BLOCK_BYTES and about three temporaries of its size.
+    budget = {"kl": 12 * elementwise.CHUNK * 4, "entropy": 6 * blocks.BLOCK_BYTES}
+    results = {"kl_sum": 2, "kl_log_target": 2, "kl_none": 3, "entropy_logits": 1, "entropy_probs": 1}
+    for name, n_tensors in results.items():
+        assert peaks[name] <= n_tensors * tensor + budget[name.split("_")[0]], (name, peaks[name] / 2**20)
