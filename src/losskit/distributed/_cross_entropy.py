@@ -189,9 +189,9 @@ def _xent(comm: Comm, shard: Shard, input: Tensor, target: Tensor, weight: Tenso
 
 def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                                         group: ProcessGroup | None = None, linear_bias: Tensor | None = None,
-                                        weight: Tensor | None = None,
-                                        ignore_index: int = -100, reduction: Reduction = "mean",
-                                        label_smoothing: float = 0.0, vocab_size: int | None = None) -> Tensor:
+                                        weight: Tensor | None = None, ignore_index: int = -100,
+                                        reduction: Reduction = "mean", label_smoothing: float = 0.0,
+                                        vocab_size: int | None = None) -> Tensor:
     r"""Fused output layer and cross-entropy with the layer split by vocabulary across ranks.
 
     ``input`` (hidden states, ``(*, D)``), ``target`` (``(*)``, global class indices), ``weight`` and the
