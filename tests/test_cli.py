@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def losskit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}  # exercise the re-exec
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}  # the memory probe sets it
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, "-m", "losskit.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)

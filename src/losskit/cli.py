@@ -1,9 +1,9 @@
 """The ``losskit`` command: ``losskit bench``, ``losskit plot`` and ``losskit env``.
 
 ``losskit bench`` runs every case of the catalogue (losskit against its torch reference) on quick
-default sizes and prints a table, writes a PNG plot and a tidy CSV, and prints their paths. Peak memory
-is read from Linux's VmHWM, which is only meaningful when glibc returns freed blocks to the system: the
-command re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536`` when that is not already set.
+default sizes and prints a table, writes a PNG plot and a tidy CSV, and prints their paths. Timing runs
+in this process with the default allocator; peak memory in a child process started with
+``MALLOC_MMAP_THRESHOLD_=65536`` (see :mod:`losskit.bench._memory_probe`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 
 def _arg_type(parse):  # argparse reports ArgumentTypeError's message next to the option's name
@@ -138,16 +137,10 @@ def _units(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[l
     return units, skipped
 
 
-def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.list:
         return _list_cases()
     units, skipped = _units(parser, args)
-    if _MALLOC_ENV not in os.environ and sys.platform.startswith("linux"):
-        # glibc must unmap freed blocks for VmHWM to mean anything: restart with the threshold set.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "losskit.cli", *argv],
-                  {**os.environ, _MALLOC_ENV: "65536"})
     try:
         from tqdm import tqdm
     except ImportError as error:
@@ -231,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     subparser = parser._subparsers._group_actions[0].choices[args.command]  # for errors with the right usage
     if args.command == "bench":
-        return _bench(subparser, args, argv)
+        return _bench(subparser, args)
     if args.command == "plot":
         return _plot(subparser, args)
     return _env()

@@ -55,16 +55,21 @@ def peak_bytes(impl: Impl, inputs: Inputs) -> int:
     return peak
 
 
-def round_robin(impls: dict[str, Impl], inputs: Inputs, reps: int) -> dict[str, float]:
-    """Median seconds per implementation over ``reps`` repetitions; each repetition calls every
-    implementation once, starting one further along the list each time so none is always first."""
+def round_robin(impls: dict[str, Impl], inputs: Inputs, reps: int, budget: float) -> tuple[dict[str, float], int]:
+    """Median seconds per implementation and the number of repetitions. Each repetition calls every
+    implementation once, starting one further along the list each time so none is always first.
+    After the first, ``reps`` is cut to what fits in ``budget`` seconds (0: no limit), at least one."""
     names = list(impls)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
+    rep = 0
+    while rep < reps:
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(seconds(impls[name], inputs))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        if rep == 0 and budget > 0:
+            reps = max(1, min(reps, int(budget // sum(ts[0] for ts in times.values()))))
+        rep += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}, reps
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
@@ -84,10 +89,12 @@ def disagreement(ours: list[Tensor], reference: list[Tensor], dtype: torch.dtype
     """"" when every tensor of ``ours`` matches ``reference`` within losskit.testing.TOLERANCES[dtype],
     else the worst error relative to the reference's largest magnitude."""
     tol = TOLERANCES[dtype]
-    worst = 0.0
+    errors = []
     for a, b in zip(ours, reference):
         b = b.to(a.dtype)
+        if a.shape != b.shape:
+            return f"differs: shape {tuple(a.shape)} vs {tuple(b.shape)}"
         if not torch.allclose(a, b, rtol=tol.rtol, atol=tol.atol, equal_nan=True):
             scale = b.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-            worst = max(worst, ((a.float() - b.float()).abs().max() / scale).item())
-    return f"differs: {worst:.1e} rel." if worst else ""
+            errors.append(((a.float() - b.float()).abs().max() / scale).item())  # NaN when NaNs differ
+    return f"differs: {max(errors, key=lambda e: (e == e, e)):.1e} rel." if errors else ""

@@ -27,9 +27,9 @@ def records(results: list[Result], *, machine: str, versions: str) -> list[dict[
     and the gradient size."""
     rows = []
     for r in results:
-        if r.unavailable:
+        if r.error:
             continue
-        peaks = {**{k: v for k, v in r.peak.items() if v is not None}, GRADIENT: r.grad_bytes}
+        peaks = {**r.peak, GRADIENT: r.grad_bytes}
         values = [*((impl, "time_ms", ms) for impl, ms in r.ms.items()),
                   *((impl, "peak_mib", b / MIB) for impl, b in peaks.items())]
         rows += [{"case": r.unit.case.name, "impl": impl, "size": format_size(r.unit.size),
@@ -83,19 +83,20 @@ def _ratio(x: float | None) -> str:
 
 def _rows(r: Result) -> list[list[str]]:
     head = [r.unit.case.name, format_size(r.unit.size), dtype_name(r.unit.dtype)]
-    if r.unavailable:
-        return [[*head, LOSSKIT, "", "", "", "", "", "", f"unavailable: {r.unavailable}"]]
+    if r.error:
+        return [[*head, LOSSKIT, "", "", "", "", "", "", r.error]]
     ours_ms, ours_peak = r.ms[LOSSKIT], r.peak.get(LOSSKIT)
     rows = []
     for impl, ms in r.ms.items():
         peak = r.peak.get(impl)
         baseline = impl != LOSSKIT
         mem_ratio = ours_peak / peak if baseline and peak and ours_peak is not None else None
-        note = (r.check or "matches reference") if impl == LOSSKIT else ""
+        note = "; ".join(filter(None, [r.check or "matches reference", r.memory_error])) if impl == LOSSKIT else ""
         rows.append([*(head if not rows else [""] * 3), impl, _number(ms), _ratio(ms / ours_ms if baseline else None),
                      "" if peak is None else _number(peak / MIB),
                      "" if peak is None or not r.grad_bytes else f"{peak / r.grad_bytes:.2f}",
                      _ratio(mem_ratio), str(r.reps) if not rows else "", note])
+    rows += [["", "", "", impl, "", "", "", "", "", "", f"raised {message}"] for impl, message in r.failed.items()]
     return rows
 
 
@@ -117,7 +118,7 @@ def verdicts(results: list[Result]) -> list[str]:
     lines = []
     for r in results:
         for target in r.unit.case.targets:
-            if r.unavailable or (target.size, target.dtype) != (r.unit.size, r.unit.dtype):
+            if r.error or (target.size, target.dtype) != (r.unit.size, r.unit.dtype):
                 continue
             speedup = r.ms[EAGER] / r.ms[LOSSKIT]
             parts = [f"{speedup:.2f}x faster than {EAGER} (target >= {target.min_speedup:g}x: "

@@ -1,15 +1,14 @@
 """One benchmark run: for each (case, size, dtype), every implementation on the same inputs.
 
 Order within a unit: build the inputs once; a warm-up round (each implementation once, untimed; losskit's
-result is checked against the reference here); a memory round (each implementation once, peak memory
-only); then the timed rounds, interleaved round-robin. The number of timed rounds is ``reps``, cut down
-to what fits in ``budget`` seconds (judged from the memory round's duration) but never below one.
+result is checked against the reference here); peak memory, measured by a child process on its own copy
+of the inputs (:mod:`._memory_probe`); then the timed rounds, interleaved round-robin. The number of
+timed rounds is ``reps``, cut down after the first to what fits in ``budget`` seconds, never below one.
 """
 
 from __future__ import annotations
 
 import gc
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ._cases import EAGER, LOSSKIT, Case, Impl, Inputs
-from ._measure import call, copy_bandwidth, differentiated, disagreement, peak_bytes, reset, round_robin
+from ._measure import call, copy_bandwidth, differentiated, disagreement, reset, round_robin
+from ._memory_probe import MemoryProbe
 from ._sizes import Size
 
 COMPILED = "torch.compile"
@@ -34,15 +34,20 @@ class Unit:
 @dataclass
 class Result:
     unit: Unit
-    #: Median ms per implementation (the roofline included); empty when losskit is unavailable.
+    #: Median ms per implementation (the roofline included); empty when the unit was not measured.
     ms: dict[str, float] = field(default_factory=dict)
-    #: Peak bytes above inputs per implementation; None where it could not be measured.
-    peak: dict[str, int | None] = field(default_factory=dict)
+    #: Peak bytes above inputs per implementation; empty when memory was not measured.
+    peak: dict[str, int] = field(default_factory=dict)
     grad_bytes: int = 0
     reps: int = 0
     #: "" when losskit agrees with the reference, else what differs.
     check: str = ""
-    unavailable: str = ""
+    #: Why the unit was not measured: losskit lacks the function, or losskit or the reference raised.
+    error: str = ""
+    #: Why peak memory is missing ("" when measured).
+    memory_error: str = ""
+    #: Further baselines that raised in the warm-up (and were left out), name -> the error.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def memory_probe_error() -> str:
@@ -57,7 +62,9 @@ def memory_probe_error() -> str:
     return ""
 
 
-def _impls(unit: Unit, compile_reference: bool) -> dict[str, Impl]:
+def impls_of(unit: Unit, compile_reference: bool) -> dict[str, Impl]:
+    """losskit, the reference, torch.compile(reference) if asked, the case's further baselines.
+    ImportError/AttributeError when losskit lacks the case's function."""
     case = unit.case
     impls = {LOSSKIT: case.resolve(), EAGER: case.reference}
     if compile_reference:
@@ -79,54 +86,79 @@ def _results(out_and_grads: tuple[object, list]) -> list[torch.Tensor]:
     return [t.detach() for t in [*outs, *grads] if t is not None]
 
 
+def _error(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _warm_up(result: Result, impls: dict[str, Impl], inputs: Inputs) -> None:
+    """Each implementation once; checks losskit against the reference; drops (and records) a further
+    baseline that raises, or sets ``result.error`` when losskit or the reference raises."""
+    checked = {}
+    for name, impl in list(impls.items()):
+        reset(inputs)
+        try:
+            out = call(impl, inputs)
+        except Exception as error:  # reported in the table; the other cases still run
+            if name in (LOSSKIT, EAGER):
+                result.error = f"{name} raised {_error(error)}"
+                return
+            result.failed[name] = _error(error)
+            del impls[name]
+            continue
+        if name in (LOSSKIT, EAGER):
+            checked[name] = _results(out)
+        del out
+    reset(inputs)
+    result.check = disagreement(checked[LOSSKIT], checked[EAGER], result.unit.dtype)
+
+
 def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, bandwidth: float,
-             memory_error: str, phase: Callable[[str], None]) -> Result:
+             probe: MemoryProbe | None, phase: Callable[[str], None]) -> Result:
     result = Result(unit)
     try:
-        impls = _impls(unit, compile_reference)
+        impls = impls_of(unit, compile_reference)
     except (ImportError, AttributeError) as error:
-        result.unavailable = f"losskit.functional.{unit.case.function} not available ({type(error).__name__})"
+        result.error = f"unavailable: losskit.functional.{unit.case.function} ({type(error).__name__})"
         return result
     inputs = unit.case.make(unit.size, unit.dtype, torch.Generator().manual_seed(0))
     result.grad_bytes = sum(t.nbytes for t in differentiated(inputs))
 
     phase("warm-up")
-    checked = {}
-    for name, impl in impls.items():
-        reset(inputs)
-        out = call(impl, inputs)
-        if name in (LOSSKIT, EAGER):
-            checked[name] = _results(out)
-        del out
-    reset(inputs)
-    result.check = disagreement(checked[LOSSKIT], checked[EAGER], unit.dtype)
-    del checked
+    _warm_up(result, impls, inputs)
+    if result.error:
+        return result
 
-    phase("memory")
-    start = time.perf_counter()
-    for name, impl in impls.items():
-        result.peak[name] = None if memory_error else peak_bytes(impl, inputs)
-    round_seconds = time.perf_counter() - start
+    if probe is not None:
+        phase("memory")
+        # The parent's inputs stay allocated meanwhile: the child builds its own.
+        result.peak, result.memory_error = probe.measure({
+            "case": unit.case.name, "size": list(unit.size), "dtype": str(unit.dtype).removeprefix("torch."),
+            "impls": list(impls), "compile": compile_reference})
 
-    result.reps = max(1, min(reps, int(budget // round_seconds))) if budget > 0 else reps
-    phase(f"timing x{result.reps}")
-    result.ms = {name: s * 1e3 for name, s in round_robin(impls, inputs, result.reps).items()}
+    phase("timing")
+    medians, result.reps = round_robin(impls, inputs, reps, budget)
+    result.ms = {name: s * 1e3 for name, s in medians.items()}
     result.ms[ROOFLINE] = _ideal_bytes(inputs) / bandwidth * 1e3
     return result
 
 
 def run(units: list[Unit], *, reps: int, budget: float, compile_reference: bool,
         progress: Callable[[Unit, str], None]) -> tuple[list[Result], float, str]:
-    """Results of every unit, the copy bandwidth in bytes/s and why memory was not measured ("" if it was)."""
+    """Results of every unit, the copy bandwidth in bytes/s and why memory is not measured ("" if it is)."""
     # Everything allocated so far (torch's modules, ...) is moved out of the collector's reach, so the
     # collections between calls only walk what the benchmark itself creates.
     gc.freeze()
     bandwidth = copy_bandwidth()
     memory_error = memory_probe_error()
+    probe = None if memory_error else MemoryProbe()
     results = []
-    for unit in units:
-        results.append(run_unit(unit, reps=reps, budget=budget, compile_reference=compile_reference,
-                                bandwidth=bandwidth, memory_error=memory_error,
-                                phase=lambda p, u=unit: progress(u, p)))
-        progress(unit, "done")
+    try:
+        for unit in units:
+            results.append(run_unit(unit, reps=reps, budget=budget, compile_reference=compile_reference,
+                                    bandwidth=bandwidth, probe=probe, phase=lambda p, u=unit: progress(u, p)))
+            progress(unit, "done")
+    finally:
+        if probe is not None:
+            probe.close()
     return results, bandwidth, memory_error
