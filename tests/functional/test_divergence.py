@@ -82,7 +82,7 @@ def test_kl_div_zero_target_conventions():
 @pytest.mark.parametrize("reduction", KL_REDUCTIONS)
 def test_kl_div_none_with_random_grad_output(reduction):
     x, t = _kl_inputs((3, 4), torch.float64, False, zeros=False)
-    grad_out = torch.randn(3, 4, dtype=torch.float64) if reduction == "none" else torch.tensor(-1.7, dtype=torch.float64)
+    grad_out = torch.randn(3, 4, dtype=torch.float64) if reduction == "none" else torch.tensor(-1.7).double()
     ours = _loss_and_grads(LF.kl_div, x, t, grad_out, reduction=reduction)
     ref = _loss_and_grads(F.kl_div, x, t, grad_out, reduction=reduction)
     for a, b in zip(ours, ref):
