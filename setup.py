@@ -9,9 +9,10 @@ import sys
 
 from setuptools import Extension, setup
 
-# -O3 vectorises the kernels' loops; no -ffast-math: NaN and inf must propagate as in torch. The
-# hot functions carry their own target_clones (x86-64-v3 and baseline), so no -march here.
-unix_flags = ["-O3", "-std=gnu11", "-fno-math-errno", "-Wno-psabi", "-pthread"]
+# -O3 vectorises the kernels' loops (-g0: no debug info in the installed binary); no -ffast-math: NaN
+# and inf must propagate as in torch. The hot functions carry their own target_clones (x86-64-v3 and
+# the baseline), so no -march here.
+unix_flags = ["-O3", "-g0", "-std=gnu11", "-fno-math-errno", "-Wno-psabi", "-pthread"]
 native = Extension(
     "losskit.kernels._native",
     sources=["src/losskit/kernels/_native.c"],

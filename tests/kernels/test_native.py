@@ -122,6 +122,7 @@ def test_non_contiguous_inputs_and_targets():
         "channels_last": (torch.randn(1, 3, 4, 9, generator=_gen(5), dtype=torch.float64).permute(0, 3, 1, 2),
                           torch.randint(0, 9, (1, 3, 4), generator=_gen(5))),
         "prob_transposed": (base.t(), p.t()),  # input and probability target both non-contiguous
+        "expanded": (base[:1].expand(9, 14), t),  # row stride 0: every row reads the same memory
     }
     for name, (x, tt) in views.items():
         assert not x.is_contiguous(), name

@@ -9,8 +9,9 @@
  * exp: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, then a polynomial for e^r (Cephes' degree-7
  * minimax for float, the degree-13 Taylor series for double) scaled by 2^k built in the exponent bits.
  * Domain x <= 0 (every argument here is a logit minus the row max or the log-sum-exp); results below the
- * smallest normal number are flushed to 0. The error bound (1 ulp for float32, 1 ulp for float64) is
- * checked by tests/kernels/test_native_exp.py over dense sweeps against float64/long-double exp.
+ * smallest normal number are flushed to 0. Error, measured over dense sweeps of the domain against
+ * extended-precision exp: at most 1.004 ulp (float32) and 0.99 ulp (float64); torch's own exp is within
+ * 0.57 / 0.52 ulp. tests/kernels/test_native.py::test_exp_accuracy_in_ulp asserts < 1.5 ulp.
  *
  * Function multiversioning: on x86-64 the hot functions are compiled twice, for x86-64-v3 (AVX2, FMA,
  * F16C) and for the baseline, and the loader picks one at start-up, so one binary runs on any x86-64.
