@@ -23,21 +23,29 @@ from torch import Tensor
 
 
 def _scale_(grad: Tensor, grad_output: Tensor, expand_dim: int | None) -> Tensor:
-    """``grad *= grad_output`` in place, broadcasting ``grad_output`` (the loss's shape) onto ``grad``.
+    """``grad *= grad_output`` in place (out of place while torch.compile traces), broadcasting
+    ``grad_output`` (the loss's shape) onto ``grad``.
 
     A "none" reduction loses one dimension of the input (the class dimension, say); ``expand_dim`` is
     that dimension of ``grad``, where ``grad_output`` gets a size-1 axis.
     """
+    if torch.compiler.is_compiling():
+        # Traced graphs are functional: out of place, so that the compiler sees no mutation of a saved
+        # tensor (which AOTAutograd cannot partition when the gradient is a view) and plans the buffer
+        # itself. No data-dependent shortcut either: it would break the graph.
+        return grad * _broadcastable(grad_output, grad, expand_dim)
     if grad_output.dim() == 0:
         # The common case is loss.backward() on a scalar: grad_output is exactly 1 and the pass over the
-        # gradient can be skipped. Reading the value synchronises an accelerator, so only on CPU, and
-        # not while torch.compile traces (a data-dependent branch would break the graph).
-        if grad_output.device.type == "cpu" and not torch.compiler.is_compiling() and bool(grad_output == 1):
+        # gradient can be skipped. Reading the value synchronises an accelerator, so only on CPU.
+        if grad_output.device.type == "cpu" and bool(grad_output == 1):
             return grad
-        return grad.mul_(grad_output)
-    if expand_dim is not None and grad_output.dim() < grad.dim():
-        grad_output = grad_output.unsqueeze(expand_dim)
-    return grad.mul_(grad_output)
+    return grad.mul_(_broadcastable(grad_output, grad, expand_dim))
+
+
+def _broadcastable(grad_output: Tensor, grad: Tensor, expand_dim: int | None) -> Tensor:
+    if expand_dim is not None and 0 < grad_output.dim() < grad.dim():
+        return grad_output.unsqueeze(expand_dim)
+    return grad_output
 
 
 class _PrecomputedGrad(torch.autograd.Function):
