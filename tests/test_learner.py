@@ -40,11 +40,9 @@ def _no_warning(fn):
 # -- the switch ---------------------------------------------------------------------------------------
 
 
-def test_off_by_default_and_silent_when_off():
-    env = {k: v for k, v in os.environ.items() if k != "LOSSKIT_CHECKS"}
-    out = subprocess.run([sys.executable, "-c", "import losskit; print(losskit.checks_enabled())"],
-                         env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_off_by_default_and_silent_when_off(monkeypatch):
+    monkeypatch.delenv("LOSSKIT_CHECKS", raising=False)
+    assert not _learner._from_environment()
     before = losskit.checks_enabled()
     losskit.set_checks(False)
     try:
@@ -53,12 +51,18 @@ def test_off_by_default_and_silent_when_off():
         losskit.set_checks(before)
 
 
-@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("0", False), ("", False)])
-def test_environment_variable(value, expected):
-    env = dict(os.environ, LOSSKIT_CHECKS=value)
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("ON", True), ("0", False),
+                                             ("", False), ("off", False)])
+def test_environment_variable_values(monkeypatch, value, expected):
+    monkeypatch.setenv("LOSSKIT_CHECKS", value)
+    assert _learner._from_environment() is expected
+
+
+def test_environment_variable_read_at_import():
+    env = dict(os.environ, LOSSKIT_CHECKS="1")
     out = subprocess.run([sys.executable, "-c", "import losskit; print(losskit.checks_enabled())"],
                          env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(expected)
+    assert out.stdout.strip() == "True"
 
 
 def test_set_checks_round_trip_and_bad_value():
