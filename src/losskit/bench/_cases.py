@@ -51,7 +51,7 @@ class Case:
     reference: Impl
     #: The reference as one line of code, shown by ``losskit bench --list``.
     reference_text: str
-    #: Further baselines, name -> implementation (None when this torch lacks it).
+    #: Further baselines, name -> implementation (one this torch lacks is left out).
     baselines: dict[str, Impl] = field(default_factory=dict)
     targets: tuple[Target, ...] = ()
 
@@ -62,51 +62,47 @@ class Case:
         return self.losskit(module)
 
 
-def _logits(shape: Size, dtype: torch.dtype, gen: torch.Generator, grad: bool = True) -> Tensor:
-    return torch.randn(shape, generator=gen).to(dtype).requires_grad_(grad)
+Maker = Callable[..., Tensor]
 
 
-def _uniform(shape: Size, dtype: torch.dtype, gen: torch.Generator, grad: bool = False) -> Tensor:
-    return torch.rand(shape, generator=gen).to(dtype).requires_grad_(grad)
+def _maker(draw: Callable[..., Tensor], transform: Callable[[Tensor], Tensor] | None = None) -> Maker:
+    """``(shape, dtype, generator, grad=False) -> tensor``: float32 numbers from ``draw``, transformed,
+    cast to the benchmark's dtype."""
+    def make(shape: Size, dtype: torch.dtype, gen: torch.Generator, grad: bool = False) -> Tensor:
+        x = draw(shape, generator=gen)
+        return (x if transform is None else transform(x)).to(dtype).requires_grad_(grad)
+    return make
 
 
-def _probs(shape: Size, dtype: torch.dtype, gen: torch.Generator, grad: bool = False) -> Tensor:
-    return torch.randn(shape, generator=gen).softmax(-1).to(dtype).requires_grad_(grad)
+_logits = _maker(torch.randn)
+_uniform = _maker(torch.rand)
+_binary = _maker(torch.rand, lambda x: (x < 0.5).float())
+_sigmoid = _maker(torch.randn, torch.sigmoid)
+_probs = _maker(torch.randn, lambda x: x.softmax(-1))
+_log_probs = _maker(torch.randn, lambda x: x.log_softmax(-1))
+_head = _maker(torch.randn, lambda w: w / w.shape[-1] ** 0.5)  # (V, D) weights of std 1/sqrt(D): O(1) logits
 
 
 def _classes(n: int, c: int, gen: torch.Generator) -> Tensor:
     return torch.randint(c, (n,), generator=gen)
 
 
-def _index_inputs(input_maker: Callable[..., Tensor]) -> Callable[[Size, torch.dtype, torch.Generator], Inputs]:
+def _index_inputs(input_maker: Maker) -> Callable[[Size, torch.dtype, torch.Generator], Inputs]:
     def make(size: Size, dtype: torch.dtype, gen: torch.Generator) -> Inputs:
         n, c = size
         return {"input": input_maker((n, c), dtype, gen, True), "target": _classes(n, c, gen)}
     return make
 
 
-def _pair_inputs(input_maker: Callable[..., Tensor], target_maker: Callable[..., Tensor]
-                 ) -> Callable[[Size, torch.dtype, torch.Generator], Inputs]:
+def _pair_inputs(input_maker: Maker, target_maker: Maker) -> Callable[[Size, torch.dtype, torch.Generator], Inputs]:
     def make(size: Size, dtype: torch.dtype, gen: torch.Generator) -> Inputs:
         return {"input": input_maker(size, dtype, gen, True), "target": target_maker(size, dtype, gen)}
     return make
 
 
-def _binary(shape: Size, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
-    return (torch.rand(shape, generator=gen) < 0.5).to(dtype)
-
-
-def _sigmoid(shape: Size, dtype: torch.dtype, gen: torch.Generator, grad: bool = False) -> Tensor:
-    return torch.randn(shape, generator=gen).sigmoid().to(dtype).requires_grad_(grad)
-
-
-def _log_probs(shape: Size, dtype: torch.dtype, gen: torch.Generator, grad: bool = False) -> Tensor:
-    return torch.randn(shape, generator=gen).log_softmax(-1).to(dtype).requires_grad_(grad)
-
-
 def _with_grad_output(size: Size, dtype: torch.dtype, gen: torch.Generator) -> Inputs:
     # A non-scalar output (softmax) is back-propagated with a fixed upstream gradient of its shape.
-    return {"input": _logits(size, dtype, gen), "grad_output": torch.randn(size, generator=gen).to(dtype)}
+    return {"input": _logits(size, dtype, gen, True), "grad_output": _logits(size, dtype, gen)}
 
 
 def _same_as_torch(name: str, *keys: str, **kwargs: object) -> dict[str, object]:
@@ -141,9 +137,8 @@ def _entropy_reference(i: Inputs) -> Tensor:
 
 def _linear_inputs(size: Size, dtype: torch.dtype, gen: torch.Generator) -> Inputs:
     n, d, v = size
-    # Weights scaled like a trained head (std 1/sqrt(D)) so the logits are O(1).
-    weight = (torch.randn(v, d, generator=gen) / d ** 0.5).to(dtype).requires_grad_()
-    return {"input": _logits((n, d), dtype, gen), "linear_weight": weight, "target": _classes(n, v, gen)}
+    return {"input": _logits((n, d), dtype, gen, True), "linear_weight": _head((v, d), dtype, gen, True),
+            "target": _classes(n, v, gen)}
 
 
 def _linear_torch_chunked() -> Impl | None:
@@ -163,7 +158,7 @@ def _matmul_floor(i: Inputs) -> tuple[Tensor, ...]:
         return logits @ w, logits.T @ x
 
 
-_SMALL = ((2048, 8192),)
+_SMALL = ((1024, 8192),)  # 32 MiB per float32 tensor: beyond the caches, quick to run
 
 CASES: tuple[Case, ...] = (
     Case("cross_entropy", ("N", "C"), ((4096, 32768),), _index_inputs(_logits),

@@ -68,14 +68,18 @@ class MemoryProbe:
         #: Set when the child died: no further unit is measured.
         self.dead = ""
 
-    def measure(self, request: dict) -> tuple[dict[str, int], str]:
-        """Peak bytes per implementation and "", or {} and why not."""
-        if self.dead:
-            return {}, self.dead
+    def start(self) -> None:
+        """Start the child now (its imports then overlap the parent's untimed warm-up)."""
         if self._child is None:
             self._child = subprocess.Popen([sys.executable, "-m", "losskit.bench._memory_probe"],
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                            env={**os.environ, **MALLOC_ENV})
+
+    def measure(self, request: dict) -> tuple[dict[str, int], str]:
+        """Peak bytes per implementation and "", or {} and why not."""
+        if self.dead:
+            return {}, self.dead
+        self.start()
         self._child.stdin.write(json.dumps(request) + "\n")
         self._child.stdin.flush()
         line = self._child.stdout.readline()

@@ -66,10 +66,13 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 HEADER = ("case", "size", "dtype", "impl", "ms", "speed-up", "peak MiB", "peak/grad", "mem ratio", "reps", "note")
 _LEFT = 4  # case, size, dtype and impl are left-aligned, the numbers right-aligned
 
-LEGEND = ("ms: median forward+backward time. speed-up: this row's ms / losskit's ms (how many times faster "
-          "losskit is).\npeak MiB: peak resident memory above the inputs, loss and gradients included. "
-          "peak/grad: peak / size of the gradients.\nmem ratio: losskit's peak / this row's peak. roofline: "
-          "bytes a fused kernel must move (read inputs, write\ngradients) at the measured copy bandwidth.")
+LEGEND = "\n".join([
+    "ms: median forward+backward time. speed-up: this row's ms / losskit's ms (how many times faster losskit is).",
+    "peak MiB: peak resident memory above the inputs, loss and gradients included. peak/grad: peak / gradient size.",
+    "mem ratio: losskit's peak / this row's peak. roofline: the bytes a fused kernel must move (read the inputs,",
+    "write the gradients) at the measured copy bandwidth; a floor for memory-bound losses (linear_cross_entropy",
+    "is compute-bound: see its matmul floor).",
+])
 
 
 def _number(x: float) -> str:

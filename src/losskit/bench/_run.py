@@ -154,6 +154,8 @@ def run(units: list[Unit], *, reps: int, budget: float, compile_reference: bool,
     probe = None if memory_error else MemoryProbe()
     results = []
     try:
+        if probe is not None:
+            probe.start()
         for unit in units:
             results.append(run_unit(unit, reps=reps, budget=budget, compile_reference=compile_reference,
                                     bandwidth=bandwidth, probe=probe, phase=lambda p, u=unit: progress(u, p)))

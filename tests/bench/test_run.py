@@ -1,0 +1,48 @@
+"""The benchmark's unit of work in-process, on doctored cases: how it reports what goes wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losskit.bench import BY_NAME, Unit, table
+from losskit.bench._run import ROOFLINE, run_unit
+
+
+def measure(**changes):
+    case = dataclasses.replace(BY_NAME["cross_entropy"], **changes)
+    return run_unit(Unit(case, (8, 16), torch.float32), reps=2, budget=0, compile_reference=False, bandwidth=1e9,
+                    probe=None, phase=lambda phase: None)
+
+
+def test_measures_every_implementation_and_the_roofline():
+    result = measure()
+    assert set(result.ms) == {"losskit", "torch eager", ROOFLINE}
+    assert result.reps == 2 and result.check == "" and result.error == ""
+    assert result.grad_bytes == 8 * 16 * 4
+
+
+def test_a_raising_baseline_is_reported_and_left_out():
+    result = measure(baselines={"broken": lambda inputs: 1 / 0})
+    assert result.failed == {"broken": "ZeroDivisionError: division by zero"}
+    assert "broken" not in result.ms
+    assert "raised ZeroDivisionError" in table([result])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"function": "no_such_loss"}, "unavailable: losskit.functional.no_such_loss"),
+    ({"losskit": lambda module: lambda inputs: 1 / 0}, "losskit raised ZeroDivisionError"),
+])
+def test_a_unit_that_cannot_run_says_why(changes, message):
+    result = measure(**changes)
+    assert result.error.startswith(message) and not result.ms
+    assert message in table([result])
+
+
+def test_a_wrong_losskit_result_is_flagged():
+    result = measure(losskit=lambda module: lambda i: F.cross_entropy(i["input"], i["target"]) * 1.01)
+    assert result.check.startswith("differs")
+    assert "differs" in table([result])
