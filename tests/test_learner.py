@@ -82,7 +82,7 @@ def test_set_checks_round_trip_and_bad_value():
 
 
 @pytest.mark.parametrize("loss", [LF.cross_entropy, LF.focal_loss])
-@pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3), (5,)])
+@pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3), (2, 5, 40, 30), (5,)])
 def test_probabilities_given_to_a_logits_loss(checks, loss, shape):
     probs = _logits(*shape).softmax(0 if len(shape) == 1 else 1)
     target = torch.tensor(2) if len(shape) == 1 else _targets(shape[0], shape[1], *shape[2:])

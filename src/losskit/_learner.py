@@ -82,11 +82,14 @@ def _warn(message: str) -> None:
 
 def _rows(input: Tensor, class_dim: int) -> Tensor:
     """Up to ``_SAMPLE_ROWS`` positions of ``input`` as ``(rows, C)`` float32 rows."""
+    n_classes = input.shape[class_dim]
     x = input.detach()
     if class_dim == 1:
-        x = x[:_SAMPLE_ROWS]  # (n, C, d1, ...): limit the batch before moving the class dim
-    n_classes = x.shape[class_dim]
-    return x.movedim(class_dim, -1).reshape(-1, n_classes)[:_SAMPLE_ROWS].float()
+        # (N, C, d1, ...) -> (N, C, L); keep ceil(S / L) samples and S positions of each (S = _SAMPLE_ROWS),
+        # at most about 2 S positions, before the class dim moves last (a copy of only that much).
+        x = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)
+        x = x[:math.ceil(_SAMPLE_ROWS / x.shape[2]), :, :_SAMPLE_ROWS].movedim(1, 2)
+    return x.reshape(-1, n_classes)[:_SAMPLE_ROWS].float()
 
 
 def _eps(input: Tensor) -> float:
