@@ -7,16 +7,17 @@
  *   VEXP   the vector exp of VT (x <= 0),   FN(name) the name suffixed with the type.
  *
  * Reference expression, per row i (x: C logits, y: class index or t: C probabilities; w: class weights,
- * ones when absent; ls: label smoothing; s: the reduction's per-row factor):
+ * ones when absent; ls: label smoothing; scale: the reduction's per-element factor):
  *   lse = logsumexp(x), logp = x - lse
  *   loss = (1 - ls) w[y] (-logp[y]) + ls/C sum_c w[c] (-logp[c])       index target, gamma = 0
  *   loss = w[y] (1 - exp(logp[y]))^gamma (-logp[y])                   index target, focal
  *   loss = sum_c w[c] t'[c] (-logp[c]),  t' = (1 - ls) t + ls/C        probability target
- *   grad = s * dloss/dx,  tgrad = s * dloss/dt = s (1 - ls) w (-logp)
+ *   grad = scale * dloss/dx,  tgrad = scale * dloss/dt = scale (1 - ls) w (-logp)
  * Passes over a row: 1. max; 2. e = exp(x - max) and its sum, e kept in the gradient row; 3. the
  * gradient from e, in place. Pass 1 reads the row from DRAM, the others find it (and the gradient row)
  * in L1/L2 while they fit (C = 32768 float32: 128 KiB each, against a 512 KiB L2), so memory sees one
- * read of the row and one write of its gradient; one exp per element.
+ * read of the row and one write of its gradient; one exp per element (the vector exp of _native.c).
+ * The per-row scalars use the C library: log of the sum, and expm1 and pow for the focal factor.
  */
 
 typedef T FN(vt_u) __attribute__((vector_size(32), aligned(sizeof(T)), may_alias));
@@ -26,8 +27,6 @@ INLINE void FN(store)(T *p, VT v) { *(FN(vt_u) *)p = v; }
 INLINE VT FN(splat)(T v) { return (VT){0} + v; }
 /* a where mask else b; mask lanes are all ones or all zeros (a vector comparison's result). */
 INLINE VT FN(select)(VI mask, VT a, VT b) { return (VT)((mask & (VI)a) | (~mask & (VI)b)); }
-/* Lane-wise max that keeps a NaN of v (the row's loss must come out NaN, as torch's). */
-INLINE VT FN(vmax)(VT m, VT v) { return FN(select)(v > m, v, FN(select)(v == v, m, v)); }
 
 /* A partial vector: lanes [0, n) from p, the rest fill. */
 INLINE VT FN(load_part)(const T *p, int64_t n, T fill)
@@ -127,7 +126,7 @@ HOT static T FN(grad_prob)(const T *x, const T *t, T *g, T *tg, int64_t C, const
     return loss;
 }
 
-/* One row. x (and t) are contiguous rows in T; g (and tg) contiguous outputs or NULL; g may be x and
+/* One row. x (and t) are contiguous rows in T; g (and tg) contiguous outputs or NULL; g is never x,
  * tg may be t. Returns the loss. Passes: max; e = exp(x - max) and its sum s (e kept in g); then
  * g = (alpha scale / s) e - ..., on the row while it is in cache. One exp per element. */
 static T FN(xent_row)(const struct xent_args *a, const T *x, int64_t y, const T *t, T *g, T *tg)
@@ -137,7 +136,6 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, int64_t y, const T 
     const T ls = (T)a->label_smoothing, scale = (T)a->scale;
     const int smooth = ls != 0 && !t;
     const T m = FN(row_max)(x, C);
-    /* x[y] and the row are read before g (which may alias x) is written */
     const T x_y = t || y == a->ignore_index ? 0 : x[y];
     T wx = 0;
     const T s = FN(exp_sum)(x, C, m, g, w, smooth ? &wx : NULL);
