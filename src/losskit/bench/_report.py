@@ -75,7 +75,7 @@ LEGEND = "\n".join([
 ])
 
 
-def _number(x: float) -> str:
+def number(x: float) -> str:
     """Three significant digits without exponents: 0.0123, 1.23, 12.3, 123, 1234."""
     return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
@@ -95,8 +95,8 @@ def _rows(r: Result) -> list[list[str]]:
         baseline = impl != LOSSKIT
         mem_ratio = ours_peak / peak if baseline and peak and ours_peak is not None else None
         note = "; ".join(filter(None, [r.check or "matches reference", r.memory_error])) if impl == LOSSKIT else ""
-        rows.append([*(head if not rows else [""] * 3), impl, _number(ms), _ratio(ms / ours_ms if baseline else None),
-                     "" if peak is None else _number(peak / MIB),
+        rows.append([*(head if not rows else [""] * 3), impl, number(ms), _ratio(ms / ours_ms if baseline else None),
+                     "" if peak is None else number(peak / MIB),
                      "" if peak is None or not r.grad_bytes else f"{peak / r.grad_bytes:.2f}",
                      _ratio(mem_ratio), str(r.reps) if not rows else "", note])
     rows += [["", "", "", impl, "", "", "", "", "", "", f"raised {message}"] for impl, message in r.failed.items()]
