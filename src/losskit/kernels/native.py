@@ -9,30 +9,38 @@ and sums it, pass 3 turns ``e`` into the gradient in place; one exp per element.
 accuracy of its exp: at most 1.004 ulp (float32) and 0.99 ulp (float64) measured, see the tests.
 
 Engine, chosen by measurement (2-core AMD EPYC VM with AVX2, shared with other jobs: load average
-5-9 on 2 cores, so every figure is a median of 5-11 runs and may move by 2x between runs). Case:
+3-9 on 2 cores, so every figure is a median of 5-11 runs and may move by 2x between runs). Case:
 cross_entropy forward + backward, N=4096, C=32768 float32, 2 threads.
 
 =========================================  ==========  ====================================================
 engine                                     time        first call / import / install
 =========================================  ==========  ====================================================
-torch eager ``F.cross_entropy``            2.1-4.3 s   --
+torch eager ``F.cross_entropy``            1.4-4.3 s   --
 ``torch.compile(F.cross_entropy)``         1.75-2.3 s  first call 31 s cold cache, 4.4 s warm
 numba ``@njit(parallel, fastmath)``        2.8-4.5 s   import 0.6 s; first call 1.5 s cold, 0.03 s cached;
                                                        llvmlite + numba 210 MB installed. Its exp does not
                                                        vectorise without Intel's SVML.
-this C kernel, gradient buffer mapped      0.21 s      import 0.3-0.5 ms, first call 2-3 ms (no JIT);
+this C kernel, gradient buffer mapped      0.21-0.26 s import 0.3-0.5 ms, first call 2-3 ms (no JIT);
                                                        94 KiB binary, built in ~7 s by ``pip install``
-this kernel via ``LF.cross_entropy``       1.2-1.5 s   (includes the fresh 512 MiB gradient, below)
+this kernel via ``LF.cross_entropy``       0.5-1.5 s   (includes the fresh 512 MiB gradient, below)
 =========================================  ==========  ====================================================
 
 Copy roofline: ``torch.Tensor.copy_`` of 512 MiB (1 GiB moved, = 2*N*C*4 bytes) took 0.064-0.20 s
-(median 0.167 s in the run of the table), so the kernel ran at 1.27x the roofline. End to end, the
-first touch of a freshly allocated 512 MiB gradient costs this VM 0.7-1.1 s of page faults
-(``torch.empty(...).fill_(0)`` of 512 MiB: median 0.87 s; MAP_POPULATE and transparent huge pages
-were no faster), which every implementation pays and which bounds the end-to-end ratios: 2.9x faster
-than eager, 1.5x faster than torch.compile in the same run. bfloat16 input: 0.46x the float32 time
-end to end (half the bytes to fault in), 1.0-1.3x per element in the kernel alone (its rows are
-converted to float32 in cache, two extra passes).
+depending on the load. Two runs of the whole comparison (``copy`` / kernel with its gradient buffer
+already mapped / ``LF.cross_entropy`` forward+backward / torch eager / torch.compile):
+
+* busy (load ~6): 0.167 / 0.212 / 1.49 / 4.31 / 2.28 s: kernel 1.27x the roofline; 2.9x faster than
+  eager and 1.5x faster than torch.compile end to end;
+* quieter (load ~4): 0.089 / 0.264 / 0.51 / 1.38 s: kernel 3.0x the roofline (its two threads did not
+  get two free cores: 1 and 2 threads ran equally fast), 2.7x faster than eager end to end.
+
+End to end, the first touch of a freshly allocated 512 MiB gradient costs this VM 0.36-1.1 s of page
+faults (``torch.empty(...).fill_(0)`` of 512 MiB; MAP_POPULATE and transparent huge pages were no
+faster). Every implementation pays it, so it bounds the end-to-end ratios; ``nll_loss``, whose only
+input-sized work is that zero-filled gradient, has no compiled kernel for this reason (forward+backward
+at this size: 1.14 s, ``F.nll_loss`` 1.11 s, ``torch.zeros`` alone 1.11 s). bfloat16 input, kernel
+alone, per element: 0.97x (quieter) to 1.2x (busy) the float32 time (its rows are converted to float32
+in cache, two extra passes over L1/L2); end to end 0.46x to 1.09x.
 
 Safety: this module checks every operand it hands to the kernel (device, dtype, shape, that strides
 come from a tensor of the stated shape, target count and dtype); class indices are validated by the
