@@ -286,3 +286,17 @@ def test_auto_leaves_torch_compile_traces_on_the_torch_path():
     torch.compile(probe, backend="eager", fullgraph=True)(x)
     assert seen == [False]
     assert native.use_compiled("auto", x)
+
+
+def test_modules_pass_impl_through():
+    import losskit.nn as LN
+
+    x, t, w = _inputs((5, 8), "index_ignored")
+    for module, fn, kw in ((LN.CrossEntropyLoss, LF.cross_entropy, {"label_smoothing": 0.1}),
+                           (LN.FocalLoss, LF.focal_loss, {"gamma": 1.5})):
+        for impl in ("torch", "compiled"):
+            ours = _run(lambda a, b: module(w, impl=impl, **kw)(a, b), x, t)
+            for a, b in zip(ours, _run(fn, x, t, weight=w, impl=impl, **kw)):
+                assert a is b is None or torch.equal(a, b)
+        with pytest.raises(ValueError, match="impl"):
+            module(impl="fast")(x, t)
