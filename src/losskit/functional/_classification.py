@@ -64,7 +64,7 @@ def _index_shape(x: Tensor) -> tuple[int, ...]:
 
 
 def softmax_xent(input: Tensor, target: Tensor, weight: Tensor | None, *, ignore_index: int, reduction: str,
-                 label_smoothing: float, gamma: float, probabilities: bool, impl: Impl = "torch") -> Tensor:
+                 label_smoothing: float, gamma: float, probabilities: bool, impl: Impl) -> Tensor:
     """Shared driver of cross_entropy and focal_loss; arguments already validated except ``impl``."""
     compiled = native.use_compiled(impl, input, target)
     want_x, want_t = needs_grad(input, target if probabilities else None)
