@@ -33,7 +33,8 @@ def _measure(request: dict) -> dict:
 
     unit = Unit(BY_NAME[request["case"]], tuple(request["size"]), getattr(torch, request["dtype"]))
     impls = {name: impl for name, impl in impls_of(unit, request["compile"]).items() if name in request["impls"]}
-    small = unit.case.make(tuple(min(e, _WARMUP_EXTENT) for e in unit.size), unit.dtype, torch.Generator().manual_seed(0))
+    small_size = tuple(min(e, _WARMUP_EXTENT) for e in unit.size)
+    small = unit.case.make(small_size, unit.dtype, torch.Generator().manual_seed(0))
     inputs = unit.case.make(unit.size, unit.dtype, torch.Generator().manual_seed(0))
     peak = {}
     for name, impl in impls.items():
