@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -185,13 +190,14 @@ def test_gradcheck_compiled():
                      [x, p.requires_grad_()])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 6), c=st.integers(1, 40), length=st.integers(1, 3), ls=st.sampled_from([0.0, 0.25]),
-       gamma=st.sampled_from([0.0, 1.0, 2.5]), weighted=st.booleans(), seed=st.integers(0, 2**16))
-def test_property_compiled_equals_torch_path(n, c, length, ls, gamma, weighted, seed):
-    x, t, w = _inputs((n, c, length), "index_ignored", seed=seed)
+       gamma=st.sampled_from([0.0, 1.0, 2.5]), weighted=st.booleans(), kind=st.sampled_from(["index_ignored", "prob"]),
+       seed=st.integers(0, 2**16))
+def test_property_compiled_equals_torch_path(n, c, length, ls, gamma, weighted, kind, seed):
+    x, t, w = _inputs((n, c, length), kind, seed=seed)
     w = w if weighted else None
-    if gamma:
+    if gamma and kind != "prob":
         fn, kw = LF.focal_loss, {"gamma": gamma}
     else:
         fn, kw = LF.cross_entropy, {"label_smoothing": ls}
@@ -300,3 +306,39 @@ def test_modules_pass_impl_through():
                 assert a is b is None or torch.equal(a, b)
         with pytest.raises(ValueError, match="impl"):
             module(impl="fast")(x, t)
+
+
+_PROBE = textwrap.dedent("""
+    import torch, losskit.functional as LF
+    from losskit.testing import peak_memory_above
+    torch.set_num_threads(2)
+    n, c = 256, 16384  # 4M elements: 16 MiB per float32 input-sized tensor
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, generator=g).requires_grad_()
+    xb = torch.randn(n, c, generator=g).bfloat16().requires_grad_()
+    y = torch.randint(0, c, (n,), generator=g)
+    p = torch.randn(n, c, generator=g).softmax(1).requires_grad_()
+    w = torch.rand(c, generator=g)
+    calls = {
+        "index": lambda: LF.cross_entropy(x, y, w, label_smoothing=0.1, impl="compiled"),
+        "bf16": lambda: LF.cross_entropy(xb, y, impl="compiled"),
+        "prob": lambda: LF.cross_entropy(x, p, impl="compiled"),
+        "focal": lambda: LF.focal_loss(x, y, impl="compiled"),
+    }
+    for name, call in calls.items():
+        call()
+        print(name, peak_memory_above(call))
+""")
+
+
+def test_only_the_gradients_are_input_sized():
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
+    peaks = {name: int(v) for name, v in (line.split() for line in out.stdout.split("\n") if line)}
+    grad = 256 * 16384 * 4
+    # Beyond the gradients: per thread, scratch rows of C floats (64 KiB each), plus per-row vectors and
+    # the allocator's rounding; 2 MiB is ample and far below one input-sized tensor (16 MiB).
+    slack = 2 << 20
+    budget = {"index": grad, "bf16": grad // 2, "prob": 2 * grad, "focal": grad}
+    for name, allowed in budget.items():
+        assert peaks[name] <= allowed + slack, (name, peaks[name] / 2**20)
