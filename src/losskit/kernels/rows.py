@@ -35,12 +35,14 @@ class RowSpec:
     label_smoothing: float = 0.0
     gamma: float = 0.0  # focal exponent; 0 is plain cross-entropy
     z_loss: float = 0.0
+    argmax: bool = False  # also return each row's argmax (read from the max pass, no extra pass)
 
 
 @dataclass
 class RowResult:
     loss: Tensor  # (rows,) per-row loss, weights applied, not reduced; 0 for ignored rows
     lse: Tensor  # (rows,) log-sum-exp of the row
+    argmax: Tensor | None = None  # (rows,) int64 index of the first maximal logit, if spec.argmax
 
 
 def xent_rows_(work: Tensor, target: Tensor, spec: RowSpec, scale: Tensor | float, want_grad: bool,
@@ -53,10 +55,14 @@ def xent_rows_(work: Tensor, target: Tensor, spec: RowSpec, scale: Tensor | floa
     """
     n_classes = work.shape[1]
     w, ls = spec.weight, spec.label_smoothing
-    m = work.amax(1, keepdim=True)  # (rows, 1); a row of all -inf gives NaN, as torch's log_softmax
+    # m: (rows, 1); a row of all -inf gives NaN, as torch's log_softmax. top: (rows,) first argmax.
+    m, top = work.max(1, keepdim=True) if spec.argmax else (work.amax(1, keepdim=True), None)
+    top = None if top is None else top.squeeze(1)
     work.sub_(m)  # work = x - max <= 0
     if target.dim() == 2:
-        return _prob_rows_(work, m.squeeze(1), target, spec, scale, want_grad, target_grad)
+        res = _prob_rows_(work, m.squeeze(1), target, spec, scale, want_grad, target_grad)
+        res.argmax = top
+        return res
 
     ignored = target == spec.ignore_index
     safe = target.masked_fill(ignored, 0).unsqueeze(1)  # (rows, 1) a valid index for every row
@@ -102,7 +108,7 @@ def xent_rows_(work: Tensor, target: Tensor, spec: RowSpec, scale: Tensor | floa
         if ls:
             g = (ls / n_classes) * keep * scale  # (rows,)
             work.sub_(torch.outer(g, w) if w is not None else g.unsqueeze(1))
-    return RowResult(loss, lse)
+    return RowResult(loss, lse, top)
 
 
 def _prob_rows_(work: Tensor, m: Tensor, target: Tensor, spec: RowSpec, scale: Tensor | float,

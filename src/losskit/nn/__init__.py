@@ -3,8 +3,9 @@
 from ._binary import BCELoss, BCEWithLogitsLoss, MultiLabelSoftMarginLoss, SigmoidFocalLoss
 from ._classification import CrossEntropyLoss, FocalLoss, LogSoftmax, NLLLoss, Softmax
 from ._divergence import Entropy, KLDivLoss
+from ._linear import LinearCrossEntropyLoss
 from ._regression import MSELoss, RMSELoss
 
 __all__ = ["BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "Entropy", "FocalLoss", "KLDivLoss",
-           "LogSoftmax", "MSELoss", "MultiLabelSoftMarginLoss", "NLLLoss", "RMSELoss", "SigmoidFocalLoss",
-           "Softmax"]
+           "LinearCrossEntropyLoss", "LogSoftmax", "MSELoss", "MultiLabelSoftMarginLoss", "NLLLoss",
+           "RMSELoss", "SigmoidFocalLoss", "Softmax"]
