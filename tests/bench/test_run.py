@@ -12,9 +12,9 @@ from losskit.bench import BY_NAME, Unit, table
 from losskit.bench._run import ROOFLINE, run_unit
 
 
-def measure(**changes):
+def measure(dtype=torch.float32, **changes):
     case = dataclasses.replace(BY_NAME["cross_entropy"], **changes)
-    return run_unit(Unit(case, (8, 16), torch.float32), reps=2, budget=0, compile_reference=False, bandwidth=1e9,
+    return run_unit(Unit(case, (8, 16), dtype), reps=2, budget=0, compile_reference=False, bandwidth=1e9,
                     probe=None, phase=lambda phase: None)
 
 
@@ -46,3 +46,11 @@ def test_a_wrong_losskit_result_is_flagged():
     result = measure(losskit=lambda module: lambda i: F.cross_entropy(i["input"], i["target"]) * 1.01)
     assert result.check.startswith("differs")
     assert "differs" in table([result])
+
+
+def test_low_precision_is_judged_against_float64():
+    assert measure(torch.bfloat16).check == ""
+    assert "no worse than torch vs float64" in table([measure(torch.bfloat16)])
+    # 5% off is far beyond bfloat16's own error of a cross-entropy of 16 classes
+    off = measure(torch.bfloat16, losskit=lambda module: lambda i: F.cross_entropy(i["input"], i["target"]) * 1.05)
+    assert off.check.startswith("differs from float64")

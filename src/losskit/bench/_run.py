@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ._cases import EAGER, LOSSKIT, Case, Impl, Inputs
-from ._measure import call, copy_bandwidth, differentiated, disagreement, reset, round_robin
+from ._measure import LOW_PRECISION, call, copy_bandwidth, differentiated, disagreement, reset, round_robin
 from ._memory_probe import MemoryProbe
 from ._sizes import Size
 
@@ -110,7 +110,12 @@ def _warm_up(result: Result, impls: dict[str, Impl], inputs: Inputs) -> None:
             checked[name] = _results(out)
         del out
     reset(inputs)
-    result.check = disagreement(checked[LOSSKIT], checked[EAGER], result.unit.dtype)
+    truth = None
+    if result.unit.dtype in LOW_PRECISION:
+        inputs64 = {k: v.detach().double().requires_grad_(v.requires_grad) if v.is_floating_point() else v
+                    for k, v in inputs.items()}
+        truth = _results(call(impls[EAGER], inputs64))
+    result.check = disagreement(checked[LOSSKIT], checked[EAGER], result.unit.dtype, truth)
 
 
 def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, bandwidth: float,
