@@ -342,3 +342,15 @@ def test_only_the_gradients_are_input_sized():
     budget = {"index": grad, "bf16": grad // 2, "prob": 2 * grad, "focal": grad}
     for name, allowed in budget.items():
         assert peaks[name] <= allowed + slack, (name, peaks[name] / 2**20)
+
+
+def test_gradient_of_probability_target_alone_and_no_gradient():
+    x, p, w = _inputs((5, 9), "prob")
+    for impl in ("compiled", "torch"):
+        pp = p.clone().requires_grad_()
+        LF.cross_entropy(x, pp, w, label_smoothing=0.1, impl=impl).backward()
+        ref = p.clone().requires_grad_()
+        F.cross_entropy(x, ref, w, label_smoothing=0.1).backward()
+        assert_close(pp.grad, ref.grad)
+    with torch.no_grad():
+        assert_close(LF.cross_entropy(x.requires_grad_(), p, w, impl="compiled"), F.cross_entropy(x, p, w))
