@@ -147,7 +147,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         raise ImportError("losskit bench needs tqdm and matplotlib: pip install 'losskit[bench]'") from error
     from .bench import format_size, plot, records, run, table, verdicts, write_csv
     from .bench._env import machine, one_line, versions
-    from .bench._report import dtype_name
+    from .bench._cases import dtype_name
 
     host, vers = machine(), versions()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -25,6 +25,11 @@ LOSSKIT = "losskit"
 EAGER = "torch eager"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"`` (how the CLI, the table and the CSV name dtypes)."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class Target:
     """An acceptance target of one (size, dtype): losskit's speed-up over the reference at least

@@ -5,9 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import torch
-
-from ._cases import EAGER, LOSSKIT
+from ._cases import EAGER, LOSSKIT, dtype_name
 from ._measure import LOW_PRECISION
 from ._run import Result
 from ._sizes import format_size
@@ -17,10 +15,6 @@ MIB = 1 << 20
 FIELDS = ("case", "impl", "size", "dtype", "metric", "value", "machine", "versions")
 #: The pseudo-implementation whose "peak_mib" is the size of the gradients (the memory floor).
 GRADIENT = "gradient"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def records(results: list[Result], *, machine: str, versions: str) -> list[dict[str, str]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ._cases import EAGER, LOSSKIT, Case, Impl, Inputs
+from ._cases import EAGER, LOSSKIT, Case, Impl, Inputs, dtype_name
 from ._measure import LOW_PRECISION, call, copy_bandwidth, differentiated, disagreement, reset, round_robin
 from ._memory_probe import MemoryProbe
 from ._sizes import Size
@@ -138,7 +138,7 @@ def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, b
         phase("memory")
         # The parent's inputs stay allocated meanwhile: the child builds its own.
         result.peak, result.memory_error = probe.measure({
-            "case": unit.case.name, "size": list(unit.size), "dtype": str(unit.dtype).removeprefix("torch."),
+            "case": unit.case.name, "size": list(unit.size), "dtype": dtype_name(unit.dtype),
             "impls": list(impls), "compile": compile_reference})
 
     phase("timing")
