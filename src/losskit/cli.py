@@ -77,7 +77,12 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time and peak memory of every loss against torch",
                            description="Forward+backward time and peak memory of each losskit loss against its "
-                                       "torch reference, side by side on the same inputs.")
+                                       "torch reference, side by side on the same inputs. Per case and size: the "
+                                       "inputs are built once; each implementation is called once untimed "
+                                       "(losskit's result is checked against the reference); peak memory above the "
+                                       "inputs is measured in a child process (Linux VmHWM, "
+                                       "MALLOC_MMAP_THRESHOLD_=65536); then the timed repetitions call the "
+                                       "implementations interleaved round-robin, and the median is reported.")
     bench.add_argument("--cases", type=_arg_type(_cases), metavar="NAME,...",
                        help="cases to run (default: all; see --list)")
     bench.add_argument("--sizes", type=_arg_type(_sizes), metavar="SIZE,...",
