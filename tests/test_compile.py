@@ -4,18 +4,21 @@ Compilation is the slow part of this file, so it is kept to what each check need
 
 * every function of ``losskit.functional`` is compiled with the ``aot_eager`` backend, which runs
   dynamo's capture and AOTAutograd's joint forward/backward tracing (where a custom autograd.Function,
-  its saved gradients and their in-place scaling must trace) but skips inductor's C++ code generation;
+  its saved gradients and their scaling by ``grad_output`` must trace) but skips inductor's C++ code
+  generation;
   ``fullgraph=True`` wherever the function allows it (see ``GRAPH_BREAKS`` for the rest and why);
 * a few representative losses also go through the default inductor backend, end to end;
 * every module of ``losskit.nn`` is compiled with the ``eager`` backend (dynamo capture of the module's
   one-call shell; its functional's tracing is covered above).
 
 Each compiled call is compared with the eager call in value and in the gradient for a non-trivial
-``grad_output``.
+``grad_output``. The second half runs every function under CPU autocast with bfloat16 against torch's
+autocast result.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +45,7 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 _INDEX = torch.tensor([0, 3, 1, 4])  # (N,) class targets
+D = 3  # in_features of linear_cross_entropy's head, a (C, D) weight
 _BINARY = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0]] * N)  # (N, C) multi-label targets
 
 
@@ -51,17 +55,21 @@ class Case:
 
     make: Callable[[], tuple[tuple, dict]]
     module: Callable[[], torch.nn.Module] | None = None
+    module_args: Callable[[tuple], tuple] = lambda args: args  # the module's forward arguments
 
 
 CASES: dict[str, Case] = {
-    "binary_cross_entropy": Case(lambda: ((_leaf(_randn(N, C).sigmoid()), _leaf(torch.rand(N, C, generator=_gen()))), {}),
-                                 LN.BCELoss),
+    "binary_cross_entropy": Case(lambda: ((_leaf(_randn(N, C).sigmoid()), _leaf(torch.rand(N, C, generator=_gen()))),
+                                          {}), LN.BCELoss),
     "binary_cross_entropy_with_logits": Case(lambda: ((_leaf(_randn(N, C)), _BINARY),
                                                       {"pos_weight": torch.full((C,), 2.0)}), LN.BCEWithLogitsLoss),
     "cross_entropy": Case(lambda: ((_leaf(_randn(N, C)), _INDEX), {"label_smoothing": 0.1}), LN.CrossEntropyLoss),
     "entropy": Case(lambda: ((_leaf(_randn(N, C)),), {"logits": True}), lambda: LN.Entropy(logits=True)),
     "focal_loss": Case(lambda: ((_leaf(_randn(N, C)), _INDEX), {"gamma": 2.0}), LN.FocalLoss),
     # reduction="mean" would be torch's deprecation warning, a graph break of its own.
+    "linear_cross_entropy": Case(lambda: ((_leaf(_randn(N, D)), _leaf(_randn(C, D)), _INDEX), {}),
+                                 lambda: LN.LinearCrossEntropyLoss(D, C), lambda args: (args[0], args[2])),
+    "linear_cross_entropy_with_stats": Case(lambda: ((_leaf(_randn(N, D)), _leaf(_randn(C, D)), _INDEX), {})),
     "kl_div": Case(lambda: ((_leaf(_randn(N, C).log_softmax(1)), _leaf(_randn(N, C).softmax(1))),
                             {"reduction": "batchmean"}), lambda: LN.KLDivLoss(reduction="batchmean")),
     "log_softmax": Case(lambda: ((_leaf(_randn(N, C)),), {"dim": 1}), lambda: LN.LogSoftmax(dim=1)),
@@ -83,27 +91,38 @@ GRAPH_BREAKS = {
     "binary_cross_entropy": "the [0, 1] domain check of input and target (_checks.in_unit_interval)",
     "cross_entropy": _TARGET_CHECK,
     "focal_loss": _TARGET_CHECK,
+    "linear_cross_entropy": _TARGET_CHECK,
+    "linear_cross_entropy_with_stats": _TARGET_CHECK,
     "nll_loss": _TARGET_CHECK,
 }
 
-#: Losses also compiled end to end with inductor: one fused elementwise loss, one with a graph break.
-INDUCTOR = ["mse_loss", "nll_loss"]
+#: Losses also compiled end to end with inductor: a fused elementwise loss, and the fused linear head
+#: (a graph break at its target check; gradients that are views of its accumulators).
+INDUCTOR = ["mse_loss", "linear_cross_entropy"]
 
 
-def _call(fn: Callable, case: Case, module: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Value and gradients of one call, for a grad_output that is neither ones nor uniform."""
+def _call(fn: Callable, case: Case, module: bool = False) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Every tensor of the result and the gradients of the first (the loss), for a grad_output that is
+    neither ones nor uniform."""
     args, kwargs = case.make()
-    out = fn(*args) if module else fn(*args, **kwargs)
+    if module:
+        args, kwargs = case.module_args(args), {}
+    out = fn(*args, **kwargs)
+    values = list(out) if isinstance(out, tuple) else [out]  # a NamedTuple of results: the loss first
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    grad_output = torch.linspace(0.5, 1.5, out.numel()).view(out.shape)
-    return out.detach(), torch.autograd.grad(out, leaves, grad_output)
+    grad_output = torch.linspace(0.5, 1.5, values[0].numel()).view(values[0].shape)
+    return [v.detach() for v in values], torch.autograd.grad(values[0], leaves, grad_output)
 
 
 def _compare(compiled: Callable, eager: Callable, case: Case, module: bool = False) -> None:
-    value, grads = _call(compiled, case, module)
-    ref_value, ref_grads = _call(eager, case, module)
-    assert_close(value, ref_value)
-    for g, ref in zip(grads, ref_grads):
+    values, grads = _call(compiled, case, module)
+    ref_values, ref_grads = _call(eager, case, module)
+    for value, ref in zip(values, ref_values, strict=True):
+        if value.is_floating_point():
+            assert_close(value, ref)
+        else:
+            assert torch.equal(value, ref)
+    for g, ref in zip(grads, ref_grads, strict=True):
         assert_close(g, ref)
 
 
@@ -114,8 +133,13 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def _functions() -> set[str]:
+    """The exported loss functions (not the result types exported beside them)."""
+    return {name for name in LF.__all__ if inspect.isfunction(getattr(LF, name))}
+
+
 def test_every_export_has_a_case():
-    missing = sorted(set(LF.__all__) - set(CASES))
+    missing = sorted(_functions() - set(CASES))
     assert not missing, f"add a Case for {missing} to tests/test_compile.py"
     modules = {case.module().__class__.__name__ for case in CASES.values() if case.module is not None}
     missing = sorted(set(LN.__all__) - modules)
@@ -146,6 +170,7 @@ def test_module_compiles(name):
 # -- CPU autocast with bfloat16 -----------------------------------------------------------------------
 
 _PROB = torch.rand(N, C, generator=_gen())  # (N, C) probabilities in [0, 1)
+_HEAD = torch.randn(7, C, generator=_gen())  # (7, C): a head from the Linear's C outputs to 7 classes
 
 #: Each loss applied to the (N, C) output ``x`` of a Linear; ``f`` is losskit's function or torch's.
 AUTOCAST: dict[str, Callable[[Callable, torch.Tensor], torch.Tensor]] = {
@@ -155,6 +180,8 @@ AUTOCAST: dict[str, Callable[[Callable, torch.Tensor], torch.Tensor]] = {
     "entropy": lambda f, x: f(x, logits=True),
     "focal_loss": lambda f, x: f(x, _INDEX),
     "kl_div": lambda f, x: f(x.log_softmax(1), _PROB.softmax(1).to(x.dtype), reduction="batchmean"),
+    "linear_cross_entropy": lambda f, x: f(x, _HEAD.to(x.dtype), _INDEX),
+    "linear_cross_entropy_with_stats": lambda f, x: f(x, _HEAD.to(x.dtype), _INDEX).loss,
     "log_softmax": lambda f, x: f(x, 1),
     "mse_loss": lambda f, x: f(x, _PROB.to(x.dtype)),
     "multilabel_soft_margin_loss": lambda f, x: f(x, _BINARY.to(x.dtype)),
@@ -178,7 +205,7 @@ def _through_linear(loss: Callable[[torch.Tensor], torch.Tensor]):
 
 
 def test_every_export_has_an_autocast_case():
-    assert not sorted(set(LF.__all__) - set(AUTOCAST)), "add an AUTOCAST entry in tests/test_compile.py"
+    assert not sorted(_functions() - set(AUTOCAST)), "add an AUTOCAST entry in tests/test_compile.py"
 
 
 @pytest.mark.parametrize("name", sorted(AUTOCAST))
