@@ -204,6 +204,12 @@ def _through_linear(loss: Callable[[torch.Tensor], torch.Tensor]):
     return out.detach(), grads
 
 
+#: Losses that return the input's dtype (bfloat16) under autocast, where torch's autocast policy returns
+#: float32 (the values agree to bfloat16 rounding). linear_cross_entropy follows torch; these do not yet.
+AUTOCAST_KEEPS_BFLOAT16 = {"binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy", "entropy",
+                           "focal_loss", "kl_div", "mse_loss", "nll_loss", "rmse_loss", "sigmoid_focal_loss"}
+
+
 def test_every_export_has_an_autocast_case():
     assert not sorted(_functions() - set(AUTOCAST)), "add an AUTOCAST entry in tests/test_compile.py"
 
@@ -220,6 +226,8 @@ def test_autocast_bfloat16(name):
         ref = _through_linear(lambda x: AUTOCAST[name](torch_fn, x))
     else:
         ref = _through_linear(lambda x: AUTOCAST[name](getattr(LF, name), x.float()))
+    if name not in AUTOCAST_KEEPS_BFLOAT16:
+        assert ours[0].dtype == ref[0].dtype
     assert_close(ours[0].float(), ref[0].float(), dtype=torch.bfloat16, msg="value")
     for g, r in zip(ours[1], ref[1]):
         assert_close(g, r, dtype=torch.bfloat16, msg="gradient")
