@@ -190,8 +190,9 @@ def _float32_loss(hidden: torch.Tensor, lm_head: nn.Linear, target: torch.Tensor
                   ignore_index: int, reduction: str, softcap: float | None) -> torch.Tensor:
     """``sum(lse - z_target)`` over scored tokens (divided by their count for "mean"), in float32.
 
-    Only the target's logit is recomputed: (tokens, hidden) float32 copies of the hidden states and of the
-    target rows of the weight, the size of one hidden-state tensor in float32, never (tokens, vocabulary).
+    Only the target's logit is recomputed, from float32 copies of the hidden states and of the weight's
+    target rows: temporaries of (tokens, hidden) float32 each (128 MiB at 8192 tokens x 4096), a vocabulary
+    / hidden fraction of the float32 logits that transformers would hold (4 GiB at a 128k vocabulary).
     """
     with torch.no_grad():
         scored = target != ignore_index  # (tokens,)
