@@ -175,6 +175,14 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"peak memory not measured: {memory_error}")
     for line in [*verdicts(results), *(f"skipped {s}" for s in skipped)]:
         print(line)
+    cores = os.cpu_count() or 1
+    if load > cores / 2:
+        # Measured: on this 2-core VM under load, binary_cross_entropy's chunked kernel went from 0.18 s
+        # (1 thread) to 6.3 s (2 threads) while eager stayed at 0.25-0.4 s.
+        print(f"warning: load average {load:.1f} on {cores} cores when the run started. Other processes hold "
+              "cores, so torch's intra-op threads wait for each other at every parallel op: implementations "
+              "made of many small ops (chunked kernels) are slowed far more than eager's few large ops. Take "
+              "the timings as indicative only; rerun on an idle machine.")
     rows = records(results, machine=one_line(host), versions=one_line(vers))
     csv_path = args.csv or args.out / "bench.csv"
     write_csv(rows, csv_path)
