@@ -9,7 +9,8 @@ Reference expression (``x`` (N, D), ``W`` (C, d1..dk, D) viewed as ``(C, L, D)``
 For each chunk of ``rows`` samples and each position ``l`` (one head ``W_l = W[:, l]``, a (C, D) view)::
 
     work = x_c @ W_l.T                      (rows, C) acc   GEMM 1 into the one preallocated chunk
-    work += b_l; softcap; xent_rows_        work = scale * dloss/dlogits, in place; * (1 - tanh^2) for softcap
+    work += b_l; softcap; row step          work = scale * dloss/dlogits, in place (xent_rows_, or the C
+                                            row kernel where it applies); * (1 - tanh^2) for softcap
     grad_b_l += work.sum(0)
     grad_x_c (+)= work @ W_l                (rows, D)       GEMM 2
     grad_W_l += work.T @ x_c                (C, D) acc      GEMM 3 (the first chunk writes, beta = 0)
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import native
 from .blocks import accumulation_dtype
 from .rows import RowSpec, xent_rows_
 
@@ -41,8 +43,10 @@ CHUNK_BYTES = 56 << 20
 
 #: Fewest rows per chunk when the vocabulary is so large that ``CHUNK_BYTES`` holds fewer: each GEMM
 #: reads the whole head per chunk for ``2 * rows`` flops per element, so few rows make it memory-bound.
-#: (See the report in ``chunk_rows``'s tests for C=262144.)
-MIN_ROWS = 64
+#: Measured at C=262144, D=1024 float32 (2 threads, loaded), GFLOP per CPU-second of the three GEMMs:
+#: 32 rows 38, 64 rows 47, 128 rows 64, 256 rows 70. 128 rows of such a head is a 128 MiB chunk, an
+#: eighth of its 1 GiB weight gradient.
+MIN_ROWS = 128
 
 
 def class_buffers(spec: RowSpec, softcap: float | None, probabilities: bool) -> int:
@@ -76,7 +80,8 @@ class Problem:
 
     ``x`` (N, D), ``w`` (C, L, D), ``b`` (C, L) or None; ``target`` (N, L) int64 class indices or
     (N, C, L) probabilities; ``spec`` the per-row options (class weight in the accumulation dtype);
-    ``softcap`` None or c > 0; ``rows`` samples per chunk. The accumulation dtype follows ``x``.
+    ``softcap`` None or c > 0; ``rows`` samples per chunk; ``compiled``: run the row step in the C
+    kernel (:mod:`losskit.kernels.native`) wherever it applies. The accumulation dtype follows ``x``.
     """
 
     x: Tensor
@@ -86,6 +91,7 @@ class Problem:
     spec: RowSpec
     softcap: float | None
     rows: int
+    compiled: bool = False
 
     @property
     def probabilities(self) -> bool:
@@ -97,7 +103,7 @@ class Sweep:
     """What one pass produced. Gradients are for the ``scale`` passed in; None where not asked for."""
 
     loss: Tensor  # (N, L) acc, per position, weighted, not reduced
-    lse: Tensor  # (N, L) acc, log-sum-exp of the (soft-capped) logits
+    lse: Tensor | None  # (N, L) acc, log-sum-exp of the (soft-capped) logits, if p.spec.argmax
     argmax: Tensor | None  # (N, L) int64, if p.spec.argmax
     grad_input: Tensor | None  # (N, D) input dtype
     grad_weight: Tensor | None  # (C, L, D) acc
@@ -107,8 +113,8 @@ class Sweep:
 
 def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: bool, want_bias: bool,
           want_target: bool) -> Sweep:
-    """Loss, log-sum-exp (and argmax if ``p.spec.argmax``) of every position and, for those asked for,
-    ``scale * d(loss)/d(x, W, b, target)``, one chunk of ``p.rows`` samples at a time.
+    """Loss (and log-sum-exp and argmax if ``p.spec.argmax``) of every position and, for those asked
+    for, ``scale * d(loss)/d(x, W, b, target)``, one chunk of ``p.rows`` samples at a time.
 
     ``scale``: the reduction's factor (float or 0-dim tensor), or an (N, L) tensor of per-position
     factors (a "none" reduction's ``grad_output``). Runs under the caller's ``torch.no_grad()``.
@@ -120,11 +126,12 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
     dev = x.device
     upcast = x.dtype != acc
     want_grad = want_input or want_weight or want_bias
+    compiled = _compiled_applies(p, scale)
 
     w_mm = p.w.to(acc)  # (C, L, D) GEMM operand; for low precision one acc copy of the head
     b_acc = None if p.b is None else p.b.to(acc)
     loss = torch.empty(n, length, dtype=acc, device=dev)
-    lse = torch.empty(n, length, dtype=acc, device=dev)
+    lse = torch.empty(n, length, dtype=acc, device=dev) if p.spec.argmax else None
     top = torch.empty(n, length, dtype=torch.int64, device=dev) if p.spec.argmax else None
     gx = torch.empty(n, d, dtype=x.dtype, device=dev) if want_input else None
     # grad_W is written by the first chunk's GEMM (beta = 0): no zero-fill pass, unless no chunk runs.
@@ -155,11 +162,14 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
             t = p.target[n0:n1, :, l].to(acc) if p.probabilities else p.target[n0:n1, l]
             s = scale[n0:n1, l] if isinstance(scale, Tensor) and scale.dim() else scale
             tg = None if tg_all is None else tg_all[:r]
-            res = xent_rows_(work, t, p.spec, s, want_grad, tg)
-            loss[n0:n1, l] = res.loss
-            lse[n0:n1, l] = res.lse
-            if top is not None:
-                top[n0:n1, l] = res.argmax
+            if compiled:
+                loss[n0:n1, l] = _compiled_rows_(p, work, t, s, want_grad)
+            else:
+                res = xent_rows_(work, t, p.spec, s, want_grad, tg)
+                loss[n0:n1, l] = res.loss
+                if top is not None:
+                    lse[n0:n1, l] = res.lse
+                    top[n0:n1, l] = res.argmax
             if gt is not None:
                 gt[n0:n1, :, l] = tg
             if tanh is not None:
@@ -173,6 +183,26 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
         if gx_c is not None and upcast:
             gx[n0:n1] = gx_c
     return Sweep(loss, lse, top, gx, gw, gb, gt)
+
+
+def _compiled_applies(p: Problem, scale: Tensor | float) -> bool:
+    """Whether the row step runs in the C kernel (two reads of each row while it is in cache instead of
+    one pass per torch op): asked for, class-index targets, no z-loss, no statistics, and one scale for
+    every row (not the per-position grad_output of "none")."""
+    per_row_scale = isinstance(scale, Tensor) and scale.dim() > 0
+    return p.compiled and not (p.probabilities or p.spec.z_loss or p.spec.argmax or per_row_scale)
+
+
+def _compiled_rows_(p: Problem, work: Tensor, target: Tensor, scale: Tensor | float, want_grad: bool) -> Tensor:
+    """The C kernel's row step on a ``(r, C)`` chunk: returns the (r,) loss; the gradient overwrites the
+    logits (the kernel allows the alias)."""
+    loss = torch.empty(work.shape[0], 1, dtype=work.dtype, device=work.device)  # the kernel's (N, L)
+    x3 = work.unsqueeze(-1)  # (r, C, 1)
+    w = p.spec.weight
+    native.xent_rows(x3, target.contiguous(), x3 if want_grad else None, None, None if w is None else w.contiguous(),
+                     loss, ignore_index=p.spec.ignore_index, label_smoothing=p.spec.label_smoothing,
+                     gamma=p.spec.gamma, scale=float(scale))
+    return loss.view(-1)
 
 
 def _softcap_(work: Tensor, cap: float | None, tanh_out: Tensor | None) -> Tensor | None:
