@@ -24,8 +24,6 @@ from losskit.testing import assert_close, assert_no_worse_than, gradcheck
 
 N, D, C = 7, 5, 11  # N is not a multiple of the chunk sizes used below
 REDUCTIONS = ["none", "mean", "sum"]
-#: The row step in torch ops, and in the C row kernel where it applies (the tests' CPU tensors).
-IMPLS = ["torch", "compiled"]
 FLOATS = [torch.float64, torch.float32]
 #: Option sets: torch's own options, then losskit's extras, alone and all together.
 EXTRAS = {
@@ -100,7 +98,6 @@ def _ours(x, w, t, b=None, **kwargs):
 
 def _ref(x, w, t, b=None, **kwargs):
     kwargs.pop("chunk_size", None)
-    kwargs.pop("impl", None)
     return reference(x, w, t, b, **kwargs)
 
 
@@ -126,33 +123,31 @@ def _compare(ours, ref, dtype=None, msg=""):
 
 # --- values and gradients -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("probabilities", [False, True])
 @pytest.mark.parametrize("k", [(), (3,)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("extras", sorted(EXTRAS))
-def test_matches_reference(dtype, probabilities, k, reduction, extras, impl):
+def test_matches_reference(dtype, probabilities, k, reduction, extras):
     x, w, t, b = _problem(dtype, k=k, probabilities=probabilities)
-    kw = dict(_kwargs(extras, dtype), reduction=reduction, chunk_size=3, impl=impl)
+    kw = dict(_kwargs(extras, dtype), reduction=reduction, chunk_size=3)
     _compare(_loss_and_grads(_ours, x, w, t, b, **kw), _loss_and_grads(_ref, x, w, t, b, **kw),
              msg=f"{dtype} {extras}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("probabilities", [False, True])
 @pytest.mark.parametrize("k", [(), (2, 3)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_matches_torch_linear_cross_entropy(dtype, probabilities, k, reduction, impl):
+def test_matches_torch_linear_cross_entropy(dtype, probabilities, k, reduction):
     """Same call, same arguments (torch's ignore_index=None default included), torch's own function."""
     x, w, t, b = _problem(dtype, k=k, probabilities=probabilities)
     kw = {"weight": _class_weight(dtype), "label_smoothing": 0.1, "reduction": reduction}
     ref = _loss_and_grads(_torch, x, w, t, b, **kw)
-    _compare(_loss_and_grads(_ours, x, w, t, b, impl=impl, **kw), ref)
+    _compare(_loss_and_grads(_ours, x, w, t, b, **kw), ref)
     # torch's chunking options are accepted and change nothing but the chunk size.
     options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=2)
-    _compare(_loss_and_grads(_ours, x, w, t, b, options=options, impl=impl, **kw), ref)
+    _compare(_loss_and_grads(_ours, x, w, t, b, options=options, **kw), ref)
 
 
 @pytest.mark.parametrize("probabilities", [False, True])
@@ -414,7 +409,6 @@ def _bad_cases():
         ("chunk_size", ValueError, dict(chunk_size=0)),
         ("chunk_size", TypeError, dict(chunk_size=2.0)),
         ("options", TypeError, dict(options={"batch_chunk_size": 2})),
-        ("impl", ValueError, dict(impl="fast")),
         ("batch_chunk_size", ValueError,
          dict(chunk_size=3, options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=2))),
         ("ignore_index", ValueError, dict(target=torch.rand(N, C), ignore_index=-100)),

@@ -17,8 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _checks, _reduction
 from .._autograd import attach, needs_grad
-from .._types import Impl, Reduction
-from ..kernels import native
+from .._types import Reduction
 from ..kernels.blocks import accumulation_dtype
 from ..kernels.linear_xent import Problem, Sweep, chunk_rows, class_buffers, sweep
 from ..kernels.rows import RowSpec
@@ -52,13 +51,12 @@ class _Options:
     rows: int
     probabilities: bool
     reduction: str
-    compiled: bool
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,
                          weight: Tensor | None = None, reduction: Reduction = "mean", ignore_index: int | None = None,
                          label_smoothing: float = 0.0, options: object = None, z_loss: float = 0.0,
-                         softcap: float | None = None, chunk_size: int | None = None, impl: Impl = "auto") -> Tensor:
+                         softcap: float | None = None, chunk_size: int | None = None) -> Tensor:
     r"""Cross-entropy of the logits ``input @ linear_weight.T + linear_bias``, without materialising them.
 
     Drop-in for ``torch.nn.functional.linear_cross_entropy`` (torch 2.13). Reference expression::
@@ -96,9 +94,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     Keyword-only extras: ``z_loss`` (coefficient of ``logsumexp^2``), ``softcap`` (``c * tanh(z / c)``
     applied to the logits before the softmax), ``chunk_size`` (samples per chunk, overriding the choice
-    from the memory budget in :func:`losskit.kernels.linear_xent.chunk_rows`), ``impl`` (as in
-    :func:`cross_entropy`: ``"auto"`` runs each chunk's softmax step in losskit's C row kernel on CPU
-    where it applies, ``"torch"`` always in torch ops, ``"compiled"`` insists on the kernel being there).
+    from the memory budget in :func:`losskit.kernels.linear_xent.chunk_rows`).
 
     Gradients for whichever of ``input``, ``linear_weight``, ``linear_bias`` (and probability
     ``target``) require grad are computed chunk by chunk in the forward pass for "mean" and "sum". For
@@ -113,15 +109,15 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         tensor(0.5379)
     """
     return _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
-                  options, z_loss, softcap, chunk_size, impl, stats=False)[0]
+                  options, z_loss, softcap, chunk_size, stats=False)[0]
 
 
 def linear_cross_entropy_with_stats(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                                     linear_bias: Tensor | None = None, weight: Tensor | None = None,
                                     reduction: Reduction = "mean", ignore_index: int | None = None,
                                     label_smoothing: float = 0.0, options: object = None, z_loss: float = 0.0,
-                                    softcap: float | None = None, chunk_size: int | None = None,
-                                    impl: Impl = "auto") -> LinearCrossEntropyResult:
+                                    softcap: float | None = None,
+                                    chunk_size: int | None = None) -> LinearCrossEntropyResult:
     """:func:`linear_cross_entropy` plus per-position log-sum-exp, argmax and token accuracy, from the
     same pass over the logits (see :class:`LinearCrossEntropyResult`). Arguments as
     :func:`linear_cross_entropy`.
@@ -135,7 +131,7 @@ def linear_cross_entropy_with_stats(input: Tensor, linear_weight: Tensor, target
         (tensor([2, 1]), tensor(0.5000))
     """
     loss, s, target2 = _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                              label_smoothing, options, z_loss, softcap, chunk_size, impl, stats=True)
+                              label_smoothing, options, z_loss, softcap, chunk_size, stats=True)
     shape = _positions_shape(input, linear_weight)
     if target2.is_floating_point():
         scored = torch.ones_like(s.argmax, dtype=torch.bool)
@@ -149,11 +145,11 @@ def linear_cross_entropy_with_stats(input: Tensor, linear_weight: Tensor, target
 
 def _fused(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None, weight: Tensor | None,
            reduction: str, ignore_index: int | None, label_smoothing: float, options: object, z_loss: float,
-           softcap: float | None, chunk_size: int | None, impl: object, *, stats: bool) -> tuple[Tensor, Sweep, Tensor]:
+           softcap: float | None, chunk_size: int | None, *, stats: bool) -> tuple[Tensor, Sweep, Tensor]:
     """Validate, run the sweep, wire the gradients; returns the loss, the sweep and the (N, L) or
     (N, C, L) target the sweep read."""
     opts, lazy = _validate(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                           label_smoothing, options, z_loss, softcap, chunk_size, impl, stats)
+                           label_smoothing, options, z_loss, softcap, chunk_size, stats)
     p = _problem(input, linear_weight, linear_bias, target, opts)
     tensors = (input, linear_weight, linear_bias, target)
     wants = needs_grad(input, linear_weight, linear_bias, target if opts.probabilities else None)
@@ -175,7 +171,7 @@ def _fused(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Te
 
 def _validate(input: object, linear_weight: object, target: object, linear_bias: object, weight: object,
               reduction: object, ignore_index: object, label_smoothing: object, options: object, z_loss: object,
-              softcap: object, chunk_size: object, impl: object, stats: bool) -> tuple[_Options, bool]:
+              softcap: object, chunk_size: object, stats: bool) -> tuple[_Options, bool]:
     """Every check, before any chunk runs; returns the options and whether backward recomputes."""
     x = _checks.floating("input", input)
     if x.dim() not in (1, 2):
@@ -229,8 +225,7 @@ def _validate(input: object, linear_weight: object, target: object, linear_bias:
     if rows is None:
         rows = chunk_rows(x.shape[0] if x.dim() == 2 else 1, n_classes, x.shape[-1], x.dtype,
                           class_buffers(spec, cap, probabilities))
-    compiled = native.use_compiled(impl, x, w)
-    return _Options(spec, cap, rows, probabilities, str(reduction), compiled), reduction == "none" or retain
+    return _Options(spec, cap, rows, probabilities, str(reduction)), reduction == "none" or retain
 
 
 def _autocasting(x: Tensor) -> bool:
@@ -300,7 +295,7 @@ def _problem(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, t
     t = target.reshape(n, n_classes, length) if opts.probabilities else target.reshape(n, length).long()
     return Problem(x, linear_weight.reshape(n_classes, length, d),
                    None if linear_bias is None else linear_bias.reshape(n_classes, length), t, opts.spec,
-                   opts.softcap, opts.rows, opts.compiled)
+                   opts.softcap, opts.rows)
 
 
 def _denominator(p: Problem) -> Tensor | float:

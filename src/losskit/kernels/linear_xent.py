@@ -8,26 +8,31 @@ Reference expression (``x`` (N, D), ``W`` (C, d1..dk, D) viewed as ``(C, L, D)``
 
 For each chunk of ``rows`` samples and each position ``l`` (one head ``W_l = W[:, l]``, a (C, D) view)::
 
-    work = x_c @ W_l.T                      (rows, C) acc   GEMM 1 into the one preallocated chunk
-    work += b_l; softcap; row step          work = scale * dloss/dlogits, in place (xent_rows_, or the C
-                                            row kernel where it applies); * (1 - tanh^2) for softcap
+    chunk = W_l @ x_c.T                     (C, rows) acc   GEMM 1 into the one preallocated chunk
+    work = chunk.T                          (rows, C) view, strides (1, rows)
+    work += b_l; softcap; xent_rows_        work = scale * dloss/dlogits, in place; * (1 - tanh^2) for softcap
     grad_b_l += work.sum(0)
     grad_x_c (+)= work @ W_l                (rows, D)       GEMM 2
-    grad_W_l += work.T @ x_c                (C, D) acc      GEMM 3 (the first chunk writes, beta = 0)
+    grad_W_l += chunk @ x_c                 (C, D) acc      GEMM 3 (the first chunk writes, beta = 0)
 
 so memory above the inputs is the gradients plus one chunk, whatever N is, and the time is the three
 GEMMs plus a few elementwise passes over each chunk. The products run in the accumulation dtype (float32;
 float64 for float64): CPUs without native bfloat16/float16 GEMMs emulate them several times slower
 (measured 5x here), so low-precision operands are upcast (``W`` once per call, ``x`` per chunk).
 
-Measured (2-core EPYC shared with other jobs, forward + backward, N=2048, D=1024, C=32768 float32,
-interleaved, median of 5, at load ~2): this 2.82 s, peak 192 MiB above the inputs; eager
-``F.cross_entropy(x @ W.T, t)`` 2.97 s, 768 MiB; torch 2.13's chunked ``F.linear_cross_entropy(...,
-options=LinearCrossEntropyOptions())`` 5.43 s, 272 MiB; the three products alone (unchunked) 2.62 s,
-392 MiB. Per phase: GEMM 1 / 2 / 3 1.06 / 0.79 / 0.81 s, the row step 0.06 s (C kernel) to 0.08 s
-(torch ops): the time is the GEMMs', and eager's own overhead over them is only ~13% on this machine.
-At N=16384, D=256, C=262144 (eager's logits alone would be 16 GiB): 99 s, peak 412 MiB above the
-inputs (gradients 272 MiB + one 128 MiB chunk).
+The chunk is class-major because GEMM 1 is the costliest of the three (it writes the whole chunk while
+reading only ``D`` numbers per output): written as ``(C, rows)`` it ran in 0.79 s instead of 0.99 s
+over the benchmark batch below (minimum of 3), while GEMM 2 / GEMM 3 (0.79 / 0.78 s) and the torch row
+step (0.08 s) do not mind the transposed view. losskit's C row kernel wants contiguous rows (0.27 s on
+this view against 0.06 s on row-major logits), so the row step stays in torch ops: class-major with
+torch ops was the fastest combination measured (2.44 s against 2.65 s for the three GEMMs + row step).
+
+Measured (2-core EPYC shared with other jobs, at load ~1-2; forward + backward, N=2048, D=1024,
+C=32768 float32, interleaved, median of 5): this 2.54 s, peak 192 MiB above the inputs; eager
+``F.cross_entropy(x @ W.T, t)`` 2.96 s (1.17x), 768 MiB; torch 2.13's chunked
+``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())`` 5.45 s (2.15x), 272 MiB; the three
+products alone, unchunked, 2.58 s (1.02x), 392 MiB. At N=16384, D=256, C=262144 (eager's logits alone
+would be 16 GiB): 99 s, peak 412 MiB above the inputs (gradients 272 MiB + one 128 MiB chunk).
 """
 
 from __future__ import annotations
@@ -37,14 +42,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import native
 from .blocks import accumulation_dtype
 from .rows import RowSpec, xent_rows_
 
 #: Bytes of one chunk's working buffers. Each chunk streams the whole head through each GEMM, so larger
 #: chunks make the GEMMs more efficient and mean fewer, larger elementwise calls (each a parallel region
 #: that, on a loaded machine, waits for every thread to be scheduled). Measured at N=2048, D=1024,
-#: C=32768 float32 on the 2-core EPYC (loaded; CPU seconds of GEMM 1 / 2 / 3 over the batch): 256 rows
+#: C=32768 float32 on the 2-core EPYC (loaded; CPU s of GEMM 1 / 2 / 3 over the batch, row-major): 256 rows
 #: 2.55 / 1.92 / 1.64, 384 rows 2.41 / 1.76 / 1.68, 448 rows 2.12 / 1.78 / 1.62, 512 rows 2.03 / 1.64 /
 #: 1.61, unchunked 2.06 / 1.65 / 1.81. 56 MiB gives that case 448 rows and keeps its peak at the
 #: gradients (136 MiB) + 56 MiB.
@@ -89,8 +93,7 @@ class Problem:
 
     ``x`` (N, D), ``w`` (C, L, D), ``b`` (C, L) or None; ``target`` (N, L) int64 class indices or
     (N, C, L) probabilities; ``spec`` the per-row options (class weight in the accumulation dtype);
-    ``softcap`` None or c > 0; ``rows`` samples per chunk; ``compiled``: run the row step in the C
-    kernel (:mod:`losskit.kernels.native`) wherever it applies. The accumulation dtype follows ``x``.
+    ``softcap`` None or c > 0; ``rows`` samples per chunk. The accumulation dtype follows ``x``.
     """
 
     x: Tensor
@@ -100,7 +103,6 @@ class Problem:
     spec: RowSpec
     softcap: float | None
     rows: int
-    compiled: bool = False
 
     @property
     def probabilities(self) -> bool:
@@ -135,7 +137,6 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
     dev = x.device
     upcast = x.dtype != acc
     want_grad = want_input or want_weight or want_bias
-    compiled = _compiled_applies(p, scale)
 
     w_mm = p.w.to(acc)  # (C, L, D) GEMM operand; for low precision one acc copy of the head
     b_acc = None if p.b is None else p.b.to(acc)
@@ -148,10 +149,12 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
     gb = torch.zeros(n_classes, length, dtype=acc, device=dev) if want_bias else None
     gt = torch.empty(p.target.shape, dtype=p.target.dtype, device=dev) if want_target else None
 
-    # The chunk's buffers, allocated once (see class_buffers / chunk_rows for their count and size).
+    # The chunk's buffers, allocated once (see class_buffers / chunk_rows for their count and size); the
+    # logits and softcap's tanh are class-major (C, rows). A short last chunk is the (C, r) column slice,
+    # which BLAS writes directly (row stride rows >= r).
     rows = max(1, min(p.rows, n))
-    work_all = torch.empty(rows, n_classes, dtype=acc, device=dev)  # (rows, C) logits -> gradient
-    tanh_all = torch.empty(rows, n_classes, dtype=acc, device=dev) if p.softcap and want_grad else None
+    chunk_all = torch.empty(n_classes, rows, dtype=acc, device=dev)
+    tanh_all = torch.empty(n_classes, rows, dtype=acc, device=dev) if p.softcap and want_grad else None
     tg_all = torch.empty(rows, n_classes, dtype=acc, device=dev) if want_target else None
     x_all = torch.empty(rows, d, dtype=acc, device=dev) if upcast else None  # (rows, D) upcast input
     gx_all = torch.empty(rows, d, dtype=acc, device=dev) if upcast and want_input else None
@@ -159,69 +162,47 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         r = n1 - n0
-        work = work_all[:r]
+        chunk = chunk_all[:, :r]  # (C, r)
+        work = chunk.T  # (r, C) view of the logits, then of their gradient
         x_c = x_all[:r].copy_(x[n0:n1]) if upcast else x[n0:n1]  # (r, D)
         gx_c = None if gx is None else gx_all[:r] if upcast else gx[n0:n1]  # (r, D)
         for l in range(length):
             w_l = w_mm[:, l]  # (C, D), row stride L * D
-            torch.mm(x_c, w_l.T, out=work)  # GEMM 1: logits (r, C)
+            torch.mm(w_l, x_c.T, out=chunk)  # GEMM 1: logits, class-major (C, r)
             if b_acc is not None:
-                work.add_(b_acc[:, l])
-            tanh = _softcap_(work, p.softcap, None if tanh_all is None else tanh_all[:r])
+                chunk.add_(b_acc[:, l, None])
+            tanh = None if tanh_all is None else tanh_all[:, :r].T  # (r, C)
+            _softcap_(work, p.softcap, tanh)
             t = p.target[n0:n1, :, l].to(acc) if p.probabilities else p.target[n0:n1, l]
             s = scale[n0:n1, l] if isinstance(scale, Tensor) and scale.dim() else scale
             tg = None if tg_all is None else tg_all[:r]
-            if compiled:
-                loss[n0:n1, l] = _compiled_rows_(p, work, t, s, want_grad)
-            else:
-                res = xent_rows_(work, t, p.spec, s, want_grad, tg)
-                loss[n0:n1, l] = res.loss
-                if top is not None:
-                    lse[n0:n1, l] = res.lse
-                    top[n0:n1, l] = res.argmax
+            res = xent_rows_(work, t, p.spec, s, want_grad, tg)
+            loss[n0:n1, l] = res.loss
+            if top is not None:
+                lse[n0:n1, l] = res.lse
+                top[n0:n1, l] = res.argmax
             if gt is not None:
                 gt[n0:n1, :, l] = tg
             if tanh is not None:
                 work.addcmul_(work, tanh.square_(), value=-1)  # d/dz c tanh(z / c) = 1 - tanh^2
             if gb is not None:
-                gb[:, l] += work.sum(0)
+                gb[:, l] += chunk.sum(1)
             if gx_c is not None:  # GEMM 2: (r, C) @ (C, D), summed over the L positions
                 torch.mm(work, w_l, out=gx_c) if l == 0 else gx_c.addmm_(work, w_l)
             if gw is not None:  # GEMM 3: (C, r) @ (r, D) accumulated in acc dtype
-                torch.mm(work.T, x_c, out=gw[:, l]) if n0 == 0 else gw[:, l].addmm_(work.T, x_c)
+                torch.mm(chunk, x_c, out=gw[:, l]) if n0 == 0 else gw[:, l].addmm_(chunk, x_c)
         if gx_c is not None and upcast:
             gx[n0:n1] = gx_c
     return Sweep(loss, lse, top, gx, gw, gb, gt)
 
 
-def _compiled_applies(p: Problem, scale: Tensor | float) -> bool:
-    """Whether the row step runs in the C kernel (two reads of each row while it is in cache instead of
-    one pass per torch op): asked for, class-index targets, no z-loss, no statistics, and one scale for
-    every row (not the per-position grad_output of "none")."""
-    per_row_scale = isinstance(scale, Tensor) and scale.dim() > 0
-    return p.compiled and not (p.probabilities or p.spec.z_loss or p.spec.argmax or per_row_scale)
-
-
-def _compiled_rows_(p: Problem, work: Tensor, target: Tensor, scale: Tensor | float, want_grad: bool) -> Tensor:
-    """The C kernel's row step on a ``(r, C)`` chunk: returns the (r,) loss; the gradient overwrites the
-    logits (the kernel allows the alias)."""
-    loss = torch.empty(work.shape[0], 1, dtype=work.dtype, device=work.device)  # the kernel's (N, L)
-    x3 = work.unsqueeze(-1)  # (r, C, 1)
-    w = p.spec.weight
-    native.xent_rows(x3, target.contiguous(), x3 if want_grad else None, None, None if w is None else w.contiguous(),
-                     loss, ignore_index=p.spec.ignore_index, label_smoothing=p.spec.label_smoothing,
-                     gamma=p.spec.gamma, scale=float(scale))
-    return loss.view(-1)
-
-
-def _softcap_(work: Tensor, cap: float | None, tanh_out: Tensor | None) -> Tensor | None:
-    """``work = cap * tanh(work / cap)`` in place; ``tanh(work / cap)`` is kept in ``tanh_out`` (and
-    returned) when the gradient needs it."""
+def _softcap_(work: Tensor, cap: float | None, tanh_out: Tensor | None) -> None:
+    """``work = cap * tanh(work / cap)`` in place; ``tanh(work / cap)`` is kept in ``tanh_out`` when
+    the gradient needs it."""
     if not cap:
-        return None
+        return
     if tanh_out is None:
         work.div_(cap).tanh_().mul_(cap)
-        return None
+        return
     torch.tanh(work.div_(cap), out=tanh_out)
     torch.mul(tanh_out, cap, out=work)
-    return tanh_out

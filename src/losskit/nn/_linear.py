@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import _checks
 from .. import functional as F
-from .._types import Impl, Reduction
+from .._types import Reduction
 from ._base import WeightedLoss
 
 
@@ -18,14 +18,14 @@ class LinearCrossEntropyLoss(WeightedLoss):
     ``torch.nn.LinearCrossEntropyLoss`` (torch 2.13): same constructor, same parameters and ``state_dict``
     keys (``linear.weight`` of shape ``(C * prod(out_features), in_features)``, ``linear.bias`` when
     ``bias=True``, the ``weight`` buffer), initialised exactly as ``torch.nn.Linear``. ``z_loss``,
-    ``softcap``, ``chunk_size`` and ``impl`` are losskit's keyword-only extras.
+    ``softcap`` and ``chunk_size`` are losskit's keyword-only extras.
     """
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (), bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  reduction: Reduction = "mean", weight: Tensor | None = None, ignore_index: int | None = None,
                  label_smoothing: float = 0.0, options: object = None, z_loss: float = 0.0,
-                 softcap: float | None = None, chunk_size: int | None = None, impl: Impl = "auto") -> None:
+                 softcap: float | None = None, chunk_size: int | None = None) -> None:
         super().__init__(weight, reduction)
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(f"weight must have shape {(num_classes,)}, got {tuple(weight.shape)}")
@@ -38,7 +38,6 @@ class LinearCrossEntropyLoss(WeightedLoss):
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
-        self.impl = impl
         # Stored flat as torch does (nn.Linear has no K-dimensional weight); reshaped in forward.
         self.linear = nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
                                 device=device, dtype=dtype)
@@ -50,7 +49,7 @@ class LinearCrossEntropyLoss(WeightedLoss):
                                       linear_bias=bias, weight=self.weight, reduction=self.reduction,
                                       ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
                                       options=self.options, z_loss=self.z_loss, softcap=self.softcap,
-                                      chunk_size=self.chunk_size, impl=self.impl)
+                                      chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
