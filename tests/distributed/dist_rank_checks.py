@@ -19,10 +19,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import losskit.functional as LF
-from losskit.distributed import (_cross_entropy, global_mean, global_token_count, vocab_parallel_cross_entropy,
-                                 vocab_parallel_linear_cross_entropy)
+from losskit.distributed import _cross_entropy, global_mean, global_token_count
+from losskit.distributed import vocab_parallel_cross_entropy as vp_cross_entropy
+from losskit.distributed import vocab_parallel_linear_cross_entropy as vp_linear_cross_entropy
 from losskit.kernels import blocks as kblocks
 from losskit.testing import assert_close, assert_no_worse_than, peak_memory_above
+
+
+
+def vocab_parallel_cross_entropy(*args, group=None, **kwargs):
+    """The loss split across the world unless a group is named (its own group=None is one process)."""
+    return vp_cross_entropy(*args, group=dist.group.WORLD if group is None else group, **kwargs)
+
+
+def vocab_parallel_linear_cross_entropy(*args, group=None, **kwargs):
+    """As :func:`vocab_parallel_cross_entropy`, for the fused head."""
+    return vp_linear_cross_entropy(*args, group=dist.group.WORLD if group is None else group, **kwargs)
+
 
 V = 11  # uneven shards: [5, 6] on 2 ranks, [3, 4, 4] on 3
 REDUCTIONS = ("mean", "sum", "none")
@@ -304,22 +317,25 @@ def check_no_rank_holds_full_logits(rank: int, world: int) -> None:
 
 
 def check_group_choice(rank: int, world: int) -> None:
-    """group=None is the initialised default group; a one-rank group runs no collective and is the
-    single-process loss; a rank outside the group is refused."""
+    """group=None runs no collective and is the single-process loss of this rank's tensor, as is a
+    one-rank group; the world group splits; a rank outside the group is refused."""
     gen = torch.Generator().manual_seed(7)
     full = torch.randn(5, V, generator=gen, dtype=torch.float64)
     target = targets((5,), -100, gen)
     x = shard(full, rank, world)
-    with Collectives() as c_none:
-        by_default = vocab_parallel_cross_entropy(x, target)
-    with Collectives() as c_world:
-        by_world = vocab_parallel_cross_entropy(x, target, group=dist.group.WORLD)
-    assert c_none.calls == c_world.calls and len(c_none.calls) == 3
-    assert torch.equal(by_default, by_world)
-    assert_close(by_default, F.cross_entropy(full, target))
-
     hidden = torch.randn(5, 4, generator=gen, dtype=torch.float64)
     classifier = torch.randn(V, 4, generator=gen, dtype=torch.float64)
+    with Collectives() as c_none:
+        by_default = vp_cross_entropy(full, target, label_smoothing=0.1)
+        by_default_linear = vp_linear_cross_entropy(hidden, classifier, target)
+    assert c_none.calls == [], c_none.calls
+    assert_close(by_default, F.cross_entropy(full, target, label_smoothing=0.1))
+    assert_close(by_default_linear, F.cross_entropy(hidden @ classifier.t(), target))
+    with Collectives() as c_world:
+        by_world = vp_cross_entropy(x, target, group=dist.group.WORLD)
+    assert len(c_world.calls) == 3, c_world.calls
+    assert_close(by_world, F.cross_entropy(full, target))
+
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group, in order
     with Collectives() as c:
         alone = vocab_parallel_cross_entropy(full, target, group=singles[rank], label_smoothing=0.1)

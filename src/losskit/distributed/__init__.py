@@ -10,12 +10,14 @@ Exact normalisation (data parallelism and gradient accumulation): :func:`global_
 :func:`global_mean` make the mean loss of a global batch, and its gradients, independent of how its
 tokens are split across ranks and micro-batches (the recipe is at the end).
 
-``group``: as everywhere in ``torch.distributed``, ``None`` means the default process group when
-``torch.distributed`` is initialised; when it is not, the call is a single-process one and runs no
-collective. A group of one rank runs no collective either. With tensor and data parallelism, pass the
-tensor-parallel group. A data-parallel job that passes its full logits with ``group=None`` gets an error
-("target differs between rank 0 and rank 1"), not a wrong number: every call checks that the ranks
-agree on the target and the options.
+``group``: the vocab-parallel losses split only across a group the caller names: with ``group=None``
+(the default) or a group of one rank they run no collective and return the single-process result, so a
+call written for one device behaves the same inside a data-parallel job. With tensor and data
+parallelism, pass the tensor-parallel group. The normalisation helpers follow torch.distributed
+instead: ``group=None`` is the default process group when ``torch.distributed`` is initialised (the
+data-parallel world), else this process alone. Every call with an active group checks that the ranks
+agree on the target and the options, so a data-parallel group passed by mistake gets an error
+("target differs between rank 0 and rank 1"), not a wrong number.
 
 Communication per call, ``P`` target positions, ``a`` bytes per value of the accumulation dtype (4,
 or 8 for float64), ``W`` ranks (all in the forward pass, where the gradients are computed; backward

@@ -42,14 +42,17 @@ class Comm:
         return t
 
 
-def resolve(group: ProcessGroup | None) -> Comm:
+def resolve(group: ProcessGroup | None, *, none_is_world: bool) -> Comm:
     """The process group of a call.
 
-    ``group=None`` follows torch.distributed: the default group when ``torch.distributed`` is initialised,
-    and a single process (no collectives) when it is not. A group of one rank runs no collectives either.
+    ``group=None`` is a single process (no collectives) for the vocab-parallel losses
+    (``none_is_world=False``): a shard is only ever split across a group the caller names. For the
+    data-parallel normalisation helpers (``none_is_world=True``) it follows torch.distributed: the
+    default group when ``torch.distributed`` is initialised, else a single process. A group of one
+    rank runs no collectives either.
     """
     if group is None:
-        if not (dist.is_available() and dist.is_initialized()):
+        if not (none_is_world and dist.is_available() and dist.is_initialized()):
             return Comm(None, 0, 1)
         group = dist.group.WORLD
     elif isinstance(group, int) and dist.is_available() \

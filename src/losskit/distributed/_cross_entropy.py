@@ -121,8 +121,9 @@ def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, *, group: Proces
     \sum_c w_c (-p_c)` (0 where ``y == ignore_index``; ``s/V`` is torch's smoothing, not ``s/(V-1)``), and
     "mean" divides the sum by :math:`\sum w_y` over non-ignored positions. Class-index targets only.
 
-    ``group=None`` is torch.distributed's default group when it is initialised, else a single process;
-    a group of one rank runs no collectives. ``vocab_size``, when given, is checked against the sum of the
+    ``group=None`` (the default) or a group of one rank: a single process, no collectives, the result of
+    :func:`losskit.functional.cross_entropy` on ``input``; pass the tensor-parallel group to split.
+    ``vocab_size``, when given, is checked against the sum of the
     shard sizes. Invalid arguments on any rank raise on every rank (no deadlock).
 
     Communication, ``P`` target positions, accumulation dtype of ``a`` bytes (4, 8 for float64): one
@@ -141,7 +142,7 @@ def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, *, group: Proces
         tensor(0.1755)
     """
     caller = "vocab_parallel_cross_entropy"
-    comm = resolve(group)
+    comm = resolve(group, none_is_world=False)
     (want_x,) = needs_grad(input if isinstance(input, Tensor) else None)
 
     def local() -> Fields:
@@ -228,7 +229,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
         tensor(0.4813)
     """
     caller = "vocab_parallel_linear_cross_entropy"
-    comm = resolve(group)
+    comm = resolve(group, none_is_world=False)
     want_h, want_w, want_b = needs_grad(*(t if isinstance(t, Tensor) else None
                                           for t in (input, linear_weight, linear_bias)))
 

@@ -39,7 +39,7 @@ def global_token_count(target: Tensor | Sequence[Tensor], *, ignore_index: int =
         >>> global_token_count([torch.tensor([3, -100, 1]), torch.tensor([[0, 2], [-100, -100]])])
         tensor(4., dtype=torch.float64)
     """
-    comm = resolve(group)
+    comm = resolve(group, none_is_world=True)
     targets = [target] if isinstance(target, Tensor) else target
     first = targets[0] if isinstance(targets, Sequence) and targets else None
     device = default_device(comm, first)
