@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from losskit.bench import CASES, parse_size, parse_sizes
+from losskit.bench._measure import MIN_REPS
 from losskit.bench._report import FIELDS
 from losskit.cli import main
 
@@ -68,6 +69,18 @@ def test_table_has_a_row_group_per_case(bench):
 def test_progress_bar_goes_to_stderr(bench):
     done, _ = bench
     assert f"{len(CASES)}/{len(CASES)}" in done.stderr
+
+
+def test_bench_prints_no_warning(bench):
+    # The memory probe child once ran as `-m losskit.bench._memory_probe`, which runpy warns about.
+    done, _ = bench
+    assert "Warning" not in done.stderr, done.stderr
+
+
+def test_help_states_the_repetition_floor(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert f"never below {MIN_REPS}" in " ".join(capsys.readouterr().out.split())
 
 
 def test_plot_written_where_printed(bench):

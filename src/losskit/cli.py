@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--reps", type=_arg_type(_positive_int), default=5,
                        help="timed repetitions per case, each after the warm-up (default: 5)")
     bench.add_argument("--budget", type=_arg_type(_seconds), default=10.0, metavar="SECONDS",
-                       help="cut the repetitions of a case to what fits in this many seconds, at least one "
+                       help="cut the repetitions of a case to what fits in this many seconds, never below 3 "
                             "(default: 10; 0: no limit)")
     bench.add_argument("--compile", action="store_true",
                        help="add torch.compile(reference) as a baseline (slow: compiles every case and size)")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from losskit.bench import BY_NAME, Unit, table
+from losskit.bench._measure import MIN_REPS, round_robin
 from losskit.bench._run import ROOFLINE, run_unit
 
 
@@ -23,6 +24,19 @@ def test_measures_every_implementation_and_the_roofline():
     assert set(result.ms) == {"losskit", "torch eager", ROOFLINE}
     assert result.reps == 2 and result.check == "" and result.error == ""
     assert result.grad_bytes == 8 * 16 * 4
+
+
+@pytest.mark.parametrize("reps, budget, expected", [
+    (5, 0, 5),  # no budget: every repetition asked for
+    (5, 1e-12, MIN_REPS),  # a budget no round fits in cuts down to the floor, not below
+    (2, 1e-12, 2),  # fewer than the floor when fewer are asked for
+    (5, 1e12, 5),  # a budget never adds repetitions
+])
+def test_the_budget_cuts_repetitions_down_to_a_floor(reps, budget, expected):
+    calls = []
+    medians, done = round_robin({"a": lambda inputs: calls.append("a"), "b": lambda inputs: calls.append("b")},
+                                {}, reps, budget)
+    assert done == expected and len(calls) == 2 * expected and set(medians) == {"a", "b"}
 
 
 def test_a_raising_baseline_is_reported_and_left_out():

@@ -55,10 +55,16 @@ def peak_bytes(impl: Impl, inputs: Inputs) -> int:
     return peak
 
 
+#: The budget never cuts the repetitions below this many (fewer only if fewer are asked for): the median
+#: of one or two is not a median.
+MIN_REPS = 3
+
+
 def round_robin(impls: dict[str, Impl], inputs: Inputs, reps: int, budget: float) -> tuple[dict[str, float], int]:
     """Median seconds per implementation and the number of repetitions. Each repetition calls every
     implementation once, starting one further along the list each time so none is always first.
-    After the first, ``reps`` is cut to what fits in ``budget`` seconds (0: no limit), at least one."""
+    After the first, ``reps`` is cut to what fits in ``budget`` seconds (0: no limit), but not below
+    ``MIN_REPS``."""
     names = list(impls)
     times: dict[str, list[float]] = {name: [] for name in names}
     rep = 0
@@ -67,7 +73,8 @@ def round_robin(impls: dict[str, Impl], inputs: Inputs, reps: int, budget: float
         for name in names[shift:] + names[:shift]:
             times[name].append(seconds(impls[name], inputs))
         if rep == 0 and budget > 0:
-            reps = max(1, min(reps, int(budget // sum(ts[0] for ts in times.values()))))
+            fits = int(budget // sum(ts[0] for ts in times.values()))
+            reps = min(reps, max(MIN_REPS, fits))
         rep += 1
     return {name: statistics.median(ts) for name, ts in times.items()}, reps
 

@@ -72,7 +72,9 @@ class MemoryProbe:
     def start(self) -> None:
         """Start the child now (its imports then overlap the parent's untimed warm-up)."""
         if self._child is None:
-            self._child = subprocess.Popen([sys.executable, "-m", "losskit.bench._memory_probe"],
+            # Started with -c, not -m: the package imports this module, so running it as __main__ would
+            # execute it twice (and runpy warns about it).
+            self._child = subprocess.Popen([sys.executable, "-c", f"from {__name__} import serve; serve()"],
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                            env={**os.environ, **MALLOC_ENV})
 
@@ -98,7 +100,3 @@ class MemoryProbe:
             self._child.stdin.close()
             self._child.wait(timeout=60)
             self._child = None
-
-
-if __name__ == "__main__":
-    serve()

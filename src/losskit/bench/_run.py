@@ -3,7 +3,8 @@
 Order within a unit: build the inputs once; a warm-up round (each implementation once, untimed; losskit's
 result is checked against the reference here); peak memory, measured by a child process on its own copy
 of the inputs (:mod:`._memory_probe`); then the timed rounds, interleaved round-robin. The number of
-timed rounds is ``reps``, cut down after the first to what fits in ``budget`` seconds, never below one.
+timed rounds is ``reps``, cut down after the first to what fits in ``budget`` seconds, never below three
+(``_measure.MIN_REPS``).
 """
 
 from __future__ import annotations
