@@ -105,10 +105,19 @@ def broadcastable(name: str, value: Tensor, shape: torch.Size, ref_name: str) ->
 
 
 def in_unit_interval(name: str, value: Tensor) -> None:
-    """Every element in [0, 1] (NaN passes through, as torch propagates it)."""
-    if value.numel() and bool(((value < 0) | (value > 1)).any()):
-        bad = value[(value < 0) | (value > 1)].flatten()[0].item()
-        raise ValueError(f"{name} must have all elements in [0, 1], found {bad!r}")
+    """Every element in [0, 1] (NaN passes through, as torch propagates it).
+
+    One reduction and one sync, no input-sized temporary: min and max in [0, 1] settle it. A NaN makes
+    both NaN, and only then (or on failure) an elementwise mask finds the out-of-range value, if any.
+    """
+    if value.numel() == 0:
+        return
+    low, high = torch.aminmax(value)
+    if bool((low >= 0) & (high <= 1)):
+        return
+    bad = value[(value < 0) | (value > 1)]
+    if bad.numel():
+        raise ValueError(f"{name} must have all elements in [0, 1], found {bad[0].item()!r}")
 
 
 def class_targets(target: Tensor, n_classes: int, ignore_index: int, name: str = "target") -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import losskit
 import losskit.functional as LF
 import losskit.kernels.elementwise as elementwise
+from losskit.functional import _binary
 from losskit import LosskitWarning
 from losskit.testing import assert_close, assert_no_worse_than, gradcheck
 
@@ -308,6 +309,18 @@ def test_focal_saturated_logit_has_zero_gradient_not_nan():
     assert loss == 0 and torch.equal(gx, torch.zeros(2))
     assert torch.isfinite(gt).all()
     assert torch.isnan(_run(focal_reference, x, t, 0.25, 0.5, "sum")[1]).any()
+
+
+def test_bce_domain_is_checked_on_the_whole_tensors_before_any_piece(monkeypatch):
+    # An out-of-range value in the last of several pieces: rejected before the first piece is computed.
+    x = torch.full((3, elementwise.CHUNK), 0.5)
+    x[-1, -1] = 1.5
+    monkeypatch.setattr(_binary, "_bce_kernel", lambda ops, want: pytest.fail("computed before the check"))
+    with pytest.raises(ValueError, match=r"input must have all elements in \[0, 1\], found 1.5"):
+        LF.binary_cross_entropy(x, torch.full_like(x, 0.5))
+    # A NaN (which passes) beside an out-of-range value does not hide it.
+    with pytest.raises(ValueError, match=r"target must have all elements in \[0, 1\], found -0.25"):
+        LF.binary_cross_entropy(torch.full((3,), 0.5), torch.tensor([float("nan"), -0.25, 0.5]))
 
 
 def test_nan_propagates_like_torch():

@@ -42,8 +42,6 @@ def _bce_kernel(ops: Sequence[Tensor | None], want: Sequence[bool]) -> tuple[Ten
         dy   = w * -logit(x)
     """
     x, y, w = ops
-    _checks.in_unit_interval("input", x)
-    _checks.in_unit_interval("target", y)
     loss = (y - 1) * torch.log1p(-x).clamp_min_(-100) - y * torch.log(x).clamp_min_(-100)
     dx = (x - y).div_(((1 - x) * x).clamp_min_(_BCE_EPSILON)) if want[0] else None
     dy = torch.logit(x).neg_() if want[1] else None
@@ -154,6 +152,9 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = 
         raise TypeError(f"target must have the input's dtype {x.dtype}, got {t.dtype}")
     _checks.reduction(reduction)
     w = check_constant("weight", weight, x)
+    # Whole tensors, before any piece is computed: one sync each, not one per piece.
+    _checks.in_unit_interval("input", x)
+    _checks.in_unit_interval("target", t)
     return elementwise_loss(_bce_kernel, (x, t, w), reduction, x.dtype)
 
 
