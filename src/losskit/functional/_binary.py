@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, _learner
+from .._autocast import float32_under_autocast
 from .._types import Reduction
 from ._elementwise import check_constant, check_pair, elementwise_loss
 
@@ -148,6 +149,10 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = 
         tensor(0.2798)
     """
     x, t = check_pair(input, target)
+    # Autocast casts to float32 before torch's own dtype check. On CUDA and XPU torch refuses this loss under
+    # autocast (unsafe in float16), a concern the float32 computation here does not have; MPS's autocast
+    # has no rule for it and keeps the input's dtype.
+    x, t, weight = float32_under_autocast(x.device.type, x, t, weight, except_on=("mps",))
     if t.dtype != x.dtype:
         raise TypeError(f"target must have the input's dtype {x.dtype}, got {t.dtype}")
     _checks.reduction(reduction)
@@ -185,6 +190,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tens
     w = check_constant("weight", weight, x)
     p = check_constant("pos_weight", pos_weight, x)
     _learner.check_binary_logits("binary_cross_entropy_with_logits", x)
+    x, t, w, p = float32_under_autocast(x.device.type, x, t, w, p)
     return elementwise_loss(_bce_logits_kernel, (x, t, w, p), reduction, torch.promote_types(x.dtype, t.dtype))
 
 
@@ -214,10 +220,12 @@ def multilabel_soft_margin_loss(input: Tensor, target: Tensor, weight: Tensor | 
         raise ValueError("input must have a class dimension (the last one), got a 0-dim tensor")
     _checks.reduction(reduction)
     w = check_constant("weight", weight, x)
+    _learner.check_binary_logits("multilabel_soft_margin_loss", x)
+    # torch's is a composite whose final sum is float32 under autocast on CUDA, XPU and MPS, not on CPU.
+    x, t, w = float32_under_autocast(x.device.type, x, t, w, except_on=("cpu",))
     out_dtype = torch.promote_types(x.dtype, t.dtype)
     if w is not None:
         out_dtype = torch.promote_types(out_dtype, w.dtype)
-    _learner.check_binary_logits("multilabel_soft_margin_loss", x)
     return elementwise_loss(_soft_margin_kernel, (x, t, w), reduction, out_dtype, row_length=x.shape[-1])
 
 
@@ -252,5 +260,7 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     gamma = _checks.number_in("gamma", gamma, 0.0)
     _checks.reduction(reduction)
     _learner.check_binary_logits("sigmoid_focal_loss", x)
+    # Autocast: torchvision's is a composite; binary_cross_entropy_with_logits' rule (float32) applies.
+    x, t = float32_under_autocast(x.device.type, x, t)
     kernel = partial(_focal_kernel, alpha=float(alpha), gamma=gamma)
     return elementwise_loss(kernel, (x, t), reduction, torch.promote_types(x.dtype, t.dtype))

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _learner, _reduction
+from .._autocast import float32_under_autocast
 from .._autograd import attach, needs_grad
 from .._types import Impl, Reduction
 from ..kernels import native
@@ -184,6 +185,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, *
     if not probabilities:
         _checks.class_targets(target, input.shape[_class_dim(input)], ignore_index)
     _learner.check_logits("cross_entropy", input, _class_dim(input))
+    input, target, weight = float32_under_autocast(input.device.type, input, target, weight)
     return softmax_xent(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=float(label_smoothing), gamma=0.0, probabilities=probabilities, impl=impl)
 
@@ -211,6 +213,8 @@ def focal_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, g
     _checks.number_in("gamma", gamma, 0.0)
     _checks.class_targets(target, input.shape[_class_dim(input)], ignore_index)
     _learner.check_logits("focal_loss", input, _class_dim(input))
+    # Autocast: no torch counterpart; cross_entropy's rule (float32), as its gamma=0 case is cross_entropy.
+    input, weight = float32_under_autocast(input.device.type, input, weight)
     return softmax_xent(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=0.0, gamma=float(gamma), probabilities=False, impl=impl)
 
@@ -235,6 +239,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ign
     n_classes = input.shape[_class_dim(input)]
     _checks.class_targets(target, n_classes, ignore_index)
     _learner.check_log_probabilities("nll_loss", input, _class_dim(input))
+    input, weight = float32_under_autocast(input.device.type, input, weight)
     (want_x,) = needs_grad(input)
     acc = accumulation_dtype(input.dtype)
     cd = _class_dim(input)

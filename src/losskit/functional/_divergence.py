@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _learner, _reduction
+from .._autocast import float32_under_autocast
 from .._autograd import attach, needs_grad
 from .._types import KLReduction
 from ..kernels import blocks as _blocks
@@ -84,6 +85,7 @@ def kl_div(input: Tensor, target: Tensor, *, reduction: KLReduction = "mean", lo
     if reduction == "mean":
         warnings.warn(_MEAN_WARNING, stacklevel=2)
     _learner.check_kl_div(x, t, log_target)
+    x, t = float32_under_autocast(x.device.type, x, t)
     want_x, want_t = needs_grad(x, t)
     with torch.no_grad():
         loss, grad_x, grad_t = _kl_div(x, t, shape, reduction, log_target, want_x, want_t)
@@ -184,6 +186,8 @@ def entropy(input: Tensor, dim: int = -1, *, logits: bool = False) -> Tensor:
     if x.shape[d] == 0:
         raise ValueError(f"input must have at least one entry along dim={dim}, got shape {tuple(x.shape)}")
     _flag("logits", logits)
+    # Autocast: no torch counterpart; cross_entropy's rule (float32), the entropy being a cross-entropy.
+    (x,) = float32_under_autocast(x.device.type, x)
     (want,) = needs_grad(x)
     with torch.no_grad():
         h, grad = _entropy(x, d, logits, want)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import _checks, _reduction
+from .. import _autocast, _checks, _reduction
 from .._autograd import attach, needs_grad
 from .._types import Reduction
 from ..kernels.blocks import accumulation_dtype
@@ -160,8 +160,10 @@ def _fused(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Te
         s = sweep(p, scale, want_input=wants[0] and precompute, want_weight=wants[1] and precompute,
                   want_bias=wants[2] and precompute, want_target=wants[3] and precompute)
         loss = _reduction.reduce(s.loss.view(_positions_shape(input, linear_weight)), reduction, denominator)
-        # Under autocast torch runs cross_entropy in float32 (float64 stays float64); so does this.
-        loss = loss.to(accumulation_dtype(input.dtype) if _autocasting(input) else input.dtype)
+        # Under autocast torch runs the linear layer in the low-precision dtype and cross_entropy in float32
+        # (float64 stays float64); so does this. The inputs are not cast to float32 up front as
+        # _autocast.float32_under_autocast would: that would upcast the products' operands, the head included.
+        loss = loss.to(accumulation_dtype(input.dtype) if _autocast.enabled(input.device.type) else input.dtype)
     if lazy and any(wants):
         loss = _Recompute.apply(opts, scale, loss, *tensors)
     else:
@@ -228,14 +230,10 @@ def _validate(input: object, linear_weight: object, target: object, linear_bias:
     return _Options(spec, cap, rows, probabilities, str(reduction)), reduction == "none" or retain
 
 
-def _autocasting(x: Tensor) -> bool:
-    return torch.is_autocast_enabled(x.device.type)
-
-
 def _same_dtype(name: str, value: Tensor, x: Tensor) -> None:
     """Operands of the linear layer share a dtype, as for F.linear; under autocast, where torch casts them
     to a common dtype, any floating dtypes are accepted (the products run in float32 anyway)."""
-    if value.dtype != x.dtype and not _autocasting(x):
+    if value.dtype != x.dtype and not _autocast.enabled(x.device.type):
         raise TypeError(f"{name} has dtype {value.dtype} but input has {x.dtype}; they must match, as for F.linear")
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from .._autocast import float32_under_autocast
 from .._autograd import attach, needs_grad
 from .._types import Reduction
 from ..kernels.blocks import accumulation_dtype
@@ -34,6 +35,9 @@ def _mse_kernel(ops: Sequence[Tensor | None], want: Sequence[bool]
 def _check_mse(input: object, target: object, weight: object) -> tuple[Tensor, Tensor, Tensor | None, torch.dtype]:
     x, t = check_pair(input, target, integer_target=True)
     w = check_constant("weight", weight, x, exact_shape=True)
+    # Autocast: mse_loss's rule, for rmse_loss too (no torch counterpart): float32, except weighted on CPU,
+    # where torch's weighted mse_loss is a composite of ops off CPU autocast's float32 list.
+    x, t, w = float32_under_autocast(x.device.type, x, t, w, except_on=("cpu",) if w is not None else ())
     out_dtype = torch.promote_types(x.dtype, t.dtype)
     return x, t, w, out_dtype if w is None else torch.promote_types(out_dtype, w.dtype)
 
