@@ -17,7 +17,8 @@ import losskit.functional as LF
 import losskit.kernels.elementwise as elementwise
 from losskit.functional import _binary
 from losskit import LosskitWarning
-from losskit.testing import assert_close, assert_no_worse_than, gradcheck
+from losskit.testing import (assert_close, assert_matches_reference, assert_no_worse_than, assert_same_results,
+                             gradcheck, loss_and_grads)
 
 REDUCTIONS = ["none", "mean", "sum"]
 SHAPES = [(), (5,), (4, 7), (2, 3, 5)]
@@ -72,25 +73,6 @@ def _constant(kind, shape, dtype=torch.float64, seed=3):
     return (0.5 + 2 * torch.rand(wshape, generator=_gen(seed), dtype=torch.float64)).to(dtype)
 
 
-def _run(fn, x, t, *args, seed=4, grad_target=True, **kwargs):
-    """(loss, d/dinput, d/dtarget) of ``fn`` for a random grad_output of the loss's shape."""
-    x = x.detach().clone().requires_grad_()
-    t = t.detach().clone().requires_grad_(grad_target)
-    loss = fn(x, t, *args, **kwargs)
-    grad_out = torch.randn(loss.shape, generator=_gen(seed), dtype=torch.float64).to(loss.dtype)
-    loss.backward(grad_out)
-    return loss.detach(), x.grad, t.grad
-
-
-def _assert_same(ours, ref, dtype=None):
-    for name, a, b in zip(("loss", "d/dinput", "d/dtarget"), ours, ref):
-        if b is None:
-            assert a is None, name
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
-        assert_close(a, b, dtype=dtype, msg=name)
-
-
 # --- agreement with torch, every option --------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -99,8 +81,7 @@ def _assert_same(ours, ref, dtype=None):
 @pytest.mark.parametrize("weight", CONSTANTS)
 def test_bce_matches_torch(dtype, shape, reduction, weight):
     x, t, w = _probabilities(shape, dtype), _soft_labels(shape, dtype), _constant(weight, shape, dtype)
-    _assert_same(_run(LF.binary_cross_entropy, x, t, w, reduction=reduction),
-                 _run(F.binary_cross_entropy, x, t, w, reduction=reduction))
+    assert_matches_reference(LF.binary_cross_entropy, F.binary_cross_entropy, x, t, w, reduction=reduction)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -111,8 +92,8 @@ def test_bce_matches_torch(dtype, shape, reduction, weight):
 def test_bce_with_logits_matches_torch(dtype, shape, reduction, weight, pos_weight):
     x, t = _logits(shape, dtype), _soft_labels(shape, dtype)
     w, pw = _constant(weight, shape, dtype), _constant(pos_weight, shape, dtype, seed=5)
-    _assert_same(_run(LF.binary_cross_entropy_with_logits, x, t, w, reduction=reduction, pos_weight=pw),
-                 _run(F.binary_cross_entropy_with_logits, x, t, w, reduction=reduction, pos_weight=pw))
+    assert_matches_reference(LF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, x, t, w,
+                             reduction=reduction, pos_weight=pw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -121,8 +102,8 @@ def test_bce_with_logits_matches_torch(dtype, shape, reduction, weight, pos_weig
 @pytest.mark.parametrize("weight", CONSTANTS)
 def test_multilabel_soft_margin_matches_torch(dtype, shape, reduction, weight):
     x, t, w = _logits(shape, dtype), _soft_labels(shape, dtype), _constant(weight, shape, dtype)
-    _assert_same(_run(LF.multilabel_soft_margin_loss, x, t, w, reduction=reduction),
-                 _run(F.multilabel_soft_margin_loss, x, t, w, reduction=reduction))
+    assert_matches_reference(LF.multilabel_soft_margin_loss, F.multilabel_soft_margin_loss, x, t, w,
+                             reduction=reduction)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -141,23 +122,21 @@ def test_multilabel_soft_margin_integer_labels_match_torch(reduction):
 @pytest.mark.parametrize(("alpha", "gamma"), [(0.25, 2.0), (-1.0, 2.0), (0.7, 0.0), (0.25, 0.5), (1.0, 3.0)])
 def test_sigmoid_focal_matches_torchvision_definition(dtype, shape, reduction, alpha, gamma):
     x, t = _logits(shape, dtype), _soft_labels(shape, dtype)
-    ours = _run(LF.sigmoid_focal_loss, x, t, alpha, gamma, reduction)
-    ref = _run(focal_reference, x, t, alpha, gamma, reduction)
+    ours = loss_and_grads(LF.sigmoid_focal_loss, x, t, alpha, gamma, reduction)
+    ref = loss_and_grads(focal_reference, x, t, alpha, gamma, reduction)
     # The reference runs in float64; judge our result against it with the table's entry for our dtype.
-    _assert_same(ours, tuple(r.to(dtype) for r in ref))
+    assert_same_results(ours, tuple(r.to(dtype) for r in ref))
 
 
 def test_mixed_dtypes_promote_like_torch():
     # Output and gradient dtypes are torch's. torch evaluates sigmoid(x) in x's float32 before promoting,
     # losskit everything in the promoted float64, so values agree to float32's tolerance.
     x, t = _logits((3, 4), torch.float32), _soft_labels((3, 4), torch.float64)
-    _assert_same(_run(LF.binary_cross_entropy_with_logits, x, t), _run(F.binary_cross_entropy_with_logits, x, t),
-                 dtype=torch.float32)
-    _assert_same(_run(LF.multilabel_soft_margin_loss, x, t), _run(F.multilabel_soft_margin_loss, x, t),
-                 dtype=torch.float32)
+    assert_matches_reference(LF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, x, t,
+                             dtype=torch.float32)
+    assert_matches_reference(LF.multilabel_soft_margin_loss, F.multilabel_soft_margin_loss, x, t, dtype=torch.float32)
     w64 = _constant("last", (3, 4))
-    _assert_same(_run(LF.binary_cross_entropy_with_logits, x, t.float(), w64),
-                 _run(F.binary_cross_entropy_with_logits, x, t.float(), w64))
+    assert_matches_reference(LF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, x, t.float(), w64)
     assert LF.sigmoid_focal_loss(x, t).dtype == torch.float64
 
 
@@ -185,9 +164,9 @@ def test_low_precision_no_worse_than_torch(dtype, reduction, loss):
         ref_fn = _focal_in_dtype
     low_args = [None if v is None else v.to(dtype) for v in args]
     low_kwargs = {k: v.to(dtype) for k, v in kwargs.items()}
-    truth = _run(ref_fn, x, t, *args, reduction=reduction, **kwargs)
-    ours = _run(ours_fn, x.to(dtype), t.to(dtype), *low_args, reduction=reduction, **low_kwargs)
-    base = _run(ref_fn, x.to(dtype), t.to(dtype), *low_args, reduction=reduction, **low_kwargs)
+    truth = loss_and_grads(ref_fn, x, t, *args, reduction=reduction, **kwargs)
+    ours = loss_and_grads(ours_fn, x.to(dtype), t.to(dtype), *low_args, reduction=reduction, **low_kwargs)
+    base = loss_and_grads(ref_fn, x.to(dtype), t.to(dtype), *low_args, reduction=reduction, **low_kwargs)
     for name, a, b, c in zip(("loss", "d/dinput", "d/dtarget"), ours, base, truth):
         assert a.dtype == dtype
         assert_no_worse_than(a, b, c, msg=f"{loss} {name}")
@@ -229,14 +208,12 @@ def test_property_matches_torch_any_shape_and_piece_size(shape, reduction, seed,
     try:
         x, p, t = _logits(shape, seed=seed), _probabilities(shape, seed=seed), _soft_labels(shape, seed=seed + 1)
         w = _constant("last", shape, seed=seed + 2)
-        _assert_same(_run(LF.binary_cross_entropy, p, t, w, reduction=reduction),
-                     _run(F.binary_cross_entropy, p, t, w, reduction=reduction))
-        _assert_same(_run(LF.binary_cross_entropy_with_logits, x, t, reduction=reduction, pos_weight=w),
-                     _run(F.binary_cross_entropy_with_logits, x, t, reduction=reduction, pos_weight=w))
-        _assert_same(_run(LF.multilabel_soft_margin_loss, x, t, w, reduction=reduction),
-                     _run(F.multilabel_soft_margin_loss, x, t, w, reduction=reduction))
-        _assert_same(_run(LF.sigmoid_focal_loss, x, t, 0.3, 1.5, reduction),
-                     _run(focal_reference, x, t, 0.3, 1.5, reduction))
+        assert_matches_reference(LF.binary_cross_entropy, F.binary_cross_entropy, p, t, w, reduction=reduction)
+        assert_matches_reference(LF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, x, t,
+                                 reduction=reduction, pos_weight=w)
+        assert_matches_reference(LF.multilabel_soft_margin_loss, F.multilabel_soft_margin_loss, x, t, w,
+                                 reduction=reduction)
+        assert_matches_reference(LF.sigmoid_focal_loss, focal_reference, x, t, 0.3, 1.5, reduction)
     finally:
         elementwise.CHUNK = saved
 
@@ -273,8 +250,8 @@ def test_identities():
 
 def test_focal_gamma_zero_gradients_equal_bce_with_logits():
     x, t = _logits((4, 5)), _soft_labels((4, 5))
-    _assert_same(_run(LF.sigmoid_focal_loss, x, t, -1.0, 0.0, "none"),
-                 _run(LF.binary_cross_entropy_with_logits, x, t, reduction="none"))
+    assert_same_results(loss_and_grads(LF.sigmoid_focal_loss, x, t, -1.0, 0.0, "none"),
+                        loss_and_grads(LF.binary_cross_entropy_with_logits, x, t, reduction="none"))
 
 
 # --- edge values, NaN, empty -------------------------------------------------------------------------
@@ -284,20 +261,18 @@ def test_bce_clamps_and_epsilon_like_torch():
     x = torch.tensor([0.0, 1.0, 0.0, 1.0, 1e-30, 0.5], dtype=torch.float64)
     t = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.5], dtype=torch.float64)
     for reduction in REDUCTIONS:
-        _assert_same(_run(LF.binary_cross_entropy, x, t, reduction=reduction, grad_target=False),
-                     _run(F.binary_cross_entropy, x, t, reduction=reduction, grad_target=False))
+        assert_matches_reference(LF.binary_cross_entropy, F.binary_cross_entropy, x, t, reduction=reduction,
+                                 target_requires_grad=False)
     # d/dtarget = -logit(x) is infinite at x = 0 and 1 in torch too.
-    _assert_same(_run(LF.binary_cross_entropy, x, t, reduction="sum"), _run(F.binary_cross_entropy, x, t,
-                                                                          reduction="sum"))
+    assert_matches_reference(LF.binary_cross_entropy, F.binary_cross_entropy, x, t, reduction="sum")
 
 
 def test_bce_with_logits_is_stable_for_large_logits():
     x = torch.tensor([-200.0, -50.0, 50.0, 200.0], dtype=torch.float32)
     t = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float32)
-    _assert_same(_run(LF.binary_cross_entropy_with_logits, x, t, reduction="none"),
-                 _run(F.binary_cross_entropy_with_logits, x, t, reduction="none"))
-    _assert_same(_run(LF.multilabel_soft_margin_loss, x, t, reduction="none"),
-                 _run(F.multilabel_soft_margin_loss, x, t, reduction="none"))
+    assert_matches_reference(LF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, x, t,
+                             reduction="none")
+    assert_matches_reference(LF.multilabel_soft_margin_loss, F.multilabel_soft_margin_loss, x, t, reduction="none")
 
 
 def test_focal_saturated_logit_has_zero_gradient_not_nan():
@@ -305,10 +280,10 @@ def test_focal_saturated_logit_has_zero_gradient_not_nan():
     # gives 0 * inf = NaN there, ours the limit 0 (documented).
     x = torch.tensor([200.0, -200.0], dtype=torch.float32)
     t = torch.tensor([1.0, 0.0], dtype=torch.float32)
-    loss, gx, gt = _run(LF.sigmoid_focal_loss, x, t, 0.25, 0.5, "sum")
+    loss, gx, gt = loss_and_grads(LF.sigmoid_focal_loss, x, t, 0.25, 0.5, "sum")
     assert loss == 0 and torch.equal(gx, torch.zeros(2))
     assert torch.isfinite(gt).all()
-    assert torch.isnan(_run(focal_reference, x, t, 0.25, 0.5, "sum")[1]).any()
+    assert torch.isnan(loss_and_grads(focal_reference, x, t, 0.25, 0.5, "sum")[1]).any()
 
 
 def test_bce_domain_is_checked_on_the_whole_tensors_before_any_piece(monkeypatch):
@@ -323,16 +298,19 @@ def test_bce_domain_is_checked_on_the_whole_tensors_before_any_piece(monkeypatch
         LF.binary_cross_entropy(torch.full((3,), 0.5), torch.tensor([float("nan"), -0.25, 0.5]))
 
 
+def _assert_logit_losses_match(x, t, reduction):
+    """The three losses of logits against torch (sigmoid_focal_loss: torchvision's definition)."""
+    assert_matches_reference(LF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, x, t,
+                             reduction=reduction)
+    assert_matches_reference(LF.multilabel_soft_margin_loss, F.multilabel_soft_margin_loss, x, t, reduction=reduction)
+    assert_matches_reference(LF.sigmoid_focal_loss, focal_reference, x, t, 0.25, 2.0, reduction)
+
+
 def test_nan_propagates_like_torch():
     x = torch.tensor([[float("nan"), 0.5, -1.0], [0.2, 1.0, 2.0]], dtype=torch.float64)
     t = torch.tensor([[1.0, 0.0, 1.0], [0.0, float("nan"), 0.5]], dtype=torch.float64)
     for reduction in REDUCTIONS:
-        _assert_same(_run(LF.binary_cross_entropy_with_logits, x, t, reduction=reduction),
-                     _run(F.binary_cross_entropy_with_logits, x, t, reduction=reduction))
-        _assert_same(_run(LF.multilabel_soft_margin_loss, x, t, reduction=reduction),
-                     _run(F.multilabel_soft_margin_loss, x, t, reduction=reduction))
-        _assert_same(_run(LF.sigmoid_focal_loss, x, t, 0.25, 2.0, reduction),
-                     _run(focal_reference, x, t, 0.25, 2.0, reduction))
+        _assert_logit_losses_match(x, t, reduction)
 
 
 def test_bce_nan_propagates():
@@ -340,7 +318,7 @@ def test_bce_nan_propagates():
     # the convention of every other loss (the [0, 1] check only rejects real out-of-range values).
     x = torch.tensor([float("nan"), 0.3], dtype=torch.float64)
     t = torch.tensor([0.5, 0.5], dtype=torch.float64)
-    loss, gx, gt = _run(LF.binary_cross_entropy, x, t, reduction="none")
+    loss, gx, gt = loss_and_grads(LF.binary_cross_entropy, x, t, reduction="none")
     assert torch.isnan(loss[0]) and torch.isnan(gx[0]) and torch.isnan(gt[0])
     assert_close(loss[1], F.binary_cross_entropy(x[1:], t[1:], reduction="none")[0])
     assert torch.isnan(LF.binary_cross_entropy(t, x))
@@ -350,23 +328,17 @@ def test_bce_nan_propagates():
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_empty_like_torch(shape, reduction):
     p, x, t = _probabilities(shape), _logits(shape), _soft_labels(shape)
-    _assert_same(_run(LF.binary_cross_entropy, p, t, reduction=reduction),
-                 _run(F.binary_cross_entropy, p, t, reduction=reduction))
-    _assert_same(_run(LF.binary_cross_entropy_with_logits, x, t, reduction=reduction),
-                 _run(F.binary_cross_entropy_with_logits, x, t, reduction=reduction))
-    _assert_same(_run(LF.multilabel_soft_margin_loss, x, t, reduction=reduction),
-                 _run(F.multilabel_soft_margin_loss, x, t, reduction=reduction))
-    _assert_same(_run(LF.sigmoid_focal_loss, x, t, 0.25, 2.0, reduction),
-                 _run(focal_reference, x, t, 0.25, 2.0, reduction))
+    assert_matches_reference(LF.binary_cross_entropy, F.binary_cross_entropy, p, t, reduction=reduction)
+    _assert_logit_losses_match(x, t, reduction)
 
 
 def test_non_contiguous_inputs():
     x, t = _logits((6, 5)).t(), _soft_labels((6, 5)).t()  # (5, 6) transposed views
     pw = _constant("last", (5, 6))
-    _assert_same(_run(LF.binary_cross_entropy_with_logits, x, t, pos_weight=pw, reduction="none"),
-                 _run(F.binary_cross_entropy_with_logits, x, t, pos_weight=pw, reduction="none"))
+    assert_matches_reference(LF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, x, t,
+                             pos_weight=pw, reduction="none")
     p = _probabilities((6, 5)).t()
-    _assert_same(_run(LF.binary_cross_entropy, p, t), _run(F.binary_cross_entropy, p, t))
+    assert_matches_reference(LF.binary_cross_entropy, F.binary_cross_entropy, p, t)
 
 
 def test_gradient_only_for_what_requires_grad():

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import losskit.functional as LF
 import losskit.kernels.blocks as blocks
-from losskit.testing import assert_close, assert_no_worse_than, gradcheck
+from losskit.testing import (assert_close, assert_matches_reference, assert_no_worse_than, assert_same_results,
+                             gradcheck, loss_and_grads)
 
 C = 5
 # (C,), (N, C) and (N, C, d1, d2) inputs; classes on dim 0 for the single sample, dim 1 otherwise.
@@ -54,26 +55,6 @@ def _weight(dtype=torch.float64, n=C):
     return (torch.rand(n, generator=_gen(7), dtype=torch.float64) + 0.5).to(dtype)
 
 
-def _run(fn, x, t, weight=None, grad_out=None, **kwargs):
-    """(loss, d/dx, d/dt) of ``fn``, backpropagating a fixed random grad_output (the loss's shape)."""
-    x = x.detach().clone().requires_grad_()
-    tt = t.detach().clone().requires_grad_() if t.is_floating_point() else t
-    loss = fn(x, tt, weight, **kwargs)
-    if grad_out is None:
-        grad_out = torch.randn(loss.shape, generator=_gen(3), dtype=torch.float64).to(loss.dtype)
-    loss.backward(grad_out)
-    return loss.detach(), x.grad, (tt.grad if t.is_floating_point() else None)
-
-
-def _same(ours, ref, dtype=None, names=("loss", "d/dinput", "d/dtarget")):
-    for name, a, b in zip(names, ours, ref):
-        if b is None:
-            assert a is None, name
-            continue
-        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
-        assert_close(a, b, dtype=dtype, msg=name)
-
-
 def _focal_ref(x, t, weight=None, *, gamma=2.0, ignore_index=-100, reduction="mean"):
     """Float64 formula of focal_loss's docstring: -w_y (1 - p_y)^gamma log p_y; "mean" divides by sum w_y."""
     cd = _cd(x)
@@ -87,24 +68,38 @@ def _focal_ref(x, t, weight=None, *, gamma=2.0, ignore_index=-100, reduction="me
     return loss.sum() if reduction == "sum" else loss.sum() / w_y.sum()
 
 
-def _focal_ref_run(x, t, weight=None, grad_out=None, **kwargs):
-    """(loss, d/dx) of the float64 formula in ``x``'s dtype, for comparison with focal_loss."""
-    loss, dx, _ = _run(_focal_ref, x.double(), t, weight, None if grad_out is None else grad_out.double(), **kwargs)
-    return loss.to(x.dtype), dx.to(x.dtype), None
+def _focal_ref_in_dtype(x, t, weight=None, **kwargs):
+    """The float64 formula, its result cast to ``x``'s dtype (so its gradient is too), to compare with
+    focal_loss."""
+    return _focal_ref(x.double(), t, weight, **kwargs).to(x.dtype)
 
 
 # --- values and gradients against torch, every option combination ------------------------------------
 
+#: The losses of class-index targets: losskit's, the reference (torch, or focal_loss's float64 formula),
+#: and the option swept besides weight, ignore_index and reduction.
+_INDEX_LOSSES = {
+    "cross_entropy": (LF.cross_entropy, F.cross_entropy, "label_smoothing", [0.0, 0.3]),
+    "nll_loss": (LF.nll_loss, F.nll_loss, None, [None]),
+    "focal_loss": (LF.focal_loss, _focal_ref_in_dtype, "gamma", [0.5, 2.0]),
+}
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("weighted,ignore_index,label_smoothing,reduction",
-                         list(itertools.product([False, True], [-100, 1], [0.0, 0.3], REDUCTIONS)))
-def test_cross_entropy_index_targets_match_torch(dtype, shape, weighted, ignore_index, label_smoothing, reduction):
+@pytest.mark.parametrize("loss,option,value",
+                         [(name, option, v) for name, (_, _, option, values) in _INDEX_LOSSES.items() for v in values])
+@pytest.mark.parametrize("weighted,ignore_index,reduction",
+                         list(itertools.product([False, True], [-100, 1], REDUCTIONS)))
+def test_index_target_losses_match_reference(dtype, shape, loss, option, value, weighted, ignore_index, reduction):
+    fn, reference = _INDEX_LOSSES[loss][:2]
     x = _logits(shape, dtype)
+    if loss == "nll_loss":
+        x = x.log_softmax(0 if len(shape) == 1 else 1)
     t = _index_target(shape, ignore_index=ignore_index)
     w = _weight(dtype) if weighted else None
-    kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
-    _same(_run(LF.cross_entropy, x, t, w, **kw), _run(F.cross_entropy, x, t, w, **kw))
+    kw = dict(ignore_index=ignore_index, reduction=reduction, **({option: value} if option else {}))
+    assert_matches_reference(fn, reference, x, t, w, **kw)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -115,31 +110,7 @@ def test_cross_entropy_probability_targets_match_torch(dtype, shape, weighted, l
     x, t = _logits(shape, dtype), _prob_target(shape, dtype)
     w = _weight(dtype) if weighted else None
     kw = dict(label_smoothing=label_smoothing, reduction=reduction)
-    _same(_run(LF.cross_entropy, x, t, w, **kw), _run(F.cross_entropy, x, t, w, **kw))
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("weighted,ignore_index,reduction",
-                         list(itertools.product([False, True], [-100, 1], REDUCTIONS)))
-def test_nll_loss_matches_torch(dtype, shape, weighted, ignore_index, reduction):
-    x = _logits(shape, dtype).log_softmax(0 if len(shape) == 1 else 1)
-    t = _index_target(shape, ignore_index=ignore_index)
-    w = _weight(dtype) if weighted else None
-    kw = dict(ignore_index=ignore_index, reduction=reduction)
-    _same(_run(LF.nll_loss, x, t, w, **kw), _run(F.nll_loss, x, t, w, **kw))
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("weighted,ignore_index,gamma,reduction",
-                         list(itertools.product([False, True], [-100, 1], [0.5, 2.0], REDUCTIONS)))
-def test_focal_loss_matches_formula(dtype, shape, weighted, ignore_index, gamma, reduction):
-    x = _logits(shape, dtype)
-    t = _index_target(shape, ignore_index=ignore_index)
-    w = _weight(dtype) if weighted else None
-    kw = dict(gamma=gamma, ignore_index=ignore_index, reduction=reduction)
-    _same(_run(LF.focal_loss, x, t, w, **kw), _focal_ref_run(x, t, w, **kw))
+    assert_matches_reference(LF.cross_entropy, F.cross_entropy, x, t, w, **kw)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -147,9 +118,9 @@ def test_focal_loss_matches_formula(dtype, shape, weighted, ignore_index, gamma,
 @pytest.mark.parametrize("shape,dim", [((5,), 0), ((4, 5), 1), ((4, 5), -2), ((2, 5, 3), 1), ((2, 3, 5), -1)])
 def test_softmax_and_log_softmax_match_torch(dtype, fn, shape, dim):
     x = _logits(shape, dtype)
-    ours = _run(lambda a, _t, _w: getattr(LF, fn)(a, dim), x, torch.zeros(()))
-    ref = _run(lambda a, _t, _w: getattr(F, fn)(a, dim), x, torch.zeros(()))
-    _same(ours[:2], ref[:2])
+    ours = loss_and_grads(lambda a, _t: getattr(LF, fn)(a, dim), x, torch.zeros(()))
+    ref = loss_and_grads(lambda a, _t: getattr(F, fn)(a, dim), x, torch.zeros(()))
+    assert_same_results(ours[:2], ref[:2])
     for cast in (torch.float64, None):
         assert_close(getattr(LF, fn)(x, dim, dtype=cast), getattr(F, fn)(x, dim, dtype=cast))
 
@@ -183,10 +154,10 @@ def test_low_precision_no_worse_than_torch(dtype, loss, reduction):
     name = "nll_loss" if loss == "nll_loss" else "cross_entropy"
     w = kw.pop("weight")
     grad_out = torch.randn((16, 3) if reduction == "none" else (), generator=_gen(5)).to(dtype)
-    ours = _run(getattr(LF, name), x, t, w, grad_out, **kw)
-    base = _run(getattr(F, name), x, t, w, grad_out, **kw)
-    truth = _run(getattr(F, name), x.double(), t.double() if t.is_floating_point() else t, w.double(),
-                 grad_out.double(), **kw)
+    ours = loss_and_grads(getattr(LF, name), x, t, w, grad_output=grad_out, **kw)
+    base = loss_and_grads(getattr(F, name), x, t, w, grad_output=grad_out, **kw)
+    truth = loss_and_grads(getattr(F, name), x.double(), t.double() if t.is_floating_point() else t, w.double(),
+                           grad_output=grad_out.double(), **kw)
     for what, a, b, c in zip(("loss", "d/dinput", "d/dtarget"), ours, base, truth):
         if c is not None:
             assert a.dtype == dtype, what
@@ -239,7 +210,7 @@ def test_cross_entropy_property_matches_torch(n, c, extra, weighted, ignore, lab
             t[torch.rand(t.shape, generator=_gen(seed)) < 0.3] = -1
         kw = {"ignore_index": -1}
     kw.update(label_smoothing=label_smoothing, reduction=reduction)
-    _same(_run(LF.cross_entropy, x, t, w, **kw), _run(F.cross_entropy, x, t, w, **kw))
+    assert_matches_reference(LF.cross_entropy, F.cross_entropy, x, t, w, **kw)
 
 
 @settings(max_examples=20, deadline=None)
@@ -251,10 +222,9 @@ def test_focal_and_nll_property(n, c, extra, weighted, gamma, reduction, seed):
     x = _logits(shape, seed=seed)
     t = torch.randint(0, c, (n, *extra), generator=_gen(seed))
     w = _weight(n=c) if weighted else None
-    _same(_run(LF.focal_loss, x, t, w, gamma=gamma, reduction=reduction),
-          _focal_ref_run(x, t, w, gamma=gamma, reduction=reduction))
+    assert_matches_reference(LF.focal_loss, _focal_ref_in_dtype, x, t, w, gamma=gamma, reduction=reduction)
     logp = x.log_softmax(1)
-    _same(_run(LF.nll_loss, logp, t, w, reduction=reduction), _run(F.nll_loss, logp, t, w, reduction=reduction))
+    assert_matches_reference(LF.nll_loss, F.nll_loss, logp, t, w, reduction=reduction)
 
 
 # --- identities ---------------------------------------------------------------------------------------
@@ -278,8 +248,8 @@ def test_ignored_rows_equal_dropped_rows(reduction, loss, kwargs):
     fn = getattr(LF, loss)
     x, t, w = _logits((9, C)), _index_target((9, C), ignore_index=-100), _weight()
     keep = t != -100
-    full = _run(fn, x, t, w, reduction=reduction, **kwargs)
-    dropped = _run(fn, x[keep], t[keep], w, reduction=reduction, **kwargs)
+    full = loss_and_grads(fn, x, t, w, reduction=reduction, **kwargs)
+    dropped = loss_and_grads(fn, x[keep], t[keep], w, reduction=reduction, **kwargs)
     assert_close(full[0], dropped[0])
     assert_close(full[1][keep], dropped[1])
     assert (full[1][~keep] == 0).all()
@@ -290,8 +260,8 @@ def test_ignored_rows_equal_dropped_rows(reduction, loss, kwargs):
 def test_ones_weight_equals_no_weight(loss, reduction):
     fn = getattr(LF, loss)
     x, t = _logits((2, C, 3)), _index_target((2, C, 3), ignore_index=-100)
-    _same(_run(fn, x, t, torch.ones(C, dtype=torch.float64), reduction=reduction),
-          _run(fn, x, t, None, reduction=reduction))
+    assert_same_results(loss_and_grads(fn, x, t, torch.ones(C, dtype=torch.float64), reduction=reduction),
+                        loss_and_grads(fn, x, t, None, reduction=reduction))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -300,17 +270,17 @@ def test_one_hot_probabilities_equal_index_targets(shape, reduction, weighted):
     x, t = _logits(shape), _index_target(shape)
     one_hot = F.one_hot(t, C).movedim(-1, _cd(x)).double()
     w = _weight() if weighted else None  # with weights "mean" differs by design (torch: / N vs / sum w_y)
-    idx, prob = _run(LF.cross_entropy, x, t, w, reduction=reduction), _run(LF.cross_entropy, x, one_hot, w,
-                                                                              reduction=reduction)
-    _same(idx[:2], prob[:2])
+    idx = loss_and_grads(LF.cross_entropy, x, t, w, reduction=reduction)
+    prob = loss_and_grads(LF.cross_entropy, x, one_hot, w, reduction=reduction)
+    assert_same_results(idx[:2], prob[:2])
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_focal_gamma_zero_equals_cross_entropy(reduction, shape):
     x, t, w = _logits(shape), _index_target(shape, ignore_index=-100), _weight()
-    _same(_run(LF.focal_loss, x, t, w, gamma=0.0, reduction=reduction),
-          _run(LF.cross_entropy, x, t, w, reduction=reduction))
+    assert_same_results(loss_and_grads(LF.focal_loss, x, t, w, gamma=0.0, reduction=reduction),
+                        loss_and_grads(LF.cross_entropy, x, t, w, reduction=reduction))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -322,7 +292,7 @@ def test_independent_of_block_size(monkeypatch, dtype, case):
     fn = LF.focal_loss if case == "focal" else LF.cross_entropy
     kw = {} if case == "focal" else {"label_smoothing": 0.1}
     w = _weight(dtype)
-    whole = _run(fn, x, t, w, reduction="none", **kw)
+    whole = loss_and_grads(fn, x, t, w, reduction="none", **kw)
     item = 8 if dtype == torch.float64 else 4
     # rows per block: 1; 3 (7 rows and 4 positions not divisible by 3); 8 (two samples of 4 positions
     # in one block, 3 samples not divisible by 2).
@@ -332,7 +302,7 @@ def test_independent_of_block_size(monkeypatch, dtype, case):
     for rows in (1, 3, 8):
         monkeypatch.setattr(blocks, "BLOCK_BYTES", rows * C * item)
         assert blocks.block_rows(C, item) == rows
-        _same(_run(fn, x, t, w, reduction="none", **kw), whole, dtype=tol)
+        assert_same_results(loss_and_grads(fn, x, t, w, reduction="none", **kw), whole, dtype=tol)
 
 
 # --- corners ------------------------------------------------------------------------------------------
@@ -340,12 +310,13 @@ def test_independent_of_block_size(monkeypatch, dtype, case):
 @pytest.mark.parametrize("loss", ["cross_entropy", "nll_loss", "focal_loss"])
 def test_all_targets_ignored_gives_nan_and_zero_gradients(loss):
     x, t = _logits((3, C)), torch.full((3,), -100)
-    out, dx, _ = _run(getattr(LF, loss), x, t, grad_out=torch.tensor(1.0, dtype=torch.float64))
+    out, dx, _ = loss_and_grads(getattr(LF, loss), x, t, grad_output=torch.tensor(1.0, dtype=torch.float64))
     assert torch.isnan(out) and (dx == 0).all()
     assert_close(LF.cross_entropy(x, t, label_smoothing=0.3, reduction="sum"), torch.tensor(0.0).double())
     if loss != "focal_loss":
-        ref = _run(getattr(F, loss), x, t, grad_out=torch.tensor(1.0, dtype=torch.float64))
-        _same(_run(getattr(LF, loss), x, t, grad_out=torch.tensor(1.0, dtype=torch.float64)), ref)
+        ref = loss_and_grads(getattr(F, loss), x, t, grad_output=torch.tensor(1.0, dtype=torch.float64))
+        assert_same_results(loss_and_grads(getattr(LF, loss), x, t, grad_output=torch.tensor(1.0, dtype=torch.float64)),
+                            ref)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -353,9 +324,8 @@ def test_all_targets_ignored_gives_nan_and_zero_gradients(loss):
 def test_empty_batch_like_torch(reduction, shape, tshape):
     x, t = torch.zeros(shape, dtype=torch.float64), torch.zeros(tshape, dtype=torch.long)
     for loss in ("cross_entropy", "nll_loss"):
-        _same(_run(getattr(LF, loss), x, t, reduction=reduction), _run(getattr(F, loss), x, t, reduction=reduction))
-    _same(_run(LF.cross_entropy, x, x.clone(), reduction=reduction), _run(F.cross_entropy, x, x.clone(),
-                                                                           reduction=reduction))
+        assert_matches_reference(getattr(LF, loss), getattr(F, loss), x, t, reduction=reduction)
+    assert_matches_reference(LF.cross_entropy, F.cross_entropy, x, x.clone(), reduction=reduction)
     assert LF.focal_loss(x, t, reduction=reduction).shape == F.cross_entropy(x, t, reduction=reduction).shape
 
 
@@ -366,15 +336,16 @@ def test_non_contiguous_and_k_dim_inputs():
     t = _index_target((6, C), ignore_index=-100)
     tp = _prob_target((C, 6)).t()
     for kw in ({}, {"label_smoothing": 0.2}):
-        _same(_run(LF.cross_entropy, x, t, **kw), _run(F.cross_entropy, x, t, **kw))
-        _same(_run(LF.cross_entropy, x, tp, **kw), _run(F.cross_entropy, x, tp, **kw))
+        assert_matches_reference(LF.cross_entropy, F.cross_entropy, x, t, **kw)
+        assert_matches_reference(LF.cross_entropy, F.cross_entropy, x, tp, **kw)
     xk = _logits((2, 3, C, 4)).permute(0, 2, 3, 1)  # (2, C, 4, 3), strided
     tk = _index_target((2, C, 4, 3), ignore_index=-100)
-    _same(_run(LF.cross_entropy, xk, tk, reduction="none"), _run(F.cross_entropy, xk, tk, reduction="none"))
+    assert_matches_reference(LF.cross_entropy, F.cross_entropy, xk, tk, reduction="none")
     # torch's own nll_loss backward refuses a strided 4-D input ("grad_input must be contiguous").
-    _same(_run(LF.nll_loss, xk, tk, reduction="none"), _run(F.nll_loss, xk.contiguous(), tk, reduction="none"))
+    assert_same_results(loss_and_grads(LF.nll_loss, xk, tk, reduction="none"),
+                        loss_and_grads(F.nll_loss, xk.contiguous(), tk, reduction="none"))
     tk_bcast = torch.zeros(2, 4, 1, dtype=torch.long).expand(2, 4, 3)  # stride-0 target
-    _same(_run(LF.cross_entropy, xk, tk_bcast), _run(F.cross_entropy, xk, tk_bcast))
+    assert_matches_reference(LF.cross_entropy, F.cross_entropy, xk, tk_bcast)
 
 
 def test_rows_with_minus_inf_logits():
@@ -387,16 +358,16 @@ def test_rows_with_minus_inf_logits():
     x[4, 2] = -inf  # the target's own logit: loss inf
     t = torch.tensor([0, 4, -100, 1, 2])
     for kw in ({}, {"label_smoothing": 0.1}):
-        _same(_run(LF.cross_entropy, x, t, reduction="none", **kw), _run(F.cross_entropy, x, t, reduction="none", **kw))
+        assert_matches_reference(LF.cross_entropy, F.cross_entropy, x, t, reduction="none", **kw)
     rows = [0, 1, 2]  # the focal formula's autograd is finite on these rows
-    _same(_run(LF.focal_loss, x[rows], t[rows], reduction="none"), _focal_ref_run(x[rows], t[rows], reduction="none"))
+    assert_matches_reference(LF.focal_loss, _focal_ref_in_dtype, x[rows], t[rows], reduction="none")
     out = LF.focal_loss(x, t, reduction="none")
     assert out[2] == 0 and torch.isnan(out[3]) and out[4] == inf
     logp = x.log_softmax(1)
-    _same(_run(LF.nll_loss, logp, t, reduction="none"), _run(F.nll_loss, logp, t, reduction="none"))
+    assert_matches_reference(LF.nll_loss, F.nll_loss, logp, t, reduction="none")
     # probability targets with zero mass on the -inf classes: 0 * inf = NaN in torch, in ours too
     tp = _prob_target((5, C))
-    _same(_run(LF.cross_entropy, x, tp, reduction="none"), _run(F.cross_entropy, x, tp, reduction="none"))
+    assert_matches_reference(LF.cross_entropy, F.cross_entropy, x, tp, reduction="none")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -406,25 +377,24 @@ def test_nan_propagates_as_torch(reduction):
     x[2, 0] = float("nan")  # ignored row: loss 0, gradient NaN (torch's log_softmax backward)
     t = torch.tensor([0, 2, -100, 4])
     for kw in ({}, {"label_smoothing": 0.2}):
-        _same(_run(LF.cross_entropy, x, t, reduction=reduction, **kw),
-              _run(F.cross_entropy, x, t, reduction=reduction, **kw))
+        assert_matches_reference(LF.cross_entropy, F.cross_entropy, x, t, reduction=reduction, **kw)
     logp = x.log_softmax(1)
-    _same(_run(LF.nll_loss, logp, t, reduction=reduction), _run(F.nll_loss, logp, t, reduction=reduction))
+    assert_matches_reference(LF.nll_loss, F.nll_loss, logp, t, reduction=reduction)
 
 
 def test_single_class_and_large_logits():
     x1 = _logits((4, 1))
     t1 = torch.zeros(4, dtype=torch.long)
     for kw in ({}, {"label_smoothing": 0.5}):
-        _same(_run(LF.cross_entropy, x1, t1, **kw), _run(F.cross_entropy, x1, t1, **kw))
-    _same(_run(LF.focal_loss, x1, t1), _focal_ref_run(x1, t1))
+        assert_matches_reference(LF.cross_entropy, F.cross_entropy, x1, t1, **kw)
+    assert_matches_reference(LF.focal_loss, _focal_ref_in_dtype, x1, t1)
     big = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4], [1e4, 1e4 - 1, 0.0]])
     tb = torch.tensor([1, 2, 0])
     for dtype in FLOATS:
         for kw in ({}, {"label_smoothing": 0.1}):
-            _same(_run(LF.cross_entropy, big.to(dtype), tb, **kw), _run(F.cross_entropy, big.to(dtype), tb, **kw))
+            assert_matches_reference(LF.cross_entropy, F.cross_entropy, big.to(dtype), tb, **kw)
         assert torch.isfinite(LF.focal_loss(big.to(dtype), tb, reduction="none")).all()
-    _same(_run(LF.focal_loss, big.double(), tb), _focal_ref_run(big.double(), tb))
+    assert_matches_reference(LF.focal_loss, _focal_ref_in_dtype, big.double(), tb)
 
 
 def test_focal_loss_confident_rows_stay_positive():

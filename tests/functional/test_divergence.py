@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -20,7 +17,7 @@ import losskit.functional as LF
 import losskit.kernels.blocks as blocks
 import losskit.kernels.elementwise as elementwise
 import losskit.nn as LN
-from losskit.testing import assert_close, assert_no_worse_than, gradcheck
+from losskit.testing import assert_close, assert_no_worse_than, gradcheck, measure_peaks_in_child
 
 KL_REDUCTIONS = ["none", "mean", "sum", "batchmean"]
 SHAPES = [(), (5,), (4, 7), (2, 3, 5)]
@@ -419,7 +416,6 @@ def test_entropy_bad_input():
 
 _PROBE = textwrap.dedent("""
     import torch, losskit.functional as LF
-    from losskit.testing import peak_memory_above
     n = 1 << 22  # 4M float32 elements: 16 MiB per input-sized tensor
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, generator=g).log_softmax(0).requires_grad_()
@@ -433,16 +429,11 @@ _PROBE = textwrap.dedent("""
         "entropy_logits": lambda: LF.entropy(logits, logits=True),
         "entropy_probs": lambda: LF.entropy(probs),
     }
-    for name, call in calls.items():
-        call()  # first call: one-time allocations of torch's kernels, not the loss's
-        print(name, peak_memory_above(call))
 """)
 
 
 def test_only_gradients_and_output_are_input_sized():
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
-    peaks = {name: int(v) for name, v in (line.split() for line in out.stdout.split("\n") if line)}
+    peaks = measure_peaks_in_child(_PROBE)
     tensor = (1 << 22) * 4
     # kl_div: about a dozen live float32 pieces of CHUNK elements; entropy: the (rows, C) work block of
     # BLOCK_BYTES and about three temporaries of its size.

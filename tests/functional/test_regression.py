@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 import losskit.functional as LF
 import losskit.kernels.elementwise as elementwise
-from losskit.testing import assert_close, assert_no_worse_than, gradcheck
+from losskit.testing import (assert_close, assert_matches_reference, assert_no_worse_than, assert_same_results,
+                             gradcheck, loss_and_grads)
 
 REDUCTIONS = ["none", "mean", "sum"]
 SHAPES = [(), (5,), (4, 7), (2, 3, 5)]
@@ -40,24 +41,6 @@ def _weight(shape, dtype=torch.float64, seed=1):
     return (0.5 + torch.rand(shape, generator=_gen(seed), dtype=torch.float64)).to(dtype)
 
 
-def _run(fn, x, t, *, seed=2, grad_target=True, **kwargs):
-    """(loss, d/dinput, d/dtarget) for a random grad_output of the loss's shape."""
-    x = x.detach().clone().requires_grad_()
-    t = t.detach().clone().requires_grad_(grad_target)
-    loss = fn(x, t, **kwargs)
-    loss.backward(torch.randn(loss.shape, generator=_gen(seed), dtype=torch.float64).to(loss.dtype))
-    return loss.detach(), x.grad, t.grad
-
-
-def _assert_same(ours, ref, dtype=None):
-    for name, a, b in zip(("loss", "d/dinput", "d/dtarget"), ours, ref):
-        if b is None:
-            assert a is None, name
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
-        assert_close(a, b, dtype=dtype, msg=name)
-
-
 # --- mse_loss ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -67,8 +50,7 @@ def _assert_same(ours, ref, dtype=None):
 def test_mse_matches_torch(dtype, shape, reduction, weighted):
     x, t = _pair(shape, dtype)
     w = _weight(shape, dtype) if weighted else None
-    _assert_same(_run(LF.mse_loss, x, t, reduction=reduction, weight=w),
-                 _run(F.mse_loss, x, t, reduction=reduction, weight=w))
+    assert_matches_reference(LF.mse_loss, F.mse_loss, x, t, reduction=reduction, weight=w)
 
 
 def test_mse_integer_target_and_mixed_dtypes_like_torch():
@@ -79,11 +61,11 @@ def test_mse_integer_target_and_mixed_dtypes_like_torch():
     assert ours.dtype == ref.dtype
     assert_close(ours, ref)
     assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0])
-    _assert_same(_run(LF.mse_loss, x, t.double()), _run(F.mse_loss, x, t.double()))
+    assert_matches_reference(LF.mse_loss, F.mse_loss, x, t.double())
     # torch squares the float32 residual before promoting to the float64 weight; losskit computes in the
     # promoted float64, so the two agree to float32's tolerance.
     w64 = _weight((3, 4))
-    _assert_same(_run(LF.mse_loss, x, t, weight=w64), _run(F.mse_loss, x, t, weight=w64), dtype=torch.float32)
+    assert_matches_reference(LF.mse_loss, F.mse_loss, x, t, weight=w64, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -93,9 +75,9 @@ def test_mse_low_precision_no_worse_than_torch(dtype, reduction, weighted):
     x, t = _pair((32, 17))
     w = _weight((32, 17)) if weighted else None
     lw = None if w is None else w.to(dtype)
-    truth = _run(F.mse_loss, x, t, reduction=reduction, weight=w)
-    ours = _run(LF.mse_loss, x.to(dtype), t.to(dtype), reduction=reduction, weight=lw)
-    base = _run(F.mse_loss, x.to(dtype), t.to(dtype), reduction=reduction, weight=lw)
+    truth = loss_and_grads(F.mse_loss, x, t, reduction=reduction, weight=w)
+    ours = loss_and_grads(LF.mse_loss, x.to(dtype), t.to(dtype), reduction=reduction, weight=lw)
+    base = loss_and_grads(F.mse_loss, x.to(dtype), t.to(dtype), reduction=reduction, weight=lw)
     for name, a, b, c in zip(("loss", "d/dinput", "d/dtarget"), ours, base, truth):
         assert a.dtype == dtype
         assert_no_worse_than(a, b, c, msg=name)
@@ -118,9 +100,8 @@ def test_mse_property_matches_torch_any_shape_and_piece_size(shape, reduction, w
     try:
         x, t = _pair(shape, seed=seed)
         w = _weight(shape, seed=seed + 1) if weighted else None
-        _assert_same(_run(LF.mse_loss, x, t, reduction=reduction, weight=w),
-                     _run(F.mse_loss, x, t, reduction=reduction, weight=w))
-        _assert_same(_run(LF.rmse_loss, x, t, weight=w), _run(rmse_reference, x, t, weight=w))
+        assert_matches_reference(LF.mse_loss, F.mse_loss, x, t, reduction=reduction, weight=w)
+        assert_matches_reference(LF.rmse_loss, rmse_reference, x, t, weight=w)
     finally:
         elementwise.CHUNK = saved
 
@@ -143,15 +124,14 @@ def test_mse_nan_empty_and_non_contiguous_like_torch():
     x = torch.tensor([[float("nan"), 1.0], [2.0, 3.0]], dtype=torch.float64)
     t = torch.tensor([[0.0, float("inf")], [1.0, 3.0]], dtype=torch.float64)
     for reduction in REDUCTIONS:
-        _assert_same(_run(LF.mse_loss, x, t, reduction=reduction), _run(F.mse_loss, x, t, reduction=reduction))
+        assert_matches_reference(LF.mse_loss, F.mse_loss, x, t, reduction=reduction)
     for shape in [(0,), (0, 3), (2, 0)]:
         e, f = _pair(shape)
         for reduction in REDUCTIONS:
-            _assert_same(_run(LF.mse_loss, e, f, reduction=reduction), _run(F.mse_loss, e, f, reduction=reduction))
-            _assert_same(_run(LF.mse_loss, e, f, reduction=reduction, weight=_weight(shape)),
-                         _run(F.mse_loss, e, f, reduction=reduction, weight=_weight(shape)))
+            assert_matches_reference(LF.mse_loss, F.mse_loss, e, f, reduction=reduction)
+            assert_matches_reference(LF.mse_loss, F.mse_loss, e, f, reduction=reduction, weight=_weight(shape))
     a, b = _pair((6, 5))
-    _assert_same(_run(LF.mse_loss, a.t(), b.t(), reduction="none"), _run(F.mse_loss, a.t(), b.t(), reduction="none"))
+    assert_matches_reference(LF.mse_loss, F.mse_loss, a.t(), b.t(), reduction="none")
 
 
 def test_mse_bad_input():
@@ -184,9 +164,9 @@ def test_mse_bad_input():
 def test_rmse_matches_float64_formula(dtype, shape, weighted):
     x, t = _pair(shape, dtype)
     w = _weight(shape, dtype) if weighted else None
-    ours = _run(LF.rmse_loss, x, t, weight=w)
-    ref = _run(rmse_reference, x, t, weight=w)
-    _assert_same(ours, (ref[0].to(dtype), *ref[1:]))
+    ours = loss_and_grads(LF.rmse_loss, x, t, weight=w)
+    ref = loss_and_grads(rmse_reference, x, t, weight=w)
+    assert_same_results(ours, (ref[0].to(dtype), *ref[1:]))
 
 
 def test_rmse_is_sqrt_of_mse():
@@ -198,7 +178,7 @@ def test_rmse_is_sqrt_of_mse():
 
 def test_rmse_gradient_is_zero_not_nan_at_zero_loss():
     x = torch.randn(3, 4, dtype=torch.float64)
-    loss, gx, gt = _run(LF.rmse_loss, x, x.clone())
+    loss, gx, gt = loss_and_grads(LF.rmse_loss, x, x.clone())
     assert loss == 0
     assert torch.equal(gx, torch.zeros_like(x)) and torch.equal(gt, torch.zeros_like(x))
     # Only the weighted residuals matter: a residual under a zero weight leaves the loss at 0.
@@ -206,16 +186,16 @@ def test_rmse_gradient_is_zero_not_nan_at_zero_loss():
     t[0, 0] += 1
     w = torch.ones_like(x)
     w[0, 0] = 0
-    loss, gx, _ = _run(LF.rmse_loss, x, t, weight=w)
+    loss, gx, _ = loss_and_grads(LF.rmse_loss, x, t, weight=w)
     assert loss == 0 and torch.equal(gx, torch.zeros_like(x))
 
 
 def test_rmse_low_precision_no_worse_than_torch():
     x, t = _pair((32, 17))
-    truth = _run(rmse_reference, x, t)
+    truth = loss_and_grads(rmse_reference, x, t)
     for dtype in (torch.bfloat16, torch.float16):
-        ours = _run(LF.rmse_loss, x.to(dtype), t.to(dtype))
-        base = _run(lambda a, b: F.mse_loss(a, b).sqrt(), x.to(dtype), t.to(dtype))
+        ours = loss_and_grads(LF.rmse_loss, x.to(dtype), t.to(dtype))
+        base = loss_and_grads(lambda a, b: F.mse_loss(a, b).sqrt(), x.to(dtype), t.to(dtype))
         for name, a, b, c in zip(("loss", "d/dinput", "d/dtarget"), ours, base, truth):
             assert a.dtype == dtype
             assert_no_worse_than(a, b, c, msg=name)

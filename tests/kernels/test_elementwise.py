@@ -3,9 +3,6 @@ the input's size but its gradients (and a "none" output)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import torch
@@ -13,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from losskit.kernels.elementwise import CHUNK, pieces
+from losskit.testing import measure_peaks_in_child
 
 
 @settings(max_examples=60, deadline=None)
@@ -35,7 +33,6 @@ def test_pieces_are_few_and_balanced():
 
 _PROBE = textwrap.dedent("""
     import torch, losskit.functional as LF
-    from losskit.testing import peak_memory_above
     n = 1 << 22  # 4M float32 elements: 16 MiB per input-sized tensor
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, generator=g).requires_grad_()
@@ -50,16 +47,11 @@ _PROBE = textwrap.dedent("""
         "rmse": lambda: LF.rmse_loss(x, t),
         "mse_none": lambda: LF.mse_loss(x, t, reduction="none"),
     }
-    for name, call in calls.items():
-        call()  # first call: one-time allocations of torch's kernels, not the loss's
-        print(name, peak_memory_above(call))
 """)
 
 
 def test_only_gradients_and_output_are_input_sized():
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
-    peaks = {name: int(v) for name, v in (line.split() for line in out.stdout.split("\n") if line)}
+    peaks = measure_peaks_in_child(_PROBE)
     tensor = (1 << 22) * 4
     # Budget beyond the input-sized results: about a dozen live float32 pieces of CHUNK elements.
     pieces_budget = 12 * CHUNK * 4

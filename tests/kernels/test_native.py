@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -16,7 +13,7 @@ from hypothesis import strategies as st
 
 import losskit.functional as LF
 from losskit.kernels import native
-from losskit.testing import assert_close, assert_no_worse_than, gradcheck
+from losskit.testing import assert_close, assert_no_worse_than, gradcheck, measure_peaks_in_child
 
 # Every option of the row family: (loss, kwargs, target kind). "index_ignored" puts ignore_index on
 # every third position.
@@ -310,7 +307,6 @@ def test_modules_pass_impl_through():
 
 _PROBE = textwrap.dedent("""
     import torch, losskit.functional as LF
-    from losskit.testing import peak_memory_above
     torch.set_num_threads(2)
     n, c = 256, 16384  # 4M elements: 16 MiB per float32 input-sized tensor
     g = torch.Generator().manual_seed(0)
@@ -325,16 +321,11 @@ _PROBE = textwrap.dedent("""
         "prob": lambda: LF.cross_entropy(x, p, impl="compiled"),
         "focal": lambda: LF.focal_loss(x, y, impl="compiled"),
     }
-    for name, call in calls.items():
-        call()
-        print(name, peak_memory_above(call))
 """)
 
 
 def test_only_the_gradients_are_input_sized():
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
-    peaks = {name: int(v) for name, v in (line.split() for line in out.stdout.split("\n") if line)}
+    peaks = measure_peaks_in_child(_PROBE)
     grad = 256 * 16384 * 4
     # Beyond the gradients: per thread, scratch rows of C floats (64 KiB each), plus per-row vectors and
     # the allocator's rounding; 2 MiB is ample and far below one input-sized tensor (16 MiB).

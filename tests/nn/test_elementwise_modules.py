@@ -8,7 +8,7 @@ from torch import nn
 
 import losskit.functional as LF
 import losskit.nn as LN
-from losskit.testing import assert_close
+from losskit.testing import assert_close, loss_and_grads
 
 
 def _data(seed=0):
@@ -19,11 +19,8 @@ def _data(seed=0):
     return x, t, w
 
 
-def _loss_and_grad(fn, x, t):
-    x = x.detach().clone().requires_grad_()
-    loss = fn(x, t)
-    loss.sum().backward()
-    return loss.detach(), x.grad
+def _loss_and_input_grad(fn, x, t):
+    return loss_and_grads(fn, x, t, target_requires_grad=False)[:2]
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -42,22 +39,22 @@ def test_modules_equal_functionals_and_torch(reduction):
          lambda a, b: LF.mse_loss(a, b, reduction=reduction)),
     ]
     for ours, theirs, inp, functional in cases:
-        got = _loss_and_grad(ours, inp, t)
-        for a, b in zip(got, _loss_and_grad(functional, inp, t)):
+        got = _loss_and_input_grad(ours, inp, t)
+        for a, b in zip(got, _loss_and_input_grad(functional, inp, t)):
             assert torch.equal(a, b), type(ours).__name__
-        for a, b in zip(got, _loss_and_grad(theirs, inp, t)):
+        for a, b in zip(got, _loss_and_input_grad(theirs, inp, t)):
             assert_close(a, b, msg=type(ours).__name__)
 
 
 def test_sigmoid_focal_and_rmse_modules_equal_functionals():
     x, t, _ = _data()
     for reduction in ("none", "mean", "sum"):
-        got = _loss_and_grad(LN.SigmoidFocalLoss(0.4, 1.5, reduction=reduction), x, t)
-        want = _loss_and_grad(lambda a, b: LF.sigmoid_focal_loss(a, b, 0.4, 1.5, reduction), x, t)
+        got = _loss_and_input_grad(LN.SigmoidFocalLoss(0.4, 1.5, reduction=reduction), x, t)
+        want = _loss_and_input_grad(lambda a, b: LF.sigmoid_focal_loss(a, b, 0.4, 1.5, reduction), x, t)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert LN.SigmoidFocalLoss().reduction == "none"  # torchvision's default
-    assert all(torch.equal(a, b) for a, b in zip(_loss_and_grad(LN.RMSELoss(), x, t),
-                                                 _loss_and_grad(LF.rmse_loss, x, t)))
+    assert all(torch.equal(a, b) for a, b in zip(_loss_and_input_grad(LN.RMSELoss(), x, t),
+                                                 _loss_and_input_grad(LF.rmse_loss, x, t)))
 
 
 def test_weights_are_buffers():

@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+from ..testing import MALLOC_ENV
+
 _WARMUP_EXTENT = 64  # each extent of the warm-up size is clipped to this
 
 
