@@ -29,24 +29,24 @@ def _arg_type(parse):  # argparse reports ArgumentTypeError's message next to th
     return convert
 
 
+def _choose(text: str, choices: dict, what: str) -> list:
+    """The values of a comma-separated list of keys of ``choices``; ValueError naming the unknown ones."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in choices]
+    if unknown or not names:
+        raise ValueError(f"unknown {what}(s) {', '.join(map(repr, unknown)) or repr(text)}; "
+                         f"choose from: {', '.join(choices)}")
+    return [choices[name] for name in names]
+
+
 def _cases(text: str) -> list:
     from .bench import BY_NAME
 
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in BY_NAME]
-    if unknown or not names:
-        raise ValueError(f"unknown case(s) {', '.join(map(repr, unknown)) or repr(text)}; "
-                         f"choose from: {', '.join(BY_NAME)}")
-    return [BY_NAME[name] for name in names]
+    return _choose(text, BY_NAME, "case")
 
 
 def _dtypes(text: str) -> list[torch.dtype]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in _DTYPES]
-    if unknown or not names:
-        raise ValueError(f"unknown dtype(s) {', '.join(map(repr, unknown)) or repr(text)}; "
-                         f"choose from: {', '.join(_DTYPES)}")
-    return [_DTYPES[name] for name in names]
+    return _choose(text, _DTYPES, "dtype")
 
 
 def _positive_int(text: str) -> int:

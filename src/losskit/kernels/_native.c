@@ -303,29 +303,6 @@ static PyObject *py_xent(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* exp of a contiguous array, in place: the kernels' vector exp, exposed for the accuracy tests. */
-HOT static void exp_array_f32(float *p, int64_t n)
-{
-    for (int64_t i = 0; i < n; i += 8) {
-        v8f v = {0};
-        int64_t m = n - i < 8 ? n - i : 8;
-        memcpy(&v, p + i, (size_t)m * sizeof(float));
-        v = exp_v8f(v);
-        memcpy(p + i, &v, (size_t)m * sizeof(float));
-    }
-}
-
-HOT static void exp_array_f64(double *p, int64_t n)
-{
-    for (int64_t i = 0; i < n; i += 4) {
-        v4d v = {0};
-        int64_t m = n - i < 4 ? n - i : 4;
-        memcpy(&v, p + i, (size_t)m * sizeof(double));
-        v = exp_v4d(v);
-        memcpy(p + i, &v, (size_t)m * sizeof(double));
-    }
-}
-
 static PyObject *py_exp(PyObject *self, PyObject *args)
 {
     (void)self;
