@@ -2,6 +2,7 @@
 
 Each kernel states the reference expression it computes; tests use that expression as the oracle and
 benchmarks as the baseline. ``rows`` holds the pure-torch row kernels (any device); ``blocks`` splits an
-``(N, C, d1, ..., dk)`` tensor into cache-sized ``(n, C)`` row blocks. ``native`` runs the compiled CPU
+``(N, C, d1, ..., dk)`` tensor into cache-sized ``(n, C)`` row blocks; ``elementwise`` walks the
+elementwise losses in cache-sized pieces; ``linear_xent`` is the chunked head + cross-entropy. ``native`` runs the compiled CPU
 row kernels (the C extension ``_native``, built with the package; ``impl="compiled"``).
 """
