@@ -1,11 +1,12 @@
 """The C extension of losskit (everything else is declared in pyproject.toml).
 
-``losskit.kernels._native`` holds the compiled CPU row kernels. It is optional: if it cannot be built
+``losskit.kernels._native*`` hold the compiled CPU kernels. Each is optional: if one cannot be built
 (no C compiler, an unsupported one), the install still succeeds, losskit runs on its pure-torch path and
 ``impl="compiled"`` raises an ImportError that says how to get the kernels.
 """
 
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 
@@ -13,13 +14,20 @@ from setuptools import Extension, setup
 # and inf must propagate as in torch. The hot functions carry their own target_clones (x86-64-v3 and
 # the baseline), so no -march here.
 unix_flags = ["-O3", "-g0", "-std=gnu11", "-fno-math-errno", "-Wno-psabi", "-pthread"]
-native = Extension(
-    "losskit.kernels._native",
-    sources=["src/losskit/kernels/_native.c"],
-    depends=["src/losskit/kernels/_native_rows.h"],
-    extra_compile_args=[] if sys.platform == "win32" else unix_flags,
-    extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
-    optional=True,
-)
+# One extension module per C file: losskit/kernels/_native*.c -> losskit.kernels._native*; the headers
+# (_native_*.h) are shared and included by each.
+kernels = Path("src/losskit/kernels")
+headers = sorted(str(h) for h in kernels.glob("_native*.h"))
+extensions = [
+    Extension(
+        f"losskit.kernels.{source.stem}",
+        sources=[str(source)],
+        depends=headers,
+        extra_compile_args=[] if sys.platform == "win32" else unix_flags,
+        extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
+        optional=True,
+    )
+    for source in sorted(kernels.glob("_native*.c"))
+]
 
-setup(ext_modules=[native])
+setup(ext_modules=extensions)

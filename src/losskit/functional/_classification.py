@@ -98,8 +98,8 @@ def _softmax_xent(input: Tensor, target: Tensor, weight: Tensor | None, ignore_i
     scale = _reduction.scale(reduction, denominator, n * length)
 
     # Gradients are allocated contiguous so that as_3d() is a view of them.
-    grad = torch.empty(input.shape, dtype=input.dtype, device=input.device) if want_x else None
-    tgrad = torch.empty(target.shape, dtype=target.dtype, device=target.device) if want_t else None
+    grad = native.empty(input.shape, input.dtype, input.device) if want_x else None
+    tgrad = native.empty(target.shape, target.dtype, target.device) if want_t else None
     g3 = as_3d(grad) if grad is not None else None
     tg3 = as_3d(tgrad) if tgrad is not None else None
     loss2 = torch.empty(n, length, dtype=acc, device=input.device)  # per-position loss

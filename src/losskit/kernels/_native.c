@@ -6,116 +6,14 @@
  * torch tensors, and targets are checked to lie in [0, C) or equal ignore_index. The kernel checks the
  * targets again before it indexes with them, so an out-of-range class is an error, never a stray access.
  *
- * exp: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, then a polynomial for e^r (Cephes' degree-7
- * minimax for float, the degree-13 Taylor series for double) scaled by 2^k built in the exponent bits.
- * Domain x <= 0 (every argument here is a logit minus the row max or the log-sum-exp); results below the
- * smallest normal number are flushed to 0. Error, measured over dense sweeps of the domain against
- * extended-precision exp: at most 1.004 ulp (float32) and 0.99 ulp (float64); torch's own exp is within
- * 0.57 / 0.52 ulp. tests/kernels/test_native.py::test_exp_accuracy_in_ulp asserts < 1.5 ulp.
- *
- * Function multiversioning: on x86-64 the hot functions are compiled twice, for x86-64-v3 (AVX2, FMA,
- * F16C) and for the baseline, and the loader picks one at start-up, so one binary runs on any x86-64.
+ * The vector exp, the storage dtypes and the thread runner are in _native_common.h.
  */
 
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <math.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "_native_common.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define HOT
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
-#define INLINE static inline __attribute__((always_inline))
-
-enum { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
-enum { ERR_NOMEM = 1, ERR_TARGET = 2 };
-
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef double v4d __attribute__((vector_size(32)));
-typedef int64_t v4l __attribute__((vector_size(32)));
-
-/* ---- exp ---------------------------------------------------------------------------------------- */
-
-INLINE v8f exp_v8f(v8f x)
-{
-    const v8f lo = (v8f){0} - 87.33654475f; /* ln(2^-126): below this the result is flushed to 0 */
-    const v8i under = x < lo;
-    x = (v8f)((under & (v8i)lo) | (~under & (v8i)x)); /* NaN compares false and passes through */
-    const float magic = 12582912.0f;                   /* 1.5 * 2^23: adding it rounds to an integer */
-    const v8f t = x * 1.44269504088896341f + magic;
-    const v8f k = t - magic;
-    v8f r = x - k * 0.693359375f; /* ln2 split in a high part exact in k * hi, and a low part */
-    r = r - k * -2.12194440e-4f;
-    v8f p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    const v8i two_k = (((v8i)t - (v8i)((v8f){0} + magic)) + 127) << 23;
-    return (v8f)(~under & (v8i)(p * (v8f)two_k));
-}
-
-INLINE v4d exp_v4d(v4d x)
-{
-    const v4d lo = (v4d){0} - 708.3964185322641; /* ln(2^-1022) */
-    const v4l under = x < lo;
-    x = (v4d)((under & (v4l)lo) | (~under & (v4l)x));
-    const double magic = 6755399441055744.0; /* 1.5 * 2^52 */
-    const v4d t = x * 1.4426950408889634074 + magic;
-    const v4d k = t - magic;
-    v4d r = x - k * 6.93147180369123816490e-01; /* fdlibm's ln2 hi/lo split */
-    r = r - k * 1.90821492927058770002e-10;
-    /* e^r = sum_{i<=13} r^i / i!; the first omitted term is below 2^-60 for |r| <= ln2/2. */
-    v4d p = (v4d){0} + 1.0 / 6227020800.0;
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * (r * r) + r + 1.0;
-    const v4l two_k = (((v4l)t - (v4l)((v4d){0} + magic)) + 1023) << 52;
-    return (v4d)(~under & (v4l)(p * (v4d)two_k));
-}
-
-/* ---- storage dtypes -------------------------------------------------------------------------------- */
-
-INLINE float bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-INLINE uint16_t f32_to_bf16(float f) /* round to nearest even, NaN stays NaN (as torch); branch-free */
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    const uint16_t rounded = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16), quiet = (uint16_t)((u >> 16) | 0x40);
-    return f != f ? quiet : rounded;
-}
-
-/* One strided (N, C, L) operand: element (n, c, l) is at ptr + n*sn + c*sc + l*sl (in elements). */
-struct view {
-    void *ptr;
-    int dtype;
-    int64_t sn, sl, sc;
-};
-
-INLINE int64_t row_offset(const struct view *v, int64_t r, int64_t L) { return (r / L) * v->sn + (r % L) * v->sl; }
 
 struct xent_args {
     struct view x, t, g, tg;  /* logits; probability target (ptr NULL: index target); gradients (NULL: none) */
@@ -200,63 +98,17 @@ DEFINE_ROW_IO(double, f64)
 
 /* ---- threads ---------------------------------------------------------------------------------------- */
 
-struct job {
-    const struct xent_args *args;
-    int64_t r0, r1;
-    int dbl, err;
-};
-
-static void *run_job(void *p)
+static int xent_range(void *ctx, int64_t r0, int64_t r1)
 {
-    struct job *j = p;
-    j->err = j->dbl ? xent_range_f64(j->args, j->r0, j->r1) : xent_range_f32(j->args, j->r0, j->r1);
-    return NULL;
-}
-
-/* Rows split evenly over up to 64 threads; the calling thread takes the first share. A thread that
- * cannot be started has its share run by the calling thread. */
-static int run_threads(const struct xent_args *a, int dbl, int nthreads)
-{
-    enum { MAX_THREADS = 64 };
-    struct job jobs[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (nthreads > a->rows) nthreads = a->rows > 0 ? (int)a->rows : 1;
-    for (int i = 0; i < nthreads; i++) {
-        jobs[i] = (struct job){a, a->rows * i / nthreads, a->rows * (i + 1) / nthreads, dbl, 0};
-        if (i > 0) started[i] = pthread_create(&tids[i], NULL, run_job, &jobs[i]) == 0;
-    }
-    run_job(&jobs[0]);
-    int err = jobs[0].err;
-    for (int i = 1; i < nthreads; i++) {
-        if (started[i]) pthread_join(tids[i], NULL);
-        else run_job(&jobs[i]);
-        if (!err) err = jobs[i].err;
-    }
-    return err;
+    const struct xent_args *a = ctx;
+    return a->x.dtype == DT_F64 ? xent_range_f64(a, r0, r1) : xent_range_f32(a, r0, r1);
 }
 
 /* ---- Python bindings ---------------------------------------------------------------------------------- */
 
-#define VIEW_FMT "(KiLLL)"
-
-static int parse_view(PyObject *tuple, struct view *v)
-{
-    unsigned long long ptr;
-    long long sn, sl, sc;
-    if (!PyArg_ParseTuple(tuple, "KiLLL", &ptr, &v->dtype, &sn, &sl, &sc)) return 0;
-    v->ptr = (void *)(uintptr_t)ptr;
-    v->sn = sn;
-    v->sl = sl;
-    v->sc = sc;
-    return 1;
-}
-
 static const char xent_doc[] =
     "xent(x, t, g, tg, target_ptr, loss_ptr, weight_ptr, rows, L, C, ignore_index, label_smoothing, gamma,\n"
-    "     scale, weight_sum, double, nthreads)\n\n"
+    "     scale, weight_sum, nthreads)\n\n"
     "Softmax cross-entropy of each row; see losskit/kernels/native.py, which validates the operands.\n"
     "x, t, g, tg: (data_ptr, dtype_code, stride_n, stride_l, stride_c); ptr 0 for an absent operand.";
 
@@ -267,10 +119,10 @@ static PyObject *py_xent(PyObject *self, PyObject *args)
     unsigned long long target, loss, weight;
     long long rows, L, C, ignore_index;
     double ls, gamma, scale, wsum;
-    int dbl, nthreads;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!KKKLLLLddddpi", &PyTuple_Type, &vx, &PyTuple_Type, &vt, &PyTuple_Type,
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!KKKLLLLddddi", &PyTuple_Type, &vx, &PyTuple_Type, &vt, &PyTuple_Type,
                           &vg, &PyTuple_Type, &vtg, &target, &loss, &weight, &rows, &L, &C, &ignore_index, &ls,
-                          &gamma, &scale, &wsum, &dbl, &nthreads))
+                          &gamma, &scale, &wsum, &nthreads))
         return NULL;
     struct xent_args a = {0};
     if (!parse_view(vx, &a.x) || !parse_view(vt, &a.t) || !parse_view(vg, &a.g) || !parse_view(vtg, &a.tg))
@@ -292,7 +144,7 @@ static PyObject *py_xent(PyObject *self, PyObject *args)
     a.weight_sum = wsum;
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = run_threads(&a, dbl, nthreads);
+    err = parallel_for(xent_range, &a, rows, nthreads);
     Py_END_ALLOW_THREADS
     if (err == ERR_NOMEM) return PyErr_NoMemory();
     if (err == ERR_TARGET) {
@@ -315,8 +167,24 @@ static PyObject *py_exp(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_advise_huge_pages(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long ptr, nbytes;
+    if (!PyArg_ParseTuple(args, "KK", &ptr, &nbytes)) return NULL;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    /* only the 2 MiB-aligned interior [lo, hi) of the buffer: no neighbouring allocation is affected */
+    const uintptr_t huge = (uintptr_t)2 << 20, lo = ((uintptr_t)ptr + huge - 1) & ~(huge - 1),
+                    hi = ((uintptr_t)ptr + (uintptr_t)nbytes) & ~(huge - 1);
+    if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE); /* advice: a refusal changes nothing */
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"xent", py_xent, METH_VARARGS, xent_doc},
+    {"advise_huge_pages", py_advise_huge_pages, METH_VARARGS,
+     "advise_huge_pages(data_ptr, nbytes): madvise(MADV_HUGEPAGE) on the buffer's 2 MiB-aligned interior."},
     {"exp", py_exp, METH_VARARGS, "exp(data_ptr, n, double): the kernels' vector exp, in place (tests)."},
     {NULL, NULL, 0, NULL},
 };
