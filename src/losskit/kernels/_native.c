@@ -24,77 +24,11 @@ struct xent_args {
     double label_smoothing, gamma, scale, weight_sum;
 };
 
-/* Element c of a row at offset o with class stride s; the s == 1 copy of each loop is the one that
- * vectorises (contiguous rows), the other serves strided rows. */
-#define ROW_LOOP(C, s, BODY)                                                                            \
-    do {                                                                                                \
-        if ((s) == 1) { for (int64_t c = 0, i = o; c < (C); c++, i++) BODY; }                           \
-        else { for (int64_t c = 0, i = o; c < (C); c++, i += (s)) BODY; }                               \
-    } while (0)
-
-#define DEFINE_ROW_IO(T, SUF)                                                                           \
-    HOT static void load_row_##SUF(T *dst, const struct view *v, int64_t r, int64_t L, int64_t C)      \
-    {                                                                                                   \
-        const int64_t o = row_offset(v, r, L), s = v->sc;                                              \
-        switch (v->dtype) {                                                                             \
-        case DT_F32: { const float *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }              \
-        case DT_F64: { const double *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }             \
-        case DT_BF16: { const uint16_t *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)bf16_to_f32(p[i])); break; } \
-        default: { const _Float16 *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }               \
-        }                                                                                               \
-    }                                                                                                   \
-    HOT static void store_row_##SUF(const struct view *v, int64_t r, int64_t L, int64_t C, const T *src) \
-    {                                                                                                   \
-        const int64_t o = row_offset(v, r, L), s = v->sc;                                              \
-        switch (v->dtype) {                                                                             \
-        case DT_F32: { float *p = v->ptr; ROW_LOOP(C, s, p[i] = (float)src[c]); break; }                \
-        case DT_F64: { double *p = v->ptr; ROW_LOOP(C, s, p[i] = (double)src[c]); break; }              \
-        case DT_BF16: { uint16_t *p = v->ptr; ROW_LOOP(C, s, p[i] = f32_to_bf16((float)src[c])); break; } \
-        default: { _Float16 *p = v->ptr; ROW_LOOP(C, s, p[i] = (_Float16)src[c]); break; }              \
-        }                                                                                               \
-    }
-
-DEFINE_ROW_IO(float, f32)
-DEFINE_ROW_IO(double, f64)
 
 /* ---- the row kernels, once per accumulation type ---------------------------------------------------- */
 
-#define T float
-#define VT v8f
-#define VI v8i
-#define W 8
-#define VEXP exp_v8f
-#define EXP_SCALAR expf
-#define LOG_SCALAR logf
-#define EXPM1_SCALAR expm1f
-#define POW_SCALAR powf
-#define DTYPE_OF_T DT_F32
-#define FN(name) name##_f32
-#include "_native_rows.h"
-#undef T
-#undef VT
-#undef VI
-#undef W
-#undef VEXP
-#undef EXP_SCALAR
-#undef LOG_SCALAR
-#undef EXPM1_SCALAR
-#undef POW_SCALAR
-#undef DTYPE_OF_T
-#undef FN
-
-#define T double
-#define VT v4d
-#define VI v4l
-#define W 4
-#define VEXP exp_v4d
-#define EXP_SCALAR exp
-#define LOG_SCALAR log
-#define EXPM1_SCALAR expm1
-#define POW_SCALAR pow
-#define DTYPE_OF_T DT_F64
-#define FN(name) name##_f64
-#include "_native_rows.h"
+#define TEMPLATE "_native_rows.h"
+#include "_native_instantiate.h"
 
 /* ---- threads ---------------------------------------------------------------------------------------- */
 

@@ -114,6 +114,39 @@ struct view {
 
 INLINE int64_t row_offset(const struct view *v, int64_t r, int64_t L) { return (r / L) * v->sn + (r % L) * v->sl; }
 
+/* Element c of a row at offset o with class stride s; the s == 1 copy of each loop is the one that
+ * vectorises (contiguous rows), the other serves strided rows. */
+#define ROW_LOOP(C, s, BODY)                                                                            \
+    do {                                                                                                \
+        if ((s) == 1) { for (int64_t c = 0, i = o; c < (C); c++, i++) BODY; }                           \
+        else { for (int64_t c = 0, i = o; c < (C); c++, i += (s)) BODY; }                               \
+    } while (0)
+
+#define DEFINE_ROW_IO(T, SUF)                                                                           \
+    HOT static void load_row_##SUF(T *dst, const struct view *v, int64_t r, int64_t L, int64_t C)      \
+    {                                                                                                   \
+        const int64_t o = row_offset(v, r, L), s = v->sc;                                              \
+        switch (v->dtype) {                                                                             \
+        case DT_F32: { const float *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }              \
+        case DT_F64: { const double *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }             \
+        case DT_BF16: { const uint16_t *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)bf16_to_f32(p[i])); break; } \
+        default: { const _Float16 *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }               \
+        }                                                                                               \
+    }                                                                                                   \
+    HOT static void store_row_##SUF(const struct view *v, int64_t r, int64_t L, int64_t C, const T *src) \
+    {                                                                                                   \
+        const int64_t o = row_offset(v, r, L), s = v->sc;                                              \
+        switch (v->dtype) {                                                                             \
+        case DT_F32: { float *p = v->ptr; ROW_LOOP(C, s, p[i] = (float)src[c]); break; }                \
+        case DT_F64: { double *p = v->ptr; ROW_LOOP(C, s, p[i] = (double)src[c]); break; }              \
+        case DT_BF16: { uint16_t *p = v->ptr; ROW_LOOP(C, s, p[i] = f32_to_bf16((float)src[c])); break; } \
+        default: { _Float16 *p = v->ptr; ROW_LOOP(C, s, p[i] = (_Float16)src[c]); break; }              \
+        }                                                                                               \
+    }
+
+DEFINE_ROW_IO(float, f32)
+DEFINE_ROW_IO(double, f64)
+
 /* A view from Python: the tuple (data_ptr, dtype_code, stride_n, stride_l, stride_c). */
 static int parse_view(PyObject *tuple, struct view *v)
 {

@@ -151,7 +151,8 @@ def _view(t: Tensor | None, shape: tuple[int, int, int] | None = None) -> tuple[
     return (t.data_ptr(), _DTYPE_CODES[t.dtype], t.stride(0), t.stride(2), t.stride(1))
 
 
-def _threads(elements: int) -> int:
+def threads_for(elements: int) -> int:
+    """Threads for a kernel call over ``elements`` elements: torch's intra-op count, one per 64K elements."""
     return max(1, min(torch.get_num_threads(), elements // _MIN_ELEMENTS_PER_THREAD))
 
 
@@ -190,7 +191,7 @@ def xent_rows(x3: Tensor, target: Tensor, grad3: Tensor | None, target_grad3: Te
     ext.xent(_view(x3, shape), t_view, _view(grad3, shape), _view(target_grad3, shape), t_ptr,
                 loss.data_ptr(), 0 if weight is None else weight.data_ptr(), n * length, length, c,
                 int(ignore_index), float(label_smoothing), float(gamma), float(scale), weight_sum,
-                threads if threads is not None else _threads(x3.numel()))
+                threads if threads is not None else threads_for(x3.numel()))
 
 
 def exp_(x: Tensor) -> Tensor:
