@@ -261,10 +261,10 @@ def test_kernel_operands_are_checked():
 def test_exp_accuracy_in_ulp():
     """The kernels' vector exp, over dense sweeps of its domain, against extended-precision exp.
 
-    Measured maximum: 1.004 ulp (float32), 0.99 ulp (float64); below the smallest normal result it
+    Measured maximum: 1.013 ulp (float32), 0.99 ulp (float64); below 1.5x the smallest normal result it
     flushes to 0, and -inf gives 0, NaN gives NaN.
     """
-    for dtype, low, bound in ((torch.float32, -87.33, 1.5), (torch.float64, -708.39, 1.5)):
+    for dtype, low, bound in ((torch.float32, -86.98, 1.5), (torch.float64, -708.0, 1.5)):
         g = _gen(11)
         x = torch.cat([torch.linspace(low, 0, 1 << 20, dtype=dtype), torch.rand(1 << 18, generator=g, dtype=dtype) * low,
                        torch.rand(1 << 14, generator=g, dtype=dtype) * -1e-3])

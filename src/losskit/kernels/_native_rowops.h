@@ -26,65 +26,116 @@ INLINE void FN(store_part)(T *p, int64_t n, VT v)
     for (int j = 0; j < n; j++) p[j] = v[j];
 }
 
-/* Pass 1: the row max (a NaN is not picked: it reaches the loss through the sum of exp). */
+/* The larger of v and acc per lane; a NaN in v is not picked (it reaches the loss through the sum of
+ * exp instead). */
+INLINE VT FN(vmax)(VT acc, VT v) { return FN(select)(v > acc, v, acc); }
+
+INLINE T FN(hmax)(VT v)
+{
+    T m = v[0];
+    for (int j = 1; j < W; j++) m = v[j] > m ? v[j] : m;
+    return m;
+}
+
+INLINE T FN(hsum)(VT v)
+{
+    T s = 0;
+    for (int j = 0; j < W; j++) s += v[j];
+    return s;
+}
+
+/* Pass 1: the row max. Four independent accumulators: the loop is bound by loads, not by the latency
+ * of one compare-and-blend chain. */
 HOT static T FN(row_max)(const T *x, int64_t C)
 {
-    VT vm = FN(splat)(-INFINITY);
+    VT m0 = FN(splat)(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
     int64_t c = 0;
-    for (; c + W <= C; c += W) {
-        VT v = FN(load)(x + c);
-        vm = FN(select)(v > vm, v, vm);
+    for (; c + 4 * W <= C; c += 4 * W) {
+        m0 = FN(vmax)(m0, FN(load)(x + c));
+        m1 = FN(vmax)(m1, FN(load)(x + c + W));
+        m2 = FN(vmax)(m2, FN(load)(x + c + 2 * W));
+        m3 = FN(vmax)(m3, FN(load)(x + c + 3 * W));
     }
-    if (c < C) {
-        VT v = FN(load_part)(x + c, C - c, -INFINITY);
-        vm = FN(select)(v > vm, v, vm);
+    for (; c + W <= C; c += W) m0 = FN(vmax)(m0, FN(load)(x + c));
+    if (c < C) m0 = FN(vmax)(m0, FN(load_part)(x + c, C - c, -INFINITY));
+    return FN(hmax)(FN(vmax)(FN(vmax)(m0, m1), FN(vmax)(m2, m3)));
+}
+
+/* w (x - m) over lanes [0, n) for the label-smoothing term (w = 1 when absent); a lane with w = 0,
+ * and every lane from n on, gives 0 even where x - m = -inf. */
+INLINE VT FN(smooth_term)(VT d, const T *w, int64_t c, int64_t n)
+{
+    if (!w && n == W) return d;
+    VT vw;
+    if (w) {
+        vw = n == W ? FN(load)(w + c) : FN(load_part)(w + c, n, 0);
+    } else {
+        T lanes[W];
+        for (int j = 0; j < W; j++) lanes[j] = j < n;
+        vw = FN(load)(lanes);
     }
-    T m = vm[0];
-    for (int j = 1; j < W; j++) m = vm[j] > m ? vm[j] : m;
-    return m;
+    return FN(select)(vw != 0, vw * d, FN(splat)(0));
+}
+
+/* One vector of pass 2: lanes [0, n) of x + c (the rest -inf, whose exp is 0). */
+INLINE VT FN(exp_step)(const T *x, int64_t c, int64_t n, VT vm, T *e, const T *w, VT *swx, const int smooth)
+{
+    const VT d = (n == W ? FN(load)(x + c) : FN(load_part)(x + c, n, -INFINITY)) - vm;
+    const VT ev = VEXP(d);
+    if (e) {
+        if (n == W) FN(store)(e + c, ev);
+        else FN(store_part)(e + c, n, ev);
+    }
+    if (smooth) *swx += FN(smooth_term)(d, w, c, n);
+    return ev;
+}
+
+/* Pass 2 with its options fixed (inlined into one copy per combination): full vectors two at a time
+ * into two sums (the exp of one overlaps the other's), then the rest. */
+INLINE T FN(exp_sum_impl)(const T *x, int64_t C, T m, T *e, const T *w, T *wx, const int smooth,
+                          const T *next)
+{
+    const VT vm = FN(splat)(m);
+    VT s0 = FN(splat)(0), s1 = s0, swx = s0;
+    int64_t c = 0;
+    for (; c + 2 * W <= C; c += 2 * W) {
+        /* one 64-byte line of the next row per 64 bytes of this one: it is in L2 when pass 1 needs it */
+        if (next) __builtin_prefetch(next + c, 0, 2);
+        s0 += FN(exp_step)(x, c, W, vm, e, w, &swx, smooth);
+        s1 += FN(exp_step)(x, c + W, W, vm, e, w, &swx, smooth);
+    }
+    for (; c < C; c += W) s0 += FN(exp_step)(x, c, C - c < W ? C - c : W, vm, e, w, &swx, smooth);
+    if (smooth) *wx += FN(hsum)(swx);
+    return FN(hsum)(s0 + s1);
 }
 
 /* Pass 2: returns sum_c exp(x[c] - m); writes e[c] = exp(x[c] - m) if e is given (e may be x); adds
  * sum_c w[c] (x[c] - m) to *wx if wx is given (w = 1 when absent; label smoothing's loss term). */
 HOT static T FN(exp_sum)(const T *x, int64_t C, T m, T *e, const T *w, T *wx)
 {
-    VT vs = FN(splat)(0), vwx = FN(splat)(0);
-    T ones[W];
-    for (int j = 0; j < W; j++) ones[j] = 1;
-    for (int64_t c = 0; c < C; c += W) {
-        const int64_t n = C - c < W ? C - c : W;
-        /* padded lanes: x = -inf (exp 0) and w = 0; none is stored */
-        const VT v = n == W ? FN(load)(x + c) : FN(load_part)(x + c, n, -INFINITY);
-        const VT ev = VEXP(v - m);
-        vs += ev;
-        if (e) {
-            if (n == W) FN(store)(e + c, ev);
-            else FN(store_part)(e + c, n, ev);
-        }
-        if (wx) {
-            const T *pw = w ? w + c : ones;
-            const VT vw = n == W ? FN(load)(pw) : FN(load_part)(pw, n, 0);
-            /* select: a padded lane's 0 * -inf would be NaN */
-            vwx += FN(select)(vw != 0, vw * (v - m), FN(splat)(0));
-        }
-    }
-    T s = 0, sw = 0;
-    for (int j = 0; j < W; j++) { s += vs[j]; sw += vwx[j]; }
-    if (wx) *wx += sw;
-    return s;
+    if (wx) return FN(exp_sum_impl)(x, C, m, e, w, wx, 1, NULL);
+    return e ? FN(exp_sum_impl)(x, C, m, e, NULL, NULL, 0, NULL)
+             : FN(exp_sum_impl)(x, C, m, NULL, NULL, NULL, 0, NULL);
+}
+
+/* Pass 2 as exp_sum(x, C, m, e, NULL, NULL), prefetching the C values at next (the next row, which
+ * pass 1 will read from memory) while the exp keeps the core busy. */
+HOT static T FN(exp_sum_next)(const T *x, int64_t C, T m, T *e, const T *next)
+{
+    return e ? FN(exp_sum_impl)(x, C, m, e, NULL, NULL, 0, next) : FN(exp_sum_impl)(x, C, m, NULL, NULL, NULL, 0, next);
 }
 
 /* Pass 3, on the row in cache: g[c] = a g[c] - b w[c] (w = 1 when absent). */
 HOT static void FN(affine)(T *g, int64_t C, T a, T b, const T *w)
 {
-    for (int64_t c = 0; c < C; c += W) {
-        const int64_t n = C - c < W ? C - c : W;
-        const VT v = n == W ? FN(load)(g + c) : FN(load_part)(g + c, n, 0);
-        const VT vw = w ? (n == W ? FN(load)(w + c) : FN(load_part)(w + c, n, 0)) : FN(splat)(1);
-        const VT out = FN(splat)(a) * v - FN(splat)(b) * vw;
-        if (n == W) FN(store)(g + c, out);
-        else FN(store_part)(g + c, n, out);
+    const VT va = FN(splat)(a), vb = FN(splat)(b);
+    int64_t c = 0;
+    if (w) {
+        for (; c + W <= C; c += W) FN(store)(g + c, va * FN(load)(g + c) - vb * FN(load)(w + c));
+    } else {
+        for (; c + W <= C; c += W) FN(store)(g + c, va * FN(load)(g + c) - vb);
     }
+    for (; c < C; c++) g[c] = a * g[c] - b * (w ? w[c] : 1);
 }
 
 /* exp of a contiguous array, in place: the kernels' vector exp, exposed for the accuracy tests. */

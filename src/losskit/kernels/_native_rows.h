@@ -44,9 +44,10 @@ HOT static T FN(grad_prob)(const T *x, const T *t, T *g, T *tg, int64_t C, const
 }
 
 /* One row. x (and t) are contiguous rows in T; g (and tg) contiguous outputs or NULL; g is never x,
- * tg may be t. Returns the loss. Passes: max; e = exp(x - max) and its sum s (e kept in g); then
+ * tg may be t; next is the next row to prefetch, or NULL. Returns the loss. Passes: max; e = exp(x - max)
+ * and its sum s (e kept in g); then
  * g = (alpha scale / s) e - ..., on the row while it is in cache. One exp per element. */
-static T FN(xent_row)(const struct xent_args *a, const T *x, int64_t y, const T *t, T *g, T *tg)
+static T FN(xent_row)(const struct xent_args *a, const T *x, int64_t y, const T *t, T *g, T *tg, const T *next)
 {
     const int64_t C = a->C;
     const T *w = (const T *)a->weight;
@@ -55,7 +56,7 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, int64_t y, const T 
     const T m = FN(row_max)(x, C);
     const T x_y = t || y == a->ignore_index ? 0 : x[y];
     T wx = 0;
-    const T s = FN(exp_sum)(x, C, m, g, w, smooth ? &wx : NULL);
+    const T s = smooth ? FN(exp_sum)(x, C, m, g, w, &wx) : FN(exp_sum_next)(x, C, m, g, next);
     const T log_s = (T)LOG_SCALAR(s);
 
     if (t) {
@@ -130,7 +131,9 @@ static int FN(xent_range)(const struct xent_args *a, int64_t r0, int64_t r1)
             }
             if (a->tg.ptr) tg = tg_direct ? (T *)a->tg.ptr + row_offset(&a->tg, r, a->L) : ts;
         }
-        loss[r] = FN(xent_row)(a, x, y, t, g, tg);
+        /* the next row of a contiguous input is prefetched during this row's exp pass */
+        const T *next = x_direct && r + 1 < r1 ? (const T *)a->x.ptr + row_offset(&a->x, r + 1, a->L) : NULL;
+        loss[r] = FN(xent_row)(a, x, y, t, g, tg, next);
         if (g && !g_direct) FN(store_row)(&a->g, r, a->L, C, g);
         if (tg && !tg_direct) FN(store_row)(&a->tg, r, a->L, C, tg);
     }
