@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
-from ._cases import EAGER, LOSSKIT, dtype_name
+import torch
+
+from ._cases import EAGER, FAMILY_TARGETS, LOSSKIT, dtype_name
 from ._measure import LOW_PRECISION
-from ._run import Result
+from ._run import COMPILED, ROOFLINE, Result
 from ._sizes import format_size
 
 MIB = 1 << 20
@@ -112,21 +115,51 @@ def table(results: list[Result]) -> str:
     return "\n".join([line(HEADER), rule, *(line(row) for row in rows), rule, LEGEND])
 
 
+def _verdict(what: str, value: float, op: str, limit: float) -> str:
+    met = value >= limit if op == ">=" else value <= limit
+    return f"{what} (target {op} {limit:g}x: {'met' if met else 'NOT met'})"
+
+
 def verdicts(results: list[Result]) -> list[str]:
-    """One line per acceptance target that this run measured."""
+    """One line per acceptance target that this run measured: the cases' own targets, the family
+    targets (FAMILY_TARGETS) when every case of a family ran at its size, and bfloat16 against float32
+    per element for every case and size the run measured in both."""
     lines = []
     for r in results:
         for target in r.unit.case.targets:
             if r.error or (target.size, target.dtype) != (r.unit.size, r.unit.dtype):
                 continue
-            speedup = r.ms[EAGER] / r.ms[LOSSKIT]
-            parts = [f"{speedup:.2f}x faster than {EAGER} (target >= {target.min_speedup:g}x: "
-                     f"{'met' if speedup >= target.min_speedup else 'NOT met'})"]
+            ours = r.ms[LOSSKIT]
+            parts = [_verdict(f"{r.ms[EAGER] / ours:.2f}x faster than {EAGER}", r.ms[EAGER] / ours, ">=",
+                              target.min_speedup)]
+            if target.min_speedup_compiled is not None and COMPILED in r.ms:
+                parts.append(_verdict(f"{r.ms[COMPILED] / ours:.2f}x faster than {COMPILED}", r.ms[COMPILED] / ours,
+                                      ">=", target.min_speedup_compiled))
+            if target.max_over_roofline is not None and ROOFLINE in r.ms:
+                parts.append(_verdict(f"{ours / r.ms[ROOFLINE]:.2f}x the roofline", ours / r.ms[ROOFLINE], "<=",
+                                      target.max_over_roofline))
             peak = r.peak.get(LOSSKIT)
             if peak is not None:
                 over = peak / r.grad_bytes
-                parts.append(f"peak above inputs {over:.2f}x the gradient (target <= {target.max_peak_over_grad:g}x: "
-                             f"{'met' if over <= target.max_peak_over_grad else 'NOT met'})")
+                parts.append(_verdict(f"peak above inputs {over:.2f}x the gradient", over, "<=",
+                                      target.max_peak_over_grad))
             lines.append(f"acceptance {r.unit.case.name} {format_size(r.unit.size)} {dtype_name(r.unit.dtype)}: "
                          + "; ".join(parts))
+    measured = {(r.unit.case.name, r.unit.size, r.unit.dtype): r for r in results if not r.error}
+    for family in FAMILY_TARGETS:
+        found = [measured.get((name, family.size, family.dtype)) for name in family.cases]
+        if not all(found):
+            continue
+        speedups = [r.ms[EAGER] / r.ms[LOSSKIT] for r in found]
+        geomean = math.exp(sum(map(math.log, speedups)) / len(speedups))
+        each = ", ".join(f"{name} {s:.2f}x" for name, s in zip(family.cases, speedups))
+        lines.append(f"acceptance {family.name} family {format_size(family.size)} {dtype_name(family.dtype)}: "
+                     + _verdict(f"geometric mean {geomean:.2f}x faster than {EAGER}", geomean, ">=",
+                                family.min_geomean) + f" ({each})")
+    for (name, size, dtype), r in measured.items():
+        base = measured.get((name, size, torch.float32))
+        if dtype == torch.bfloat16 and base is not None:
+            ratio = r.ms[LOSSKIT] / base.ms[LOSSKIT]  # same size: the per-element ratio
+            lines.append(f"acceptance {name} {format_size(size)} bfloat16: "
+                         + _verdict(f"{ratio:.2f}x the float32 time per element", ratio, "<=", 1.0))
     return lines
