@@ -1,0 +1,259 @@
+/* Binary-loss kernels of losskit.kernels._native_binary, written once for an accumulation type T.
+ *
+ * Instantiated by _native_binary.c through _native_instantiate.h (T = float for float32, bfloat16 and
+ * float16 storage; T = double for float64). Reference expressions, per element (x input, y target,
+ * w weight and p pos_weight, ones when absent; ls(v) = logsigmoid(v) = min(v, 0) - log1p(exp(-|v|));
+ * the gradients are torch's backward formulas, as in losskit/functional/_binary.py):
+ *   BCE:           loss = w ((y - 1) max(log1p(-x), -100) - y max(log x, -100))
+ *                  dx = w (x - y) / max((1 - x) x, EPSILON),  dy = w (log1p(-x) - log x)
+ *   BCE logits:    loss = w ((1 - y) x - (1 + (p - 1) y) ls(x))
+ *                  dx = w ((p y + 1 - y) s - p y),  dy = w (ls(-x) - p ls(x))   (w (s - y), -w x without p)
+ *   soft margin:   loss = -w (y ls(x) + (1 - y) ls(-x)),  dx = w (s - y),  dy = w (ls(-x) - ls(x))
+ *   sigmoid focal: q = s (1 - y) + (1 - s) y, a = alpha y + (1 - alpha)(1 - y) (1 if alpha < 0),
+ *                  ce = (1 - y) x - ls(x), loss = a ce q^gamma, r = gamma ce / q (gamma where q = 0),
+ *                  dx = a q^gamma ((s - y) + r s (1 - s)(1 - 2y)),
+ *                  dy = a q^gamma (-x + r ((1 - s) - s)) + (2 alpha - 1) ce q^gamma  (no last term if alpha < 0)
+ * with s = sigmoid(x); each gradient is then multiplied by the reduction's factor `scale`.
+ *
+ * Work unit: a block of BLOCK_BYTES of T (1024 floats, 512 doubles). Operands not stored as T are
+ * converted into block buffers, outputs not stored as T formed in one and converted once; the seven
+ * buffers (x, y, w, p, loss, two gradients) take 28 KiB of stack per thread and stay in L1/L2. Per
+ * element: one exp (of -|x|) and one log1p for the logit losses, one log and one log1p for BCE (the
+ * vector functions of _native_common.h and _native_log.h), one division; the focal loss with a
+ * non-integer gamma one more log and exp for q^gamma.
+ */
+
+#include "_native_rowops.h"
+
+/* lanes [0, n) set */
+INLINE VI FN(first_lanes)(int64_t n)
+{
+    VI lane;
+    for (int j = 0; j < W; j++) lane[j] = j;
+    return lane < (VI){0} + (int)n; /* n <= W */
+}
+
+INLINE VT FN(vmin)(VT a, VT b) { return FN(select)(b < a, b, a); }     /* a where either is NaN */
+INLINE VT FN(clamp_min)(VT v, T lo) { return FN(select)(v < lo, FN(splat)(lo), v); } /* NaN stays NaN */
+
+/* The logsigmoid pair and the sigmoid pair of x, from one exp and one log1p. */
+struct FN(sig) { VT ls, lsn, s, sn; };
+
+INLINE struct FN(sig) FN(sigmoid_parts)(VT x)
+{
+    const VT zero = FN(splat)(0), e = VEXP(FN(vmin)(x, -x)); /* exp(-|x|); a NaN x gives NaN */
+    const VT l = VLOG1P(e), r = 1 / (1 + e);
+    const VI pos = x >= 0;
+    return (struct FN(sig)){FN(vmin)(x, zero) - l, FN(vmin)(-x, zero) - l, FN(select)(pos, r, e * r),
+                            FN(select)(pos, e * r, r)};
+}
+
+/* One vector of a kind: loss and, where wanted (gx/gy non-NULL), the unscaled gradients. */
+INLINE VT FN(bce_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, VT *gx, VT *gy)
+{
+    (void)a;
+    (void)p;
+    const VT lx = VLOG(x), l1 = VLOG1P(-x);
+    if (gx) *gx = w * ((x - y) / FN(clamp_min)((1 - x) * x, (T)BCE_EPSILON));
+    if (gy) *gy = w * (l1 - lx);
+    return w * ((y - 1) * FN(clamp_min)(l1, -100) - y * FN(clamp_min)(lx, -100));
+}
+
+INLINE VT FN(logits_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, VT *gx, VT *gy)
+{
+    const struct FN(sig) sg = FN(sigmoid_parts)(x);
+    if (a->p.ptr) {
+        const VT py = p * y;
+        if (gx) *gx = w * ((py + 1 - y) * sg.s - py);
+        if (gy) *gy = w * (sg.lsn - sg.ls * p);
+        return w * ((1 - y) * x - sg.ls * ((p - 1) * y + 1));
+    }
+    if (gx) *gx = w * (sg.s - y);
+    if (gy) *gy = w * -x;
+    return w * ((1 - y) * x - sg.ls);
+}
+
+INLINE VT FN(soft_margin_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, VT *gx, VT *gy)
+{
+    (void)a;
+    (void)p;
+    const struct FN(sig) sg = FN(sigmoid_parts)(x);
+    if (gx) *gx = w * (sg.s - y);
+    if (gy) *gy = w * (sg.lsn - sg.ls);
+    return w * -(y * sg.ls + (1 - y) * sg.lsn);
+}
+
+/* q^gamma: a product for an integer gamma up to 64 (as torch's pow for 2 and 3; q^0 = 1 even for a NaN
+ * q, as pow), else exp(gamma log q) for q in [0, 1], where the argument is <= 0; the rare lanes outside
+ * [0, 1] (targets outside [0, 1]) go through the C library's pow. */
+INLINE VT FN(pow_v)(const struct binary_args *a, VT q)
+{
+    const T gm = (T)a->gamma;
+    if (a->int_gamma >= 0) {
+        VT out = FN(splat)(1), base = q;
+        for (int64_t k = a->int_gamma; k; k >>= 1) {
+            if (k & 1) out *= base;
+            base *= base;
+        }
+        return out;
+    }
+    VT out = VEXP(gm * VLOG(q));
+    const VI odd = (q < 0) | (q > 1);
+    for (int j = 0; j < W; j++)
+        if (odd[j]) out[j] = (T)POW_SCALAR(q[j], gm);
+    return out;
+}
+
+INLINE VT FN(focal_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, VT *gx, VT *gy)
+{
+    (void)w;
+    (void)p;
+    const struct FN(sig) sg = FN(sigmoid_parts)(x);
+    const T alpha = (T)a->alpha, gm = (T)a->gamma;
+    const VT ny = 1 - y, ce = ny * x - sg.ls, q = sg.s * ny + sg.sn * y, q_g = FN(pow_v)(a, q);
+    const VT loss = ce * q_g;
+    const VT at = alpha >= 0 ? ny * (1 - alpha) + y * alpha : FN(splat)(1);
+    if (gx || gy) {
+        const VT ratio = gm != 0 ? FN(select)(q == 0, FN(splat)(1), ce / q) * gm : FN(splat)(0);
+        if (gy) {
+            VT d = (-x + ratio * (sg.sn - sg.s)) * q_g * at;
+            if (alpha >= 0) d += loss * (2 * alpha - 1);
+            *gy = d;
+        }
+        if (gx) {
+            const VT r = ratio * sg.s * sg.sn;
+            *gx = (((sg.s - y) + r) - r * y * 2) * q_g * at;
+        }
+    }
+    return loss * at;
+}
+
+/* Fill dst[0, n) with a periodic operand's elements j0, j0 + 1, ...; returns dst, or a pointer into the
+ * operand itself when its elements are already consecutive there. */
+static const T *FN(periodic)(T *dst, const struct periodic *q, int64_t j0, int64_t n)
+{
+    const T *w = (const T *)q->ptr;
+    const int64_t idx = q->start + j0;
+    int64_t k = (idx / q->div) % q->period, r = idx % q->div;
+    if (q->period == 1) {
+        for (int64_t j = 0; j < n; j++) dst[j] = w[0];
+        return dst;
+    }
+    if (q->div == 1 && k + n <= q->period) return w + k;
+    for (int64_t j = 0; j < n;) {
+        const int64_t run = q->div - r < n - j ? q->div - r : n - j; /* elements left with index k */
+        if (q->div == 1) {
+            const int64_t len = q->period - k < n - j ? q->period - k : n - j;
+            memcpy(dst + j, w + k, (size_t)len * sizeof(T));
+            j += len;
+            k += len;
+        } else {
+            for (int64_t i = 0; i < run; i++) dst[j + i] = w[k];
+            j += run;
+            k++;
+            r = 0;
+        }
+        if (k == q->period) k = 0;
+    }
+    return dst;
+}
+
+/* Input of a block: the operand itself when stored as T, else converted into buf. */
+INLINE const T *FN(input_block)(T *buf, const struct view *v, int64_t j0, int64_t n)
+{
+    if (v->dtype == DTYPE_OF_T) return (const T *)v->ptr + j0;
+    FN(load_row)(buf, v, j0, 1, n);
+    return buf;
+}
+
+/* Output of a block: the operand itself when stored as T, else buf (stored by output_done). */
+INLINE T *FN(output_block)(T *buf, const struct view *v, int64_t j0)
+{
+    if (!v->ptr) return NULL;
+    return v->dtype == DTYPE_OF_T ? (T *)v->ptr + j0 : buf;
+}
+
+INLINE void FN(output_done)(const T *buf, const struct view *v, int64_t j0, int64_t n)
+{
+    if (v->ptr && v->dtype != DTYPE_OF_T) FN(store_row)(v, j0, 1, n, buf);
+}
+
+/* The vector loop of one block for one kind (VEC, inlined): writes loss (and gx, gy when non-NULL),
+ * returns the block's loss sum. Full vectors, then one partial one, whose padded lanes (x 1/2, y 0,
+ * w p 1, in every loss's domain) are neither stored nor summed. Sets *bad when an x or y lies outside
+ * [0, 1] (checked for BCE only). */
+#define DEFINE_BLOCK_LOOP(NAME, VEC, CHECK_UNIT)                                                         \
+    HOT static double FN(NAME)(const struct binary_args *a, int64_t n, const T *x, const T *y, const T *w,\
+                           const T *p, T *loss, T *gx, T *gy, int *bad)                                   \
+    {                                                                                                     \
+        const T sc = (T)a->scale;                                                                         \
+        VT sum = FN(splat)(0), ones = FN(splat)(1);                                                       \
+        VI out_of_range = (VI){0};                                                                        \
+        for (int64_t j = 0; j < n; j += W) {                                                              \
+            const int64_t m = n - j < W ? n - j : W;                                                      \
+            const int full = m == W;                                                                      \
+            const VT vx = full ? FN(load)(x + j) : FN(load_part)(x + j, m, (T)0.5);                       \
+            const VT vy = full ? FN(load)(y + j) : FN(load_part)(y + j, m, 0);                            \
+            const VT vw = !w ? ones : full ? FN(load)(w + j) : FN(load_part)(w + j, m, 1);                \
+            const VT vp = !p ? ones : full ? FN(load)(p + j) : FN(load_part)(p + j, m, 1);                \
+            VT dx, dy;                                                                                    \
+            VT l = VEC(a, vx, vy, vw, vp, gx ? &dx : NULL, gy ? &dy : NULL);                              \
+            if (CHECK_UNIT) out_of_range |= (vx < 0) | (vx > 1) | (vy < 0) | (vy > 1);                    \
+            if (full) {                                                                                   \
+                FN(store)(loss + j, l);                                                                   \
+                if (gx) FN(store)(gx + j, dx * sc);                                                       \
+                if (gy) FN(store)(gy + j, dy * sc);                                                       \
+            } else {                                                                                      \
+                FN(store_part)(loss + j, m, l);                                                           \
+                if (gx) FN(store_part)(gx + j, m, dx * sc);                                               \
+                if (gy) FN(store_part)(gy + j, m, dy * sc);                                               \
+                l = FN(select)(FN(first_lanes)(m), l, FN(splat)(0));                                     \
+            }                                                                                             \
+            sum += l;                                                                                     \
+        }                                                                                                 \
+        double total = 0;                                                                                 \
+        for (int j = 0; j < W; j++) {                                                                     \
+            total += sum[j];                                                                              \
+            *bad |= out_of_range[j] != 0;                                                                 \
+        }                                                                                                 \
+        return total;                                                                                     \
+    }
+
+DEFINE_BLOCK_LOOP(bce_block, FN(bce_v), 1)
+DEFINE_BLOCK_LOOP(logits_block, FN(logits_v), 0)
+DEFINE_BLOCK_LOOP(soft_margin_block, FN(soft_margin_v), 0)
+DEFINE_BLOCK_LOOP(focal_block, FN(focal_v), 0)
+
+/* Items [i0, i1) of one call: each item (a block of BLOCK elements, or a row when a->row_len > 0) is
+ * done block by block; its loss sum goes to a->sums[i] (or, for rows, to the row's entry of out). */
+HOT static int FN(binary_range)(const struct binary_args *a, int64_t i0, int64_t i1)
+{
+    enum { BLOCK = BLOCK_BYTES / sizeof(T) };
+    T xb[BLOCK], yb[BLOCK], wb[BLOCK], pb[BLOCK], lb[BLOCK], gxb[BLOCK], gyb[BLOCK];
+    const int64_t item = a->row_len > 0 ? a->row_len : BLOCK;
+    int bad = 0;
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t e1 = (i + 1) * item < a->n ? (i + 1) * item : a->n;
+        double total = 0;
+        for (int64_t j0 = i * item; j0 < e1; j0 += BLOCK) {
+            const int64_t n = e1 - j0 < BLOCK ? e1 - j0 : BLOCK;
+            const T *x = FN(input_block)(xb, &a->x, j0, n), *y = FN(input_block)(yb, &a->y, j0, n);
+            const T *w = a->w.ptr ? FN(periodic)(wb, &a->w, j0, n) : NULL;
+            const T *p = a->p.ptr ? FN(periodic)(pb, &a->p, j0, n) : NULL;
+            /* per-element losses go straight to out when it holds them as T, else to lb */
+            T *loss = a->row_len == 0 && a->out.ptr ? FN(output_block)(lb, &a->out, j0) : lb;
+            T *gx = FN(output_block)(gxb, &a->gx, j0), *gy = FN(output_block)(gyb, &a->gy, j0);
+            double (*block)(const struct binary_args *, int64_t, const T *, const T *, const T *, const T *, T *,
+                            T *, T *, int *) =
+                a->kind == KIND_BCE ? FN(bce_block) : a->kind == KIND_LOGITS ? FN(logits_block)
+                : a->kind == KIND_SOFT_MARGIN ? FN(soft_margin_block) : FN(focal_block);
+            total += block(a, n, x, y, w, p, loss, gx, gy, &bad);
+            if (a->row_len == 0) FN(output_done)(lb, &a->out, j0, n);
+            FN(output_done)(gxb, &a->gx, j0, n);
+            FN(output_done)(gyb, &a->gy, j0, n);
+        }
+        if (a->row_len > 0) ((T *)a->out.ptr)[i] = (T)total;
+        else if (a->sums) a->sums[i] = total;
+    }
+    return bad ? ERR_DOMAIN : 0;
+}
