@@ -4,5 +4,7 @@ Each kernel states the reference expression it computes; tests use that expressi
 benchmarks as the baseline. ``rows`` holds the pure-torch row kernels (any device); ``blocks`` splits an
 ``(N, C, d1, ..., dk)`` tensor into cache-sized ``(n, C)`` row blocks; ``elementwise`` walks the
 elementwise losses in cache-sized pieces; ``linear_xent`` is the chunked head + cross-entropy. ``native`` runs the compiled CPU
-row kernels (the C extension ``_native``, built with the package; ``impl="compiled"``).
+row kernels (the C extension ``_native``, built with the package; ``impl="compiled"``). ``native_binary``
+runs the compiled binary losses (``_native_binary``), fed by ``native_elementwise``, the compiled
+elementwise losses' driver (one call over contiguous operands, else contiguous pieces).
 """

@@ -37,7 +37,7 @@ from .native_elementwise import Runner
 EXTENSION = "_native_binary"
 #: Loss kinds of the C kernel.
 KINDS = {"bce": 0, "logits": 1, "soft_margin": 2, "focal": 3}
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_DTYPE_CODES = native._DTYPE_CODES  # the storage dtypes of _native_common.h
 
 #: A broadcast constant as the kernel takes it: ``(values, start, div)``, element ``j`` of the call being
 #: ``values[((start + j) // div) % values.numel()]``; ``values`` contiguous in the accumulation dtype.
@@ -168,8 +168,15 @@ def runner(impl: object, kind: str, *tensors: Tensor | None, alpha: float = 0.0,
            ) -> Runner | None:
     """The compiled runner of ``kind`` (with focal's ``alpha`` and ``gamma``) when ``impl`` selects it for
     ``tensors`` (see :func:`losskit.kernels.native.use_compiled`), else None: the caller runs
-    :func:`losskit.kernels.elementwise.run`."""
-    if not native.use_compiled(impl, *(t for t in tensors if t is not None), extension=EXTENSION):
+    :func:`losskit.kernels.elementwise.run`. A floating dtype the kernel does not store (float8) is the
+    torch path's under ``"auto"``, a ValueError under ``"compiled"``; integer targets are converted."""
+    present = [t for t in tensors if t is not None]
+    if not native.use_compiled(impl, *present, extension=EXTENSION):
+        return None
+    unsupported = sorted({str(t.dtype) for t in present if t.is_floating_point() and t.dtype not in _DTYPE_CODES})
+    if unsupported:
+        if impl == "compiled":
+            raise ValueError(f"impl='compiled' does not take {', '.join(unsupported)}; use impl='torch'")
         return None
     return functools.partial(_run, kind, float(alpha), float(gamma))
 
