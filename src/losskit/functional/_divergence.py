@@ -19,9 +19,9 @@ from torch import Tensor
 from .. import _checks, _learner, _reduction
 from .._autocast import float32_under_autocast
 from .._autograd import attach, needs_grad
-from .._types import KLReduction
+from .._types import Impl, KLReduction
 from ..kernels import blocks as _blocks
-from ..kernels import elementwise
+from ..kernels import elementwise, native_pointwise
 
 __all__ = ["entropy", "kl_div"]
 
@@ -41,7 +41,8 @@ def _flag(name: str, value: object) -> bool:
     return value
 
 
-def kl_div(input: Tensor, target: Tensor, *, reduction: KLReduction = "mean", log_target: bool = False) -> Tensor:
+def kl_div(input: Tensor, target: Tensor, *, reduction: KLReduction = "mean", log_target: bool = False,
+           impl: Impl = "auto") -> Tensor:
     r"""Kullback-Leibler divergence loss; drop-in for ``torch.nn.functional.kl_div``.
 
     ``input`` holds **log-probabilities** :math:`x`; ``target`` holds probabilities :math:`t`, or
@@ -56,13 +57,17 @@ def kl_div(input: Tensor, target: Tensor, *, reduction: KLReduction = "mean", lo
     gives NaN for "mean"/"batchmean", 0 for "sum".
 
     Gradients, computed in the forward pass: :math:`\partial\ell/\partial x = -t` (or :math:`-e^{\tau}`),
-    :math:`\partial\ell/\partial t = \log t + 1 - x`, NaN where :math:`t = 0` exactly as torch's
-    autograd gives, and :math:`\partial\ell/\partial\tau = e^{\tau}(\tau - x + 1)` (NaN, like the loss,
-    at :math:`\tau = -\infty`, as in torch).
+    :math:`\partial\ell/\partial t = \log t + 1 - x`, NaN where :math:`t = 0` (and :math:`t = \infty`)
+    exactly as torch's autograd gives, and :math:`\partial\ell/\partial\tau = e^{\tau}(\tau - x + 1)`
+    (NaN, like the loss, at :math:`\tau = -\infty`, as in torch).
 
     Shapes: ``input`` and ``target`` broadcast together, as in torch (the output has the broadcast shape
     for "none", ``()`` otherwise; a broadcast operand's gradient is summed back to its shape). Any
     floating dtypes; the output has their promoted dtype, computed in float32 (float64 for float64).
+
+    ``impl``: ``"compiled"`` losskit's C kernel (CPU tensors: one read of each operand and one write of
+    each gradient per element, see :mod:`losskit.kernels.native_pointwise`), ``"torch"`` the piece-wise
+    torch path (any device; the reference), ``"auto"`` the compiled kernel for CPU tensors when built.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -86,14 +91,16 @@ def kl_div(input: Tensor, target: Tensor, *, reduction: KLReduction = "mean", lo
         warnings.warn(_MEAN_WARNING, stacklevel=2)
     _learner.check_kl_div(x, t, log_target)
     x, t = float32_under_autocast(x.device.type, x, t)
+    kind = native_pointwise.KL_LOG if log_target else native_pointwise.KL_PROB
+    runner = native_pointwise.runner(impl, kind, x, t) or elementwise.run
     want_x, want_t = needs_grad(x, t)
     with torch.no_grad():
-        loss, grad_x, grad_t = _kl_div(x, t, shape, reduction, log_target, want_x, want_t)
+        loss, grad_x, grad_t = _kl_div(x, t, shape, reduction, log_target, want_x, want_t, runner)
     return attach(loss, (x, t), (grad_x, grad_t))
 
 
 def _kl_div(x: Tensor, t: Tensor, shape: torch.Size, reduction: str, log_target: bool, want_x: bool,
-            want_t: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+            want_t: bool, runner: native_pointwise.Runner) -> tuple[Tensor, Tensor | None, Tensor | None]:
     out_dtype = torch.promote_types(x.dtype, t.dtype)
     numel = math.prod(shape)
     if reduction == "batchmean":
@@ -104,7 +111,7 @@ def _kl_div(x: Tensor, t: Tensor, shape: torch.Size, reduction: str, log_target:
     # produced in that shape too (the only case with a gradient larger than its operand).
     operands = (x.expand(shape), t.expand(shape))
     kernel = _kl_log_target if log_target else _kl_prob_target
-    loss, (grad_x, grad_t) = elementwise.run(
+    loss, (grad_x, grad_t) = runner(
         kernel, operands, (want_x, want_t), acc=_blocks.accumulation_dtype(out_dtype), out_dtype=out_dtype,
         keep=reduction == "none", grad_scale=_reduction.scale(reduction, denominator, numel))
     if reduction == "none":
@@ -115,11 +122,12 @@ def _kl_div(x: Tensor, t: Tensor, shape: torch.Size, reduction: str, log_target:
 
 
 def _kl_prob_target(ops: Sequence[Tensor | None], want: Sequence[bool]) -> tuple[Tensor, list[Tensor | None]]:
-    """``xlogy(t, t) - t x``; d/dx = -t, d/dt = log t + 1 - x (NaN at t == 0, as torch's autograd)."""
+    """``xlogy(t, t) - t x``; d/dx = -t, d/dt = log t + 1 - x (NaN at t == 0 and t == inf, as torch's
+    autograd, whose ``t / t`` term is NaN there)."""
     x, t = ops
     loss = torch.xlogy(t, t).sub_(t * x)
     grad_x = -t if want[0] else None
-    grad_t = t.log().add_(1).sub_(x).masked_fill_(t == 0, math.nan) if want[1] else None
+    grad_t = t.log().add_(1).sub_(x).masked_fill_((t == 0) | (t == math.inf), math.nan) if want[1] else None
     return loss, [grad_x, grad_t]
 
 

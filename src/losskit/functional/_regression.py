@@ -1,4 +1,5 @@
-"""Regression losses: ``mse_loss`` and ``rmse_loss``, fused passes of :mod:`losskit.kernels.elementwise`."""
+"""Regression losses: ``mse_loss`` and ``rmse_loss``, fused passes of :mod:`losskit.kernels.elementwise`
+(``impl="torch"``) or of the C kernel :mod:`losskit.kernels.native_pointwise` (``impl="compiled"``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _reduction
 from .._autocast import float32_under_autocast
 from .._autograd import attach, needs_grad
-from .._types import Reduction
+from .._types import Impl, Reduction
+from ..kernels import elementwise, native_pointwise
 from ..kernels.blocks import accumulation_dtype
+from ..kernels.native_elementwise import Runner
 from ._elementwise import check_constant, check_pair, elementwise_loss, forward
 
 __all__ = ["mse_loss", "rmse_loss"]
@@ -42,13 +45,17 @@ def _check_mse(input: object, target: object, weight: object) -> tuple[Tensor, T
     return x, t, w, out_dtype if w is None else torch.promote_types(out_dtype, w.dtype)
 
 
+def _runner(impl: object, x: Tensor, t: Tensor, w: Tensor | None) -> Runner:
+    return native_pointwise.runner(impl, native_pointwise.MSE, x, t, w) or elementwise.run
+
+
 def _denominator(w: Tensor | None, out_dtype: torch.dtype) -> Tensor | None:
     """Weighted "mean" divides by the weights' sum (torch's rule); None means the element count."""
     return None if w is None else w.sum(dtype=accumulation_dtype(out_dtype))
 
 
-def mse_loss(input: Tensor, target: Tensor, *, reduction: Reduction = "mean", weight: Tensor | None = None
-             ) -> Tensor:
+def mse_loss(input: Tensor, target: Tensor, *, reduction: Reduction = "mean", weight: Tensor | None = None,
+             impl: Impl = "auto") -> Tensor:
     r"""Mean squared error; drop-in for ``torch.nn.functional.mse_loss`` (torch 2.13, with ``weight``).
 
     With an optional ``weight`` of the input's exact shape, the unreduced loss is
@@ -61,6 +68,10 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: Reduction = "mean", we
     Output: the promoted dtype of input, target (and weight), shape ``()`` or the input's. Gradients with
     respect to input and target are computed in the forward pass.
 
+    ``impl``: ``"compiled"`` losskit's C kernel (CPU tensors: one read of each operand and one write of
+    each gradient per element, see :mod:`losskit.kernels.native_pointwise`), ``"torch"`` the piece-wise
+    torch path (any device; the reference), ``"auto"`` the compiled kernel for CPU tensors when built.
+
     Example:
         >>> import torch, losskit.functional as LF
         >>> LF.mse_loss(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.5, 2.0, 3.0]))
@@ -68,17 +79,19 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: Reduction = "mean", we
     """
     x, t, w, out_dtype = _check_mse(input, target, weight)
     _checks.reduction(reduction)
-    return elementwise_loss(_mse_kernel, (x, t, w), reduction, out_dtype, _denominator(w, out_dtype))
+    return elementwise_loss(_mse_kernel, (x, t, w), reduction, out_dtype, _denominator(w, out_dtype),
+                            runner=_runner(impl, x, t, w))
 
 
-def rmse_loss(input: Tensor, target: Tensor, *, weight: Tensor | None = None) -> Tensor:
+def rmse_loss(input: Tensor, target: Tensor, *, weight: Tensor | None = None, impl: Impl = "auto") -> Tensor:
     r"""Root mean squared error: ``sqrt(mse_loss(input, target, reduction="mean", weight=weight))``.
 
     .. math:: \mathrm{rmse} = \sqrt{\frac{\sum w\, (x - y)^2}{\sum w}} \quad (\text{w = 1 when None}),
               \qquad \frac{\partial\, \mathrm{rmse}}{\partial x} = \frac{w\, (x - y)}{\mathrm{rmse} \sum w},
 
     with the gradient taken as 0 (not ``0 / 0 = NaN``, what ``torch.sqrt(F.mse_loss(...))`` gives) where
-    the loss is exactly 0. Shapes and dtypes as :func:`mse_loss`; the result is a scalar.
+    the loss is exactly 0. Shapes and dtypes as :func:`mse_loss`; the result is a scalar. ``impl`` as in
+    :func:`mse_loss`.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -86,13 +99,25 @@ def rmse_loss(input: Tensor, target: Tensor, *, weight: Tensor | None = None) ->
         tensor(0.6455)
     """
     x, t, w, out_dtype = _check_mse(input, target, weight)
+    runner = _runner(impl, x, t, w)
     want = (*needs_grad(x, t), False)
+    # d sqrt(m) = dm / (2 sqrt(m)), 0 where m == 0: the factor is known once the whole sum is. The torch
+    # path scales its gradients in place afterwards (one more read and write of each); the C kernel is
+    # cheaper reading the operands twice: the sum first, then the gradients with their final scale.
+    two_pass = runner is not elementwise.run
     with torch.no_grad():
-        mse, grads = forward(_mse_kernel, (x, t, w), want, "mean", out_dtype, _denominator(w, out_dtype))
+        denominator = _denominator(w, out_dtype)
+        operands = (x, t, w)
+        mse, grads = forward(_mse_kernel, operands, (False,) * 3 if two_pass else want, "mean", out_dtype,
+                             denominator, runner=runner)
         rmse = mse.sqrt()
-        # d sqrt(m) = dm / (2 sqrt(m)): one in-place pass over each gradient; 0 where m == 0.
         factor = torch.where(rmse > 0, 0.5 / rmse, torch.zeros_like(rmse))
-        for g in grads:
-            if g is not None:
-                g.mul_(factor)
+        if two_pass and any(want):
+            scale = _reduction.scale("mean", denominator, x.numel()) * factor
+            _, grads = runner(_mse_kernel, operands, want, acc=mse.dtype, out_dtype=out_dtype, keep=False,
+                              grad_scale=scale)
+        else:
+            for g in grads:
+                if g is not None:
+                    g.mul_(factor)
     return attach(rmse.to(out_dtype), (x, t), grads[:2])

@@ -7,19 +7,20 @@ from typing import get_args
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._types import KLReduction
+from .._types import Impl, KLReduction
 from ._base import Loss
 
 
 class KLDivLoss(Loss):
     """Module form of :func:`losskit.functional.kl_div` (drop-in for ``torch.nn.KLDivLoss``)."""
 
-    def __init__(self, *, reduction: KLReduction = "mean", log_target: bool = False) -> None:
+    def __init__(self, *, reduction: KLReduction = "mean", log_target: bool = False, impl: Impl = "auto") -> None:
         super().__init__(reduction, get_args(KLReduction))
         self.log_target = log_target
+        self.impl = impl
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
+        return F.kl_div(input, target, reduction=self.reduction, log_target=self.log_target, impl=self.impl)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, log_target={self.log_target}"

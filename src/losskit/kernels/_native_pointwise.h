@@ -1,0 +1,211 @@
+/* Pointwise losses of losskit.kernels._native_pointwise, written once for an accumulation type T.
+ *
+ * Instantiated by _native_pointwise.c through _native_instantiate.h: T = float (float32, bfloat16 and
+ * float16 storage), T = double (float64). Reference expressions, per element (s: the gradient scale,
+ * the reduction's factor; w = 1 when absent):
+ *   MSE       l = w (x - y)^2                  gx = s (2 (x - y) w),      gy = -gx
+ *   KL_PROB   l = xlogy(y, y) - y x            gx = s (-y),               gy = s (log y + 1 - x), NaN at y == 0, inf
+ *   KL_LOG    l = exp(y) (y - x)               gx = s (-exp(y)),          gy = s (l + exp(y))
+ * Elements are taken in blocks of BLOCK; each block's loss sum is formed in per-lane T accumulators and
+ * stored in the double array a->sums (summed in block order by the caller: the total does not depend on
+ * the thread count). Each element of each operand is read once and each output written once.
+ *
+ * Storage: when every operand present has one dtype whose accumulation type is T ("uniform", the
+ * common case), the vectors are loaded and stored in that dtype, bfloat16/float16 converted in
+ * registers. Otherwise (an integer target, mixed floating dtypes) a block of each operand is converted
+ * into T scratch arrays on the stack (BLOCK * sizeof(T) each, in L1), computed there and converted out.
+ */
+
+#include "_native_rowops.h" /* load, store, splat, select */
+
+/* ---- storage -------------------------------------------------------------------------------------- */
+
+/* The W lanes at element i of p, stored as dt; dt is a constant in every inlined copy. */
+INLINE VT FN(vload)(const void *p, int dt, int64_t i)
+{
+#if W == 8
+    if (dt == DT_BF16) return (VT)(__builtin_convertvector(*(const v8u16 *)((const uint16_t *)p + i), v8u) << 16);
+    if (dt == DT_F16) return __builtin_convertvector(*(const v8h *)((const _Float16 *)p + i), VT);
+#endif
+    (void)dt;
+    return FN(load)((const T *)p + i);
+}
+
+INLINE void FN(vstore)(void *p, int dt, int64_t i, VT v)
+{
+#if W == 8
+    if (dt == DT_BF16) {
+        /* round to nearest even, NaN kept quiet: f32_to_bf16 of _native_common.h, on 8 lanes */
+        const v8u u = (v8u)v, rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16, quiet = (u >> 16) | 0x40;
+        const v8u h = (v8u)FN(select)(v != v, (VT)quiet, (VT)rounded);
+        *(v8u16 *)((uint16_t *)p + i) = __builtin_convertvector(h, v8u16);
+        return;
+    }
+    if (dt == DT_F16) {
+        *(v8h *)((_Float16 *)p + i) = __builtin_convertvector(v, v8h);
+        return;
+    }
+#endif
+    (void)dt;
+    FN(store)((T *)p + i, v);
+}
+
+/* One element of any operand dtype, as T (the tails and the mixed-dtype path). */
+INLINE T FN(get)(const void *p, int dt, int64_t i)
+{
+    switch (dt) {
+    case DT_F32: return (T)((const float *)p)[i];
+    case DT_F64: return (T)((const double *)p)[i];
+    case DT_BF16: return (T)bf16_to_f32(((const uint16_t *)p)[i]);
+    case DT_F16: return (T)((const _Float16 *)p)[i];
+    case DT_I64: return (T)((const int64_t *)p)[i];
+    case DT_I32: return (T)((const int32_t *)p)[i];
+    case DT_I16: return (T)((const int16_t *)p)[i];
+    case DT_I8: return (T)((const int8_t *)p)[i];
+    default: return (T)((const uint8_t *)p)[i];
+    }
+}
+
+/* One element into a floating output of dtype dt (outputs are floating: checked by the binding). */
+INLINE void FN(put)(void *p, int dt, int64_t i, T v)
+{
+    switch (dt) {
+    case DT_F32: ((float *)p)[i] = (float)v; break;
+    case DT_F64: ((double *)p)[i] = (double)v; break;
+    case DT_BF16: ((uint16_t *)p)[i] = f32_to_bf16((float)v); break;
+    default: ((_Float16 *)p)[i] = (_Float16)v; break;
+    }
+}
+
+/* ---- the per-element maths ------------------------------------------------------------------------- */
+
+INLINE int FN(any)(VI m)
+{
+    int r = 0;
+    for (int j = 0; j < W; j++) r |= m[j] != 0;
+    return r;
+}
+
+/* exp for any argument: the vector exp holds for v <= 0 (log-probabilities); lanes above 0 (rare for a
+ * log target) take the C library's, which overflows to inf as torch's does. */
+INLINE VT FN(exp_any)(VT v)
+{
+    VT e = VEXP(v);
+    const VI big = v > 0;
+    if (FN(any)(big))
+        for (int j = 0; j < W; j++)
+            if (big[j]) e[j] = EXP_SCALAR(v[j]);
+    return e;
+}
+
+/* The loss l and the gradients gx, gy of one vector; kind is a constant in every inlined copy. */
+INLINE void FN(op)(const int kind, VT x, VT y, VT w, VT s, VT *l, VT *gx, VT *gy)
+{
+    if (kind == K_MSE) {
+        const VT d = x - y, g = (d + d) * w * s;
+        *l = d * d * w;
+        *gx = g;
+        *gy = -g;
+    } else if (kind == K_KL_PROB) {
+        const VT zero = FN(splat)(0), lg = VLOG(y);
+        const VI absent = y == zero;
+        /* xlogy(y, y): 0 at y == 0; NaN for a NaN or negative y, as torch */
+        *l = FN(select)(absent, zero, y * lg) - y * x;
+        *gx = -y * s;
+        /* torch's autograd: xlogy's t / t term is NaN at y == 0 and y == inf */
+        *gy = FN(select)(absent | (y == INFINITY), FN(splat)(NAN), lg + 1 - x) * s;
+    } else {
+        const VT e = FN(exp_any)(y), l_ = e * (y - x);
+        *l = l_;
+        *gx = -e * s;
+        *gy = (l_ + e) * s;
+    }
+}
+
+/* Elements [i0, i0 + m) of operands stored as dt (m <= BLOCK): writes the outputs present and returns
+ * the block's loss sum. */
+INLINE T FN(block)(const int kind, const int dt, const void *x, const void *y, const void *w, void *l, void *gx,
+                   void *gy, T scale, int64_t i0, int64_t m)
+{
+    const VT s = FN(splat)(scale), one = FN(splat)(1);
+    VT acc = FN(splat)(0), vl, vgx, vgy;
+    int64_t j = 0;
+    for (; j + W <= m; j += W) {
+        const int64_t i = i0 + j;
+        FN(op)(kind, FN(vload)(x, dt, i), FN(vload)(y, dt, i), w ? FN(vload)(w, dt, i) : one, s, &vl, &vgx, &vgy);
+        acc += vl;
+        if (l) FN(vstore)(l, dt, i, vl);
+        if (gx) FN(vstore)(gx, dt, i, vgx);
+        if (gy) FN(vstore)(gy, dt, i, vgy);
+    }
+    if (j < m) {
+        /* the last m - j < W elements: padded lanes read 0 and are neither summed nor stored */
+        T bx[W], by[W], bw[W];
+        VI lane;
+        for (int k = 0; k < W; k++) {
+            const int in = k < m - j;
+            bx[k] = in ? FN(get)(x, dt, i0 + j + k) : 0;
+            by[k] = in ? FN(get)(y, dt, i0 + j + k) : 0;
+            bw[k] = in && w ? FN(get)(w, dt, i0 + j + k) : 1;
+            lane[k] = -in;
+        }
+        FN(op)(kind, FN(load)(bx), FN(load)(by), FN(load)(bw), s, &vl, &vgx, &vgy);
+        acc += FN(select)(lane, vl, FN(splat)(0));
+        for (int k = 0; k < m - j; k++) {
+            if (l) FN(put)(l, dt, i0 + j + k, vl[k]);
+            if (gx) FN(put)(gx, dt, i0 + j + k, vgx[k]);
+            if (gy) FN(put)(gy, dt, i0 + j + k, vgy[k]);
+        }
+    }
+    T sum = 0;
+    for (int k = 0; k < W; k++) sum += acc[k];
+    return sum;
+}
+
+/* A block of every operand converted into T scratch, computed there, its outputs converted out. */
+INLINE T FN(block_mixed)(const int kind, const struct pw_args *a, int64_t i0, int64_t m)
+{
+    T xs[BLOCK], ys[BLOCK], ws[BLOCK], ls[BLOCK], gxs[BLOCK], gys[BLOCK];
+    for (int64_t k = 0; k < m; k++) {
+        xs[k] = FN(get)(a->x.ptr, a->x.dtype, i0 + k);
+        ys[k] = FN(get)(a->y.ptr, a->y.dtype, i0 + k);
+        if (a->w.ptr) ws[k] = FN(get)(a->w.ptr, a->w.dtype, i0 + k);
+    }
+    const T sum = FN(block)(kind, DTYPE_OF_T, xs, ys, a->w.ptr ? ws : NULL, a->l.ptr ? ls : NULL,
+                            a->gx.ptr ? gxs : NULL, a->gy.ptr ? gys : NULL, (T)a->scale, 0, m);
+    for (int64_t k = 0; k < m; k++) {
+        if (a->l.ptr) FN(put)(a->l.ptr, a->l.dtype, i0 + k, ls[k]);
+        if (a->gx.ptr) FN(put)(a->gx.ptr, a->gx.dtype, i0 + k, gxs[k]);
+        if (a->gy.ptr) FN(put)(a->gy.ptr, a->gy.dtype, i0 + k, gys[k]);
+    }
+    return sum;
+}
+
+/* One kind over blocks [b0, b1): the uniform path for each storage dtype of T, else the mixed one. */
+INLINE void FN(kind_blocks)(const int kind, const struct pw_args *a, int64_t b0, int64_t b1)
+{
+    const T scale = (T)a->scale;
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t i0 = b * BLOCK, m = a->n - i0 < BLOCK ? a->n - i0 : BLOCK;
+        T sum;
+#define PW_UNIFORM(DT) FN(block)(kind, DT, a->x.ptr, a->y.ptr, a->w.ptr, a->l.ptr, a->gx.ptr, a->gy.ptr, scale, i0, m)
+        if (a->uniform == DTYPE_OF_T) sum = PW_UNIFORM(DTYPE_OF_T);
+#if W == 8
+        else if (a->uniform == DT_BF16) sum = PW_UNIFORM(DT_BF16);
+        else if (a->uniform == DT_F16) sum = PW_UNIFORM(DT_F16);
+#endif
+        else sum = FN(block_mixed)(kind, a, i0, m);
+#undef PW_UNIFORM
+        a->sums[b] = (double)sum;
+    }
+}
+
+HOT static int FN(pointwise_blocks)(const struct pw_args *a, int64_t b0, int64_t b1)
+{
+    switch (a->kind) {
+    case K_MSE: FN(kind_blocks)(K_MSE, a, b0, b1); break;
+    case K_KL_PROB: FN(kind_blocks)(K_KL_PROB, a, b0, b1); break;
+    default: FN(kind_blocks)(K_KL_LOG, a, b0, b1); break;
+    }
+    return 0;
+}

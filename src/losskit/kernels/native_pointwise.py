@@ -1,0 +1,128 @@
+"""Compiled CPU kernels of the pointwise losses (``impl="compiled"``): the C extension ``_native_pointwise``.
+
+Reference expressions: the torch kernels these replace, :func:`losskit.functional._regression._mse_kernel`
+(``w (x - y)**2``, gradients ``2 w (x - y)`` and its negation) and ``_kl_prob_target`` /
+``_kl_log_target`` of :mod:`losskit.functional._divergence` (``xlogy(t, t) - t x``; ``exp(tau) (tau -
+x)``), with the same NaN and infinity behaviour, each gradient times the reduction's factor, as
+:func:`losskit.kernels.elementwise.run` computes them. :func:`runner` returns a function with ``run``'s
+signature that computes them in C instead.
+
+One call reads each element of each operand once and writes each output (gradients, and the unreduced
+loss for ``reduction="none"``) once, over ``torch.get_num_threads()`` threads; bfloat16/float16
+operands are converted in registers and computed in float32, float64 in float64. The loss sum is
+formed in float lanes over blocks of 1024 elements, the blocks summed in double in a fixed order (the
+same total for any thread count). Contiguous operands of the output's shape go to C in one call;
+strided or broadcast ones in contiguous pieces (:mod:`losskit.kernels.native_elementwise`).
+
+Safety: :func:`pointwise` checks every operand it hands to C (CPU, contiguous, element count, dtype);
+the C binding checks the kind, sizes and dtype codes again and only indexes ``[0, n)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import native, native_elementwise
+from .elementwise import Kernel
+from .native_elementwise import Runner
+
+#: The extension module's name under ``losskit.kernels``.
+EXTENSION = "_native_pointwise"
+
+#: Kernel kinds of the C extension.
+MSE, KL_PROB, KL_LOG = 0, 1, 2
+_KINDS = (MSE, KL_PROB, KL_LOG)
+
+_FLOATING = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+#: Integer targets (mse_loss) are converted to the accumulation type as they are read.
+_INTEGER = {torch.int64: 4, torch.int32: 5, torch.int16: 6, torch.int8: 7, torch.uint8: 8}
+
+
+def _codes(kind: int, name: str) -> dict[torch.dtype, int]:
+    return {**_FLOATING, **_INTEGER} if kind == MSE and name == "target" else _FLOATING
+
+
+def pointwise(kind: int, x: Tensor, y: Tensor, w: Tensor | None = None, loss: Tensor | None = None,
+              gx: Tensor | None = None, gy: Tensor | None = None, *, scale: float = 1.0,
+              acc: torch.dtype = torch.float32, threads: int | None = None) -> float:
+    """One C call over ``n = x.numel()`` elements of contiguous CPU tensors; returns the loss sum (double).
+
+    ``x`` (input), ``y`` (target; integer allowed for ``MSE``), ``w`` (weight, ``MSE`` only): read.
+    ``loss`` (the unreduced loss), ``gx``, ``gy`` (``scale`` times the gradients): written where given.
+    Every tensor has ``n`` elements; floating dtypes float32/float64/bfloat16/float16, computed in ``acc``
+    (float32 or float64).
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if acc not in (torch.float32, torch.float64):
+        raise ValueError(f"acc must be torch.float32 or torch.float64, got {acc}")
+    if w is not None and kind != MSE:
+        raise ValueError("weight is only taken by the MSE kernel")
+    if not isinstance(x, Tensor):
+        raise ValueError(f"input must be a tensor, got {type(x).__name__}")
+    n = x.numel()
+    named = (("input", x), ("target", y), ("weight", w), ("loss", loss), ("grad_input", gx), ("grad_target", gy))
+    operands = []
+    for name, t in named:
+        if t is None:
+            operands.append((0, 0))
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        codes = _codes(kind, name)
+        if t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in codes:
+            raise ValueError(f"native pointwise {name}: expected a contiguous CPU tensor of {n} elements and dtype "
+                             f"in {sorted(map(str, codes))}, got {tuple(t.shape)} {t.dtype} on {t.device} "
+                             f"(contiguous: {t.is_contiguous()})")
+        operands.append((t.data_ptr(), codes[t.dtype]))
+    if n == 0:
+        return 0.0
+    return native.module(EXTENSION).pointwise(kind, acc == torch.float64, n, *operands, float(scale),
+                                              threads if threads is not None else native.threads_for(n))
+
+
+def _run(kind: int, kernel: Kernel, operands: Sequence[Tensor | None], want: Sequence[bool], *, acc: torch.dtype,
+         out_dtype: torch.dtype, keep: bool, grad_scale: Tensor | float = 1.0) -> tuple[Tensor, list[Tensor | None]]:
+    """:func:`losskit.kernels.elementwise.run` of ``kernel`` (the reference of ``kind``), computed in C.
+
+    ``operands``: input, target (broadcastable to the input) and an optional weight. Returns the
+    unreduced loss (``out_dtype``, the input's shape) if ``keep``, else a 1-element ``acc`` tensor holding
+    the sum; and the gradients (operand ``i``'s shape and dtype, times ``grad_scale``) where ``want``.
+    """
+    del kernel  # the reference expression; the C kernel of ``kind`` computes the same
+    x, y, *rest = operands
+    w = rest[0] if rest else None
+    grads = [native.empty(op.shape, op.dtype, op.device) if wanted else None for op, wanted in zip((x, y), want)]
+    out = native.empty(x.shape, out_dtype, x.device) if keep else None
+    scale = float(grad_scale)
+
+    def call(ins: Sequence[Tensor | None], outs: Sequence[Tensor | None]) -> float:
+        return pointwise(kind, *ins, *outs, scale=scale, acc=acc)
+
+    total = native_elementwise.run(call, (x, y, w), (out, *grads), x.shape)
+    grads += [None] * (len(operands) - 2)
+    if out is not None:
+        return out, grads
+    return torch.tensor([total], dtype=acc, device=x.device), grads
+
+
+def runner(impl: object, kind: int, *tensors: Tensor | None) -> Runner | None:
+    """The compiled runner of ``kind`` when ``impl`` selects it for ``tensors`` (see
+    :func:`losskit.kernels.native.use_compiled`), else None (the caller runs its torch path). A dtype the
+    kernel does not take (an unsigned integer target wider than 8 bits) is the torch path's under
+    ``"auto"``, a ValueError under ``"compiled"``."""
+    present = [t for t in tensors if t is not None]
+    if not native.use_compiled(impl, *present, extension=EXTENSION):
+        return None
+    names = ("input", "target", "weight")
+    unsupported = [f"{name} {t.dtype}" for name, t in zip(names, tensors)
+                   if t is not None and t.dtype not in _codes(kind, name)]
+    if unsupported:
+        if impl == "compiled":
+            raise ValueError(f"impl='compiled' does not take {', '.join(unsupported)}; use impl='torch'")
+        return None
+    return functools.partial(_run, kind)
