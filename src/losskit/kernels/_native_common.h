@@ -44,8 +44,9 @@ INLINE v8f exp_v8f(v8f x)
     /* Below lo the result is flushed to 0: e^-86.98 = 1.7e-38, within 1.5x of the smallest normal
      * number, and it keeps k >= -125 so that adding k to p's exponent field below stays normal. */
     const v8f lo = (v8f){0} - 86.98f;
+    /* Lanes below lo (-inf included) are masked to 0 at the end, whatever the steps between make of
+     * them; NaN compares false and passes through as NaN. */
     const v8i under = x < lo;
-    x = (v8f)((under & (v8i)lo) | (~under & (v8i)x)); /* NaN compares false and passes through */
     const float magic = 12582912.0f;                   /* 1.5 * 2^23: adding it rounds to an integer */
     const v8f t = x * 1.44269504088896341f + magic;
     const v8f k = t - magic;
@@ -66,7 +67,6 @@ INLINE v4d exp_v4d(v4d x)
     /* flushed to 0 below e^-708 = 3.3e-308 (1.5x the smallest normal number): k >= -1021 */
     const v4d lo = (v4d){0} - 708.0;
     const v4l under = x < lo;
-    x = (v4d)((under & (v4l)lo) | (~under & (v4l)x));
     const double magic = 6755399441055744.0; /* 1.5 * 2^52 */
     const v4d t = x * 1.4426950408889634074 + magic;
     const v4d k = t - magic;

@@ -90,23 +90,24 @@ INLINE VT FN(exp_step)(const T *x, int64_t c, int64_t n, VT vm, T *e, const T *w
     return ev;
 }
 
-/* Pass 2 with its options fixed (inlined into one copy per combination): full vectors two at a time
- * into two sums (the exp of one overlaps the other's), then the rest. */
+/* Pass 2 with its options fixed (inlined into one copy per combination): full vectors two at a time,
+ * then the rest. One sum: its add chain (3-4 cycles a vector) is shorter than the exp's throughput
+ * (about 6), and a second sum would not fit in the 16 vector registers beside the exp's constants. */
 INLINE T FN(exp_sum_impl)(const T *x, int64_t C, T m, T *e, const T *w, T *wx, const int smooth,
                           const T *next)
 {
     const VT vm = FN(splat)(m);
-    VT s0 = FN(splat)(0), s1 = s0, swx = s0;
+    VT sum = FN(splat)(0), swx = sum;
     int64_t c = 0;
     for (; c + 2 * W <= C; c += 2 * W) {
         /* one 64-byte line of the next row per 64 bytes of this one: it is in L2 when pass 1 needs it */
         if (next) __builtin_prefetch(next + c, 0, 2);
-        s0 += FN(exp_step)(x, c, W, vm, e, w, &swx, smooth);
-        s1 += FN(exp_step)(x, c + W, W, vm, e, w, &swx, smooth);
+        sum += FN(exp_step)(x, c, W, vm, e, w, &swx, smooth);
+        sum += FN(exp_step)(x, c + W, W, vm, e, w, &swx, smooth);
     }
-    for (; c < C; c += W) s0 += FN(exp_step)(x, c, C - c < W ? C - c : W, vm, e, w, &swx, smooth);
+    for (; c < C; c += W) sum += FN(exp_step)(x, c, C - c < W ? C - c : W, vm, e, w, &swx, smooth);
     if (smooth) *wx += FN(hsum)(swx);
-    return FN(hsum)(s0 + s1);
+    return FN(hsum)(sum);
 }
 
 /* Pass 2: returns sum_c exp(x[c] - m); writes e[c] = exp(x[c] - m) if e is given (e may be x); adds
