@@ -14,7 +14,7 @@ from .. import _checks, _learner, _reduction
 from .._autocast import float32_under_autocast
 from .._autograd import attach, needs_grad
 from .._types import Impl, Reduction
-from ..kernels import native
+from ..kernels import native, native_softmax
 from ..kernels.blocks import accumulation_dtype, as_3d, block_rows, blocks, positions_2d, work_buffer
 from ..kernels.rows import RowSpec, xent_rows_
 
@@ -220,13 +220,18 @@ def focal_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, g
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ignore_index: int = -100,
-             reduction: Reduction = "mean") -> Tensor:
+             reduction: Reduction = "mean", impl: Impl = "auto") -> Tensor:
     r"""Negative log-likelihood of class indices; drop-in for ``torch.nn.functional.nll_loss``.
 
     ``input`` holds **log-probabilities** (e.g. the output of :func:`log_softmax`), shape ``(C,)``,
     ``(N, C)`` or ``(N, C, d1, ..., dk)``; ``target`` holds class indices (the input's shape without C).
     The unreduced loss is :math:`\ell = -w_y\, \mathrm{input}_y` (0 where ``y == ignore_index``) and
     "mean" divides the sum by :math:`\sum w_y` over non-ignored positions.
+
+    The gradient is zero but for :math:`-w_y` times the reduction's factor at each target; its
+    input-sized work is writing it. ``impl="compiled"`` (``"auto"`` on CPU) writes each gradient entry
+    once, in cache-sized tiles on all intra-op threads, with the C kernel of
+    :mod:`losskit.kernels.native_softmax`; ``"torch"`` is ``zeros`` + ``scatter_`` (the reference).
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -240,6 +245,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ign
     _checks.class_targets(target, n_classes, ignore_index)
     _learner.check_log_probabilities("nll_loss", input, _class_dim(input))
     input, weight = float32_under_autocast(input.device.type, input, weight)
+    compiled = native.use_compiled(impl, input, target, extension=native_softmax.EXTENSION)
     (want_x,) = needs_grad(input)
     acc = accumulation_dtype(input.dtype)
     cd = _class_dim(input)
@@ -250,12 +256,21 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ign
                                                                          device=input.device))
     w_y = w_y * valid.unsqueeze(cd)
     with torch.no_grad():
-        per = -(input.gather(cd, safe).to(acc) * w_y).squeeze(cd).masked_fill(~valid, 0.0)  # ignored: 0, not 0 * -inf
         denominator = w_y.sum()
+        scale = _reduction.scale(reduction, denominator, target.numel())
+        if compiled:
+            x3 = as_3d(input)  # (N, C, L), any strides
+            grad = native.empty(input.shape, input.dtype, input.device) if want_x else None
+            per = torch.empty(_index_shape(input), dtype=acc, device=input.device)  # loss per position
+            native_softmax.nll_rows(x3, target.long().reshape(-1).contiguous(), as_3d(grad) if want_x else None,
+                                    None if weight is None else weight.to(acc).contiguous(), per,
+                                    ignore_index=ignore_index, scale=float(scale))
+        else:
+            # ignored: 0, not 0 * -inf
+            per = -(input.gather(cd, safe).to(acc) * w_y).squeeze(cd).masked_fill(~valid, 0.0)
+            grad = None
+            if want_x:
+                grad = torch.zeros(input.shape, dtype=input.dtype, device=input.device)
+                grad.scatter_(cd, safe, (-w_y * scale).to(input.dtype))
         loss = _reduction.reduce(per, reduction, denominator).to(input.dtype)
-        grad = None
-        if want_x:
-            scale = _reduction.scale(reduction, denominator, per.numel())
-            grad = torch.zeros(input.shape, dtype=input.dtype, device=input.device)
-            grad.scatter_(cd, safe, (-w_y * scale).to(input.dtype))
     return attach(loss, (input,), (grad,), expand_dim=cd)

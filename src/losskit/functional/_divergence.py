@@ -21,7 +21,7 @@ from .._autocast import float32_under_autocast
 from .._autograd import attach, needs_grad
 from .._types import Impl, KLReduction
 from ..kernels import blocks as _blocks
-from ..kernels import elementwise, native_pointwise
+from ..kernels import elementwise, native, native_pointwise, native_softmax
 
 __all__ = ["entropy", "kl_div"]
 
@@ -148,7 +148,7 @@ def _sum_to(grad: Tensor | None, shape: torch.Size) -> Tensor | None:
     return grad.sum_to_size(shape).contiguous()
 
 
-def entropy(input: Tensor, dim: int = -1, *, logits: bool = False) -> Tensor:
+def entropy(input: Tensor, dim: int = -1, *, logits: bool = False, impl: Impl = "auto") -> Tensor:
     r"""Shannon entropy (in nats) of the distributions along ``dim``.
 
     With probabilities ``p = input`` (``logits=False``):
@@ -177,6 +177,10 @@ def entropy(input: Tensor, dim: int = -1, *, logits: bool = False) -> Tensor:
     ``input``'s shape without ``dim`` and ``input``'s dtype (computed in float32, float64 for float64).
     There is no reduction: reduce the result yourself (``.mean()``).
 
+    ``impl``: ``"compiled"`` losskit's C row kernel (CPU tensors: one read of the input and one write of
+    the gradient per element, see :mod:`losskit.kernels.native_softmax`), ``"torch"`` the block-wise
+    torch path (any device; the reference), ``"auto"`` the compiled kernel for CPU tensors when built.
+
     Example:
         >>> import torch, losskit.functional as LF
         >>> LF.entropy(torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]))
@@ -196,19 +200,23 @@ def entropy(input: Tensor, dim: int = -1, *, logits: bool = False) -> Tensor:
     _flag("logits", logits)
     # Autocast: no torch counterpart; cross_entropy's rule (float32), the entropy being a cross-entropy.
     (x,) = float32_under_autocast(x.device.type, x)
+    compiled = native.use_compiled(impl, x, extension=native_softmax.EXTENSION)
     (want,) = needs_grad(x)
     with torch.no_grad():
-        h, grad = _entropy(x, d, logits, want)
+        h, grad = _entropy(x, d, logits, want, compiled)
     return attach(h, (x,), (grad,), expand_dim=d)
 
 
-def _entropy(x: Tensor, d: int, logits: bool, want: bool) -> tuple[Tensor, Tensor | None]:
+def _entropy(x: Tensor, d: int, logits: bool, want: bool, compiled: bool) -> tuple[Tensor, Tensor | None]:
     n, c, length = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
     acc = _blocks.accumulation_dtype(x.dtype)
     x3 = x.reshape(n, c, length)  # (N, C, L), a view unless the strides forbid it
-    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want else None
+    grad = native.empty(x.shape, x.dtype, x.device) if want else None
     g3 = grad.view(n, c, length) if grad is not None else None
     h2 = torch.empty(n, length, dtype=acc, device=x.device)  # entropy per distribution
+    if compiled:
+        native_softmax.entropy_rows(x3, h2, g3, logits=logits)
+        return h2.view(x.shape[:d] + x.shape[d + 1:]).to(x.dtype), grad
     # work: (rows, C) accumulation dtype, BLOCK_BYTES; the kernel adds about three more of its size.
     rows = _blocks.block_rows(c, torch.finfo(acc).bits // 8)
     buf = _blocks.work_buffer(min(rows, n * length), c, acc, x.device)

@@ -28,12 +28,14 @@ class NLLLoss(WeightedLoss):
     """Module form of :func:`losskit.functional.nll_loss` (drop-in for ``torch.nn.NLLLoss``)."""
 
     def __init__(self, weight: Tensor | None = None, *, ignore_index: int = -100,
-                 reduction: Reduction = "mean") -> None:
+                 reduction: Reduction = "mean", impl: Impl = "auto") -> None:
         super().__init__(weight, reduction)
         self.ignore_index = ignore_index
+        self.impl = impl
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.nll_loss(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction)
+        return F.nll_loss(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                          impl=self.impl)
 
 
 class FocalLoss(WeightedLoss):
@@ -54,20 +56,22 @@ class FocalLoss(WeightedLoss):
 class Softmax(nn.Module):
     """Module form of :func:`losskit.functional.softmax`."""
 
-    def __init__(self, dim: int | None = None) -> None:
+    def __init__(self, dim: int | None = None, *, impl: Impl = "auto") -> None:
         super().__init__()
         self.dim = dim
+        self.impl = impl
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.softmax(input, self.dim)
+        return F.softmax(input, self.dim, impl=self.impl)
 
 
 class LogSoftmax(nn.Module):
     """Module form of :func:`losskit.functional.log_softmax`."""
 
-    def __init__(self, dim: int | None = None) -> None:
+    def __init__(self, dim: int | None = None, *, impl: Impl = "auto") -> None:
         super().__init__()
         self.dim = dim
+        self.impl = impl
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.log_softmax(input, self.dim)
+        return F.log_softmax(input, self.dim, impl=self.impl)

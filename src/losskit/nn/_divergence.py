@@ -29,13 +29,14 @@ class KLDivLoss(Loss):
 class Entropy(nn.Module):
     """Module form of :func:`losskit.functional.entropy` (Shannon entropy along ``dim``, no reduction)."""
 
-    def __init__(self, dim: int = -1, *, logits: bool = False) -> None:
+    def __init__(self, dim: int = -1, *, logits: bool = False, impl: Impl = "auto") -> None:
         super().__init__()
         self.dim = dim
         self.logits = logits
+        self.impl = impl
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.entropy(input, self.dim, logits=self.logits)
+        return F.entropy(input, self.dim, logits=self.logits, impl=self.impl)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, logits={self.logits}"

@@ -1,0 +1,413 @@
+"""The compiled softmax-family kernels (impl="compiled") against the pure-torch path (impl="torch") and torch.
+
+softmax / log_softmax / entropy / nll_loss; values and gradients, every option, odd sizes, strides and
+dims, low precision, thread split, and the wrapper's and kernel's refusal of bad operands and targets.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import losskit.functional as LF
+import losskit.nn as LN
+from losskit.kernels import native, native_softmax
+from losskit.testing import assert_close, assert_no_worse_than, assert_same_results, gradcheck, loss_and_grads
+
+FLOATS = [torch.float64, torch.float32]
+LOW = [torch.bfloat16, torch.float16]
+_NO_TARGET = torch.zeros(())
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape, dtype=torch.float64, seed=0, scale=3.0):
+    return (torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * scale).to(dtype)
+
+
+def _probs(shape, dim, dtype=torch.float64, seed=0, zeros=True):
+    """Probabilities along ``dim``, with a zero in every fourth entry if ``zeros``."""
+    p = torch.rand(shape, generator=_gen(seed), dtype=torch.float64)
+    if zeros and p.numel() > 1:
+        p.view(-1)[::4] = 0.0
+    return (p / p.sum(dim, keepdim=True).clamp_min(1e-12)).to(dtype)
+
+
+def _unary(fn, **kwargs):
+    """``fn(input, **kwargs)`` as the (input, target) callable that loss_and_grads expects."""
+    return lambda a, _t: fn(a, **kwargs)
+
+
+def _results(fn, x, **kwargs):
+    """(value, d/dinput) of ``fn(x, **kwargs)`` for a fixed random grad_output."""
+    return loss_and_grads(_unary(fn, **kwargs), x, _NO_TARGET)[:2]
+
+
+def _entropy_reference(x, dim, logits):
+    if logits:  # log_softmax, not log(softmax): no 0 * -inf where a probability underflows
+        return -(x.softmax(dim) * x.log_softmax(dim)).sum(dim)
+    return -torch.xlogy(x, x).sum(dim)
+
+
+#: name -> (losskit function, torch reference, kwargs); entropy's reference is losskit's torch path, whose
+#: own tests compare it with the formula (tests/functional/test_divergence.py).
+ROWS = {
+    "softmax": (LF.softmax, F.softmax),
+    "log_softmax": (LF.log_softmax, F.log_softmax),
+    "entropy_logits": (functools.partial(LF.entropy, logits=True), None),
+    "entropy_probs": (functools.partial(LF.entropy, logits=False), None),
+}
+
+
+def _row_input(name, shape, dim, dtype=torch.float64, seed=0, zeros=True):
+    return _probs(shape, dim, dtype, seed, zeros) if name == "entropy_probs" else _randn(shape, dtype, seed)
+
+
+def _identical(a, b, msg=""):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=msg or None)
+
+
+def _no_worse_than_reference(name, x, dim):
+    """Values and gradients of the compiled kernel on ``x`` (float32 or lower) judged against torch's
+    error (the torch reference in ``x``'s dtype) from a float64 truth."""
+    fn, ref = ROWS[name]
+    if ref is None:  # entropy: torch in x's dtype, step by step
+        logits = name == "entropy_logits"
+        ref = lambda a, dim: _entropy_reference(a, dim, logits)  # noqa: E731
+    ours = _results(fn, x, dim=dim, impl="compiled")
+    theirs = _results(ref, x, dim=dim)
+    truth = _results(ref, x.double(), dim=dim)
+    for what, a, b, c in zip(("value", "d/dinput"), ours, theirs, truth):
+        assert a.dtype == x.dtype, what
+        assert_no_worse_than(a, b, c, msg=f"{name} {what}")
+
+
+def _check_rows(name, x, dim, dtype=None):
+    """Compiled == torch path == torch, values and gradients."""
+    fn, ref = ROWS[name]
+    ours = _results(fn, x, dim=dim, impl="compiled")
+    assert_same_results(ours, _results(fn, x, dim=dim, impl="torch"), dtype=dtype)
+    if ref is not None:
+        assert_same_results(ours, _results(ref, x, dim=dim), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("name", ROWS)
+@pytest.mark.parametrize("shape,dim", [((7,), 0), ((4, 7), -1), ((4, 7), 0), ((2, 5, 3), 1), ((2, 3, 5), -1),
+                                       ((2, 3, 4, 5), 2)], ids=str)
+def test_rows_match_torch_path_and_torch(name, shape, dim, dtype):
+    _check_rows(name, _row_input(name, shape, dim, dtype), dim)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_softmax_dtype_argument(name):
+    fn, ref = ROWS[name]
+    for x_dtype, out_dtype in ((torch.float32, torch.float64), (torch.float64, torch.float32),
+                               (torch.bfloat16, torch.float32)):
+        x = _randn((3, 11), x_dtype)
+        ours = _results(fn, x, dim=1, dtype=out_dtype, impl="compiled")
+        assert ours[0].dtype == out_dtype and ours[1].dtype == x_dtype
+        assert_same_results(ours, _results(ref, x, dim=1, dtype=out_dtype), dtype=out_dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("name", ROWS)
+def test_low_precision_no_worse_than_torch(name, dtype):
+    # no zero probabilities: torch's xlogy gradient there is infinite (losskit's is 0 by definition)
+    _no_worse_than_reference(name, _row_input(name, (16, 301), -1, dtype, zeros=False), -1)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_low_precision_log_softmax_along_the_last_dim_is_torchs_to_the_bit(dtype):
+    # ATen's last-dim kernel rounds each row's sum and its log to the storage dtype; the kernel does too.
+    x = _randn((64, 301), dtype)
+    for a, b in zip(_results(LF.log_softmax, x, dim=-1, impl="compiled"), _results(F.log_softmax, x, dim=-1)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ROWS)
+@pytest.mark.parametrize("shape", [(1, 1), (9, 1), (1, 13), (4, 1031), (3, 16), (3, 17), (1, 3, 5)], ids=str)
+def test_odd_sizes(name, shape):
+    """C = 1, prime C, N = 1, C a multiple of the vector width and one past it."""
+    _check_rows(name, _row_input(name, shape, 1), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ROWS)
+def test_rows_larger_than_the_caches(name, dtype):
+    # C = 300007: a float32 row is 1.2 MiB, beyond the 512 KiB L2; the later passes re-read it. Sums over
+    # 3e5 float32 terms move beyond the table's tolerance (which covers ~1e5) in torch too: judged
+    # against torch's own error from float64.
+    _no_worse_than_reference(name, _row_input(name, (2, 300_007), 1, dtype, zeros=False), 1)
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_non_contiguous_inputs(name):
+    base = _row_input(name, (9, 14), 1)
+    views = {
+        "transposed": (base.t().contiguous().t(), 1),  # row stride 1, entry stride 9
+        "strided": (base[::2, ::2], 1),
+        "dim0_of_transposed": (base.t(), 0),
+        "channels_last": (_row_input(name, (2, 4, 5, 3), 3).permute(0, 3, 1, 2), 1),
+        "expanded": (base[:1].expand(6, 14), 1),  # row stride 0
+    }
+    for what, (x, dim) in views.items():
+        assert not x.is_contiguous(), what
+        _check_rows(name, x, dim)
+
+
+def test_softmax_backward_of_strided_and_expanded_grad_outputs():
+    x = _randn((5, 12)).requires_grad_()
+    for fn, ref in (ROWS["softmax"], ROWS["log_softmax"]):
+        for grad in (_randn((12, 5), seed=3).t(), torch.ones(()).double().expand(5, 12)):
+            ours = torch.autograd.grad(fn(x, 1, impl="compiled"), x, grad)[0]
+            assert_close(ours, torch.autograd.grad(ref(x, 1), x, grad)[0])
+        ours = torch.autograd.grad(fn(x, 1, impl="compiled").sum(), x)[0]  # grad_output: expanded ones
+        assert_close(ours, torch.autograd.grad(ref(x, 1).sum(), x)[0])
+
+
+def test_non_finite_inputs_match_torch_path():
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[0.0, 0.0, -inf], [1e4, -1e4, 1e4], [-inf, -inf, -inf], [0.0, inf, 1.0], [3.0, nan, 1.0]],
+                     dtype=torch.float64)
+    for name in ("softmax", "log_softmax", "entropy_logits"):
+        _check_rows(name, x, 1)
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.5, nan, 0.5], [-0.5, 1.5, 0.0], [1e-310, 1.0, 0.0]],
+                     dtype=torch.float64)
+    _check_rows("entropy_probs", p, 1)
+
+
+def test_empty_inputs():
+    for name in ROWS:
+        # entropy refuses an empty distribution dim (tests/functional/test_divergence.py)
+        for shape in ((0, 5), (2, 3, 0)) if name.startswith("entropy") else ((0, 5), (3, 0, 2), (2, 3, 0)):
+            fn = ROWS[name][0]
+            ours, ref = _results(fn, torch.zeros(shape), dim=1, impl="compiled"), _results(fn, torch.zeros(shape), dim=1,
+                                                                                          impl="torch")
+            assert [t.shape for t in ours] == [t.shape for t in ref], (name, shape)
+
+
+def test_threads_split_rows_without_changing_a_bit():
+    """The row split over threads is invisible: each row is computed whole by one thread."""
+    x, g = _randn((11, 37, 3)), _randn((11, 37, 3), seed=1)
+    p = _probs((11, 37, 3), 1)
+
+    def entropy(out, threads):  # the entropies (11, 3) in out[0, :, 0], the gradient in out[1]
+        h = torch.empty(11, 3, dtype=torch.float64)
+        native_softmax.entropy_rows(p, h, out[1], logits=False, threads=threads)
+        out[0, :, 0] = h
+
+    calls = {
+        "softmax": lambda out, th: native_softmax.softmax_rows(x, out[0], log=False, threads=th),
+        "log_softmax_backward": lambda out, th: native_softmax.softmax_backward_rows(x, g, out[0], log=True,
+                                                                                     threads=th),
+        "entropy": entropy,
+    }
+    for name, call in calls.items():
+        outs = []
+        for threads in (1, 2, 3, 11, 64):
+            out = torch.zeros(2, 11, 37, 3, dtype=torch.float64)
+            call(out, threads)
+            outs.append(out)
+        for out in outs[1:]:
+            assert torch.equal(out, outs[0]), name
+    t = torch.randint(0, 37, (33,), generator=_gen(2))
+    t[::4] = -100
+    nll = []
+    for threads in (1, 2, 5, 64):
+        loss, grad = torch.empty(11, 3, dtype=torch.float64), torch.empty(11, 37, 3, dtype=torch.float64)
+        native_softmax.nll_rows(x, t, grad, torch.rand(37, dtype=torch.float64, generator=_gen(3)), loss,
+                                ignore_index=-100, scale=0.25, threads=threads)
+        nll.append((loss, grad))
+    for loss, grad in nll[1:]:
+        assert torch.equal(loss, nll[0][0]) and torch.equal(grad, nll[0][1])
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_gradcheck_and_double_backward(name):
+    fn = ROWS[name][0]
+    x = _randn((3, 5), scale=1.0).requires_grad_()
+    assert gradcheck(lambda a: fn(a, 1, impl="compiled"), [x])
+    # create_graph: the backward runs in torch ops and is differentiable again.
+    assert torch.autograd.gradgradcheck(lambda a: fn(a, 1, impl="compiled"), [x])
+
+
+def test_entropy_gradcheck_compiled():
+    x = _randn((3, 5), scale=1.0).requires_grad_()
+    assert gradcheck(lambda a: LF.entropy(a, 0, logits=True, impl="compiled"), [x])
+    p = _probs((3, 5), 1).clamp_min(0.05).requires_grad_()
+    assert gradcheck(lambda a: LF.entropy(a, 1, impl="compiled"), [p])
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), data=st.data(), name=st.sampled_from(list(ROWS)),
+       seed=st.integers(0, 2**16))
+def test_property_compiled_equals_torch_path(shape, data, name, seed):
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    _check_rows(name, _row_input(name, tuple(shape), dim, seed=seed), dim)
+
+
+# --- nll_loss ---------------------------------------------------------------------------------------------
+
+
+def _nll_inputs(shape, dtype=torch.float64, seed=0, ignore_index=-100):
+    cd = 0 if len(shape) == 1 else 1
+    x = _randn(shape, torch.float64, seed).log_softmax(cd).to(dtype)
+    t = torch.randint(0, shape[cd], shape[:cd] + shape[cd + 1:], generator=_gen(seed + 1))
+    if t.numel() > 2:
+        t.view(-1)[::3] = ignore_index
+    w = (torch.rand(shape[cd], generator=_gen(seed + 2), dtype=torch.float64) + 0.5).to(dtype)
+    return x, t, w
+
+
+def _nll_check(x, t, w=None, dtype=None, **kw):
+    ours = loss_and_grads(LF.nll_loss, x, t, w, impl="compiled", **kw)
+    assert_same_results(ours, loss_and_grads(LF.nll_loss, x, t, w, impl="torch", **kw), dtype=dtype)
+    assert_same_results(ours, loss_and_grads(F.nll_loss, x.contiguous(), t, w, **kw), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", [(7,), (6, 7), (3, 7, 2, 3), (2, 5, 40)], ids=str)
+def test_nll_matches_torch_path_and_torch(shape, weighted, reduction, dtype):
+    x, t, w = _nll_inputs(shape, dtype)
+    _nll_check(x, t, w if weighted else None, reduction=reduction)
+    _nll_check(x, t.clamp_min(0), w if weighted else None, ignore_index=1, reduction=reduction)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (9, 1), (1, 13), (4, 1031), (2, 300_007), (1, 3, 5000)], ids=str)
+def test_nll_odd_sizes(shape):
+    x, t, w = _nll_inputs(shape, torch.float32)
+    _nll_check(x, t, w)
+
+
+def test_nll_non_contiguous_and_low_precision():
+    x, t, w = _nll_inputs((9, 14))
+    xk = _randn((2, 3, 7, 4)).log_softmax(3).permute(0, 3, 1, 2)  # (2, C=4, 3, 7), classes innermost
+    tk = torch.randint(0, 4, (2, 3, 7), generator=_gen(5))
+    for xx, tt in ((x.t().contiguous().t(), t), (x[::2, ::2], t[::2].clamp(max=6)), (xk, tk),
+                   (x[:1].expand(9, 14), t)):
+        assert not xx.is_contiguous()
+        _nll_check(xx, tt, reduction="none")
+        _nll_check(xx, tt)
+    for dtype in LOW:
+        xl = x.to(dtype)
+        ours = loss_and_grads(LF.nll_loss, xl, t, w.to(dtype), impl="compiled")
+        theirs = loss_and_grads(F.nll_loss, xl, t, w.to(dtype))
+        truth = loss_and_grads(F.nll_loss, xl.double(), t, w.to(dtype).double())
+        for a, b, c in zip(ours[:2], theirs[:2], truth[:2]):
+            assert a.dtype == dtype
+            assert_no_worse_than(a, b, c)
+
+
+def test_nll_no_gradient_and_empty():
+    x, t, w = _nll_inputs((5, 8))
+    with torch.no_grad():
+        assert_close(LF.nll_loss(x.requires_grad_(), t, w, impl="compiled"), F.nll_loss(x, t, w))
+    for shape, tshape in (((0, 5), (0,)), ((2, 5, 0), (2, 0))):
+        for reduction in ("none", "sum"):
+            _nll_check(torch.zeros(shape, dtype=torch.float64), torch.zeros(tshape, dtype=torch.long),
+                       reduction=reduction)
+
+
+def test_nll_out_of_range_targets_never_reach_memory():
+    x = torch.randn(4, 5, dtype=torch.float64).log_softmax(1)
+    for bad, row in ((5, 1), (-1, 3), (1 << 40, 2)):  # rows 2 and 3 belong to the second thread
+        t = torch.tensor([0, 1, 2, 3])
+        t[row] = bad
+        with pytest.raises(ValueError, match="target"):
+            LF.nll_loss(x, t, impl="compiled")
+        # Called directly, past the loss's checks: the kernel refuses the row instead of indexing with it.
+        for grad in (torch.empty(4, 5, 1, dtype=torch.float64), None):
+            with pytest.raises(ValueError, match="target contains a class index outside"):
+                native_softmax.nll_rows(x.unsqueeze(-1), t, grad, None, torch.empty(4, 1, dtype=torch.float64),
+                                        ignore_index=-100, scale=1.0, threads=2)
+
+
+# --- impl selection, modules, the wrapper's checks -----------------------------------------------------------
+
+
+def test_auto_picks_compiled_on_cpu_and_equals_it():
+    x, t, _ = _nll_inputs((5, 9))
+    assert native.use_compiled("auto", x, extension=native_softmax.EXTENSION)
+    for name, (fn, _) in ROWS.items():
+        xx = _row_input(name, (5, 9), 1)
+        for a, b in zip(_results(fn, xx, dim=1), _results(fn, xx, dim=1, impl="compiled")):
+            _identical(a, b, name)
+    for a, b in zip(loss_and_grads(LF.nll_loss, x, t), loss_and_grads(LF.nll_loss, x, t, impl="compiled")):
+        assert a is b is None or torch.equal(a, b)
+
+
+def test_impl_is_validated_and_missing_extension_falls_back(monkeypatch):
+    x, t, _ = _nll_inputs((4, 6))
+    calls = [lambda impl: LF.softmax(x, 1, impl=impl), lambda impl: LF.log_softmax(x, 1, impl=impl),
+             lambda impl: LF.entropy(x, impl=impl), lambda impl: LF.nll_loss(x, t, impl=impl)]
+    for call in calls:
+        with pytest.raises(ValueError, match="impl"):
+            call("fast")
+    expected = [call("torch") for call in calls]
+    monkeypatch.setitem(native._loaded, native_softmax.EXTENSION, ImportError("No module named '_native_softmax'"))
+    for call, value in zip(calls, expected):
+        with pytest.raises(ImportError, match="impl='compiled'.*_native_softmax"):
+            call("compiled")
+        _identical(call("auto"), value)
+
+
+def test_modules_pass_impl_through():
+    x, t, w = _nll_inputs((5, 8))
+    modules = [(lambda impl: LN.Softmax(1, impl=impl), lambda a, impl: LF.softmax(a, 1, impl=impl)),
+               (lambda impl: LN.LogSoftmax(1, impl=impl), lambda a, impl: LF.log_softmax(a, 1, impl=impl)),
+               (lambda impl: LN.Entropy(logits=True, impl=impl), lambda a, impl: LF.entropy(a, logits=True, impl=impl))]
+    for module, fn in modules:
+        for impl in ("torch", "compiled"):
+            ours = loss_and_grads(lambda a, _t: module(impl)(a), x, _NO_TARGET)
+            for a, b in zip(ours, loss_and_grads(lambda a, _t: fn(a, impl), x, _NO_TARGET)):
+                assert a is b is None or torch.equal(a, b)
+    for impl in ("torch", "compiled"):
+        ours = loss_and_grads(lambda a, b: LN.NLLLoss(w, impl=impl)(a, b), x, t)
+        for a, b in zip(ours, loss_and_grads(LF.nll_loss, x, t, w, impl=impl)):
+            assert a is b is None or torch.equal(a, b)
+    with pytest.raises(ValueError, match="impl"):
+        LN.Softmax(1, impl="fast")(x)
+
+
+def test_wrapper_operands_are_checked():
+    x = torch.randn(3, 4, 2)
+    good_out = torch.empty(3, 4, 2)
+    bad_softmax = [
+        (x, torch.empty(3, 5, 2)),  # output of another shape
+        (x, torch.empty(3, 2, 4).transpose(1, 2)),  # non-contiguous output
+        (x.long(), good_out),  # integer input
+        (x[0], good_out[0]),  # not (N, C, L)
+        (x, good_out.long()),  # integer output
+    ]
+    for args in bad_softmax:
+        with pytest.raises(ValueError, match="native_softmax operand"):
+            native_softmax.softmax_rows(*args, log=False)
+    with pytest.raises(ValueError, match="native_softmax operand g"):
+        native_softmax.softmax_backward_rows(x, torch.randn(3, 4, 1), good_out, log=True)
+    with pytest.raises(ValueError, match="native_softmax operand per_row"):
+        native_softmax.entropy_rows(x, torch.empty(3, 2, dtype=torch.float64), None, logits=True)
+    with pytest.raises(ValueError, match="native_softmax operand per_row"):
+        native_softmax.entropy_rows(x, torch.empty(3, 1), None, logits=True)
+    t = torch.tensor([0, 1, 2, 3, 0, 1])
+    loss = torch.empty(3, 2)
+    bad_nll = [
+        (x, t.int(), None, None, loss),  # int32 targets
+        (x, t[:4], None, None, loss),  # too few targets
+        (x, t, None, None, torch.empty(3, 2, dtype=torch.float64)),  # loss in the wrong dtype
+        (x, t, torch.empty(3, 4, 3), None, loss),  # gradient of another shape
+        (x, t, torch.empty(3, 2, 4).transpose(1, 2), None, loss),  # non-contiguous gradient
+        (x, t, None, torch.ones(5), loss),  # weight of another length
+    ]
+    for args in bad_nll:
+        with pytest.raises(ValueError, match="native_softmax operand"):
+            native_softmax.nll_rows(*args, ignore_index=-100, scale=1.0)
