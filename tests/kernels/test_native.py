@@ -133,6 +133,24 @@ def test_non_contiguous_inputs_and_targets():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_gradient_is_the_float32_one_rounded_to_nearest_even(dtype):
+    # A low-precision row is widened to float32, computed as a float32 row, and its gradient rounded
+    # to nearest even when stored (the vector conversion, and its scalar tail: C = 301 is not a multiple
+    # of 8); so it equals torch's rounding of the float32 input's gradient, bit for bit, NaN where NaN.
+    x = torch.randn(16, 301, generator=_gen(3)).to(dtype)
+    x[3, 7] = float("nan")
+    t = torch.randint(0, 301, (16,), generator=_gen(4))
+    def grad(x):  # for grad_output 1, which backward does not multiply by
+        x = x.clone().requires_grad_()
+        LF.cross_entropy(x, t, impl="compiled", reduction="sum").backward()
+        return x.grad
+
+    low, wide = grad(x), grad(x.float()).to(dtype)
+    assert low.dtype == dtype and torch.equal(low.isnan(), wide.isnan()) and low.isnan().any()
+    assert torch.equal(low.nan_to_num(), wide.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", ["index_ignored", "prob"])
 def test_low_precision_no_worse_than_torch(dtype, kind):
     x64, t, w = _inputs((16, 301), kind)

@@ -117,6 +117,52 @@ struct view {
 
 INLINE int64_t row_offset(const struct view *v, int64_t r, int64_t L) { return (r / L) * v->sn + (r % L) * v->sl; }
 
+/* Contiguous conversions from and to float, eight lanes at a time (the row loaders below use them for
+ * contiguous rows): bf16 -> float is a shift; float -> bf16 rounds to nearest even and keeps NaN a
+ * (quiet) NaN, as f32_to_bf16; float -> float16 uses F16C where the clone has it (float16 -> float is
+ * left to the compiler's loop, which measured faster than the vector conversion: 0.31 vs 0.51 ns). */
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+typedef _Float16 v8h __attribute__((vector_size(16)));
+
+HOT static void bf16_to_f32_n(float *dst, const uint16_t *src, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8u16 h;
+        memcpy(&h, src + i, sizeof h);
+        const v8u32 u = __builtin_convertvector(h, v8u32) << 16;
+        memcpy(dst + i, &u, sizeof u);
+    }
+    for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+}
+
+HOT static void f32_to_bf16_n(uint16_t *dst, const float *src, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f f;
+        memcpy(&f, src + i, sizeof f);
+        const v8u32 u = (v8u32)f, rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16, quiet = (u >> 16) | 0x40;
+        const v8i nan = f != f;
+        const v8u16 h = __builtin_convertvector((v8u32)((nan & (v8i)quiet) | (~nan & (v8i)rounded)), v8u16);
+        memcpy(dst + i, &h, sizeof h);
+    }
+    for (; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
+HOT static void f32_to_f16_n(_Float16 *dst, const float *src, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f f;
+        memcpy(&f, src + i, sizeof f);
+        const v8h h = __builtin_convertvector(f, v8h);
+        memcpy(dst + i, &h, sizeof h);
+    }
+    for (; i < n; i++) dst[i] = (_Float16)src[i];
+}
+
 /* Element c of a row at offset o with class stride s; the s == 1 copy of each loop is the one that
  * vectorises (contiguous rows), the other serves strided rows. */
 #define ROW_LOOP(C, s, BODY)                                                                            \
@@ -132,7 +178,12 @@ INLINE int64_t row_offset(const struct view *v, int64_t r, int64_t L) { return (
         switch (v->dtype) {                                                                             \
         case DT_F32: { const float *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }              \
         case DT_F64: { const double *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }             \
-        case DT_BF16: { const uint16_t *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)bf16_to_f32(p[i])); break; } \
+        case DT_BF16: {                                                                                 \
+            const uint16_t *p = v->ptr;                                                                 \
+            if (sizeof(T) == 4 && s == 1) bf16_to_f32_n((float *)dst, p + o, C);                        \
+            else ROW_LOOP(C, s, dst[c] = (T)bf16_to_f32(p[i]));                                         \
+            break;                                                                                      \
+        }                                                                                               \
         default: { const _Float16 *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }               \
         }                                                                                               \
     }                                                                                                   \
@@ -142,8 +193,18 @@ INLINE int64_t row_offset(const struct view *v, int64_t r, int64_t L) { return (
         switch (v->dtype) {                                                                             \
         case DT_F32: { float *p = v->ptr; ROW_LOOP(C, s, p[i] = (float)src[c]); break; }                \
         case DT_F64: { double *p = v->ptr; ROW_LOOP(C, s, p[i] = (double)src[c]); break; }              \
-        case DT_BF16: { uint16_t *p = v->ptr; ROW_LOOP(C, s, p[i] = f32_to_bf16((float)src[c])); break; } \
-        default: { _Float16 *p = v->ptr; ROW_LOOP(C, s, p[i] = (_Float16)src[c]); break; }              \
+        case DT_BF16: {                                                                                 \
+            uint16_t *p = v->ptr;                                                                       \
+            if (sizeof(T) == 4 && s == 1) f32_to_bf16_n(p + o, (const float *)src, C);                  \
+            else ROW_LOOP(C, s, p[i] = f32_to_bf16((float)src[c]));                                     \
+            break;                                                                                      \
+        }                                                                                               \
+        default: {                                                                                      \
+            _Float16 *p = v->ptr;                                                                       \
+            if (sizeof(T) == 4 && s == 1) f32_to_f16_n(p + o, (const float *)src, C);                   \
+            else ROW_LOOP(C, s, p[i] = (_Float16)src[c]);                                               \
+            break;                                                                                      \
+        }                                                                                               \
         }                                                                                               \
     }
 
