@@ -1,9 +1,11 @@
 """Binary (per-element, independent-label) losses: ``binary_cross_entropy``,
 ``binary_cross_entropy_with_logits``, ``multilabel_soft_margin_loss`` and ``sigmoid_focal_loss``.
 
-Each is one fused pass of :mod:`losskit.kernels.elementwise`: the ``_*_kernel`` functions below give
-the loss of a piece and its gradients with respect to input and target (for a grad_output of ones,
-before the reduction's factor), in the accumulation dtype. Gradients follow torch's backward formulas.
+Each is one fused pass: ``impl="torch"`` runs the ``_*_kernel`` functions below piece by piece
+(:mod:`losskit.kernels.elementwise`); they give the loss of a piece and its gradients with respect to
+input and target (for a grad_output of ones, before the reduction's factor), in the accumulation dtype,
+and are the reference expressions of the C kernels that ``impl="compiled"`` runs
+(:mod:`losskit.kernels.native_binary`). Gradients follow torch's backward formulas.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from torch import Tensor
 
 from .. import _checks, _learner
 from .._autocast import float32_under_autocast
-from .._types import Reduction
+from .._types import Impl, Reduction
+from ..kernels import elementwise, native_binary
 from ._elementwise import check_constant, check_pair, elementwise_loss
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "multilabel_soft_margin_loss",
@@ -128,7 +131,7 @@ def _focal_kernel(ops: Sequence[Tensor | None], want: Sequence[bool], *, alpha: 
 
 
 def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, *,
-                         reduction: Reduction = "mean") -> Tensor:
+                         reduction: Reduction = "mean", impl: Impl = "auto") -> Tensor:
     r"""Binary cross-entropy between probabilities ``input`` and ``target``; drop-in for
     ``torch.nn.functional.binary_cross_entropy``.
 
@@ -142,6 +145,9 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = 
     loss, where torch's CPU kernel raises). The gradients are torch's: :math:`w (x - y) / \max((1 - x) x,
     10^{-12})` for the input and :math:`-w\,\mathrm{logit}(x)` for the target. Output: the input's dtype,
     shape ``()`` or the input's.
+
+    ``impl``: see :func:`binary_cross_entropy_with_logits`; the compiled kernel checks the [0, 1] domain
+    in its single pass over the data and raises the same error, with no result.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -157,14 +163,17 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = 
         raise TypeError(f"target must have the input's dtype {x.dtype}, got {t.dtype}")
     _checks.reduction(reduction)
     w = check_constant("weight", weight, x)
-    # Whole tensors, before any piece is computed: one sync each, not one per piece.
-    _checks.in_unit_interval("input", x)
-    _checks.in_unit_interval("target", t)
-    return elementwise_loss(_bce_kernel, (x, t, w), reduction, x.dtype)
+    runner = native_binary.runner(impl, "bce", x, t, w)
+    if runner is None:
+        # Whole tensors, before any piece is computed: one sync each, not one per piece.
+        _checks.in_unit_interval("input", x)
+        _checks.in_unit_interval("target", t)
+    return elementwise_loss(_bce_kernel, (x, t, w), reduction, x.dtype, runner=runner or elementwise.run)
 
 
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tensor | None = None, *,
-                                     reduction: Reduction = "mean", pos_weight: Tensor | None = None) -> Tensor:
+                                     reduction: Reduction = "mean", pos_weight: Tensor | None = None,
+                                     impl: Impl = "auto") -> Tensor:
     r"""Binary cross-entropy of ``sigmoid(input)`` and ``target``, computed stably from the logits;
     drop-in for ``torch.nn.functional.binary_cross_entropy_with_logits``.
 
@@ -177,6 +186,11 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tens
     and "mean" divides the sum by the number of elements. ``target`` has the input's shape, any floating
     dtype; the output has their promoted dtype, shape ``()`` or the input's. Gradients with respect to
     input and target are torch's.
+
+    ``impl`` chooses the implementation: ``"compiled"`` losskit's C kernel (CPU tensors, see
+    :mod:`losskit.kernels.native_binary`), ``"torch"`` the pure-torch path (any device; the reference),
+    ``"auto"`` the compiled kernel for CPU tensors when it is built, else torch. Both agree to the dtype's
+    tolerance.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -191,11 +205,13 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tens
     p = check_constant("pos_weight", pos_weight, x)
     _learner.check_binary_logits("binary_cross_entropy_with_logits", x)
     x, t, w, p = float32_under_autocast(x.device.type, x, t, w, p)
-    return elementwise_loss(_bce_logits_kernel, (x, t, w, p), reduction, torch.promote_types(x.dtype, t.dtype))
+    runner = native_binary.runner(impl, "logits", x, t, w, p) or elementwise.run
+    return elementwise_loss(_bce_logits_kernel, (x, t, w, p), reduction, torch.promote_types(x.dtype, t.dtype),
+                            runner=runner)
 
 
 def multilabel_soft_margin_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *,
-                                reduction: Reduction = "mean") -> Tensor:
+                                reduction: Reduction = "mean", impl: Impl = "auto") -> Tensor:
     r"""Multi-label one-versus-all logistic loss; drop-in for ``torch.nn.functional.multilabel_soft_margin_loss``.
 
     ``input`` holds logits of shape ``(..., C)`` (classes on the last dim: ``(C,)``, ``(N, C)``, ...);
@@ -206,7 +222,8 @@ def multilabel_soft_margin_loss(input: Tensor, target: Tensor, weight: Tensor | 
     .. math:: \ell = -\frac{1}{C} \sum_c w_c \left(y_c \log \sigma(x_c) + (1 - y_c) \log \sigma(-x_c)\right),
 
     "none" returns it with the input's shape minus the last dim, and "mean" divides the sum of rows by
-    the number of rows. Output dtype: the promoted dtype of input, target and weight.
+    the number of rows. Output dtype: the promoted dtype of input, target and weight. ``impl``: see
+    :func:`binary_cross_entropy_with_logits`.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -226,11 +243,13 @@ def multilabel_soft_margin_loss(input: Tensor, target: Tensor, weight: Tensor | 
     out_dtype = torch.promote_types(x.dtype, t.dtype)
     if w is not None:
         out_dtype = torch.promote_types(out_dtype, w.dtype)
-    return elementwise_loss(_soft_margin_kernel, (x, t, w), reduction, out_dtype, row_length=x.shape[-1])
+    runner = native_binary.runner(impl, "soft_margin", x, t, w) or elementwise.run
+    return elementwise_loss(_soft_margin_kernel, (x, t, w), reduction, out_dtype, row_length=x.shape[-1],
+                            runner=runner)
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
-                       reduction: Reduction = "none") -> Tensor:
+                       reduction: Reduction = "none", *, impl: Impl = "auto") -> Tensor:
     r"""Sigmoid focal loss (Lin et al., 2017) of logits ``inputs``; same definition, arguments and defaults
     as ``torchvision.ops.sigmoid_focal_loss`` (note its default ``reduction="none"``).
 
@@ -245,7 +264,8 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     shape (floating); ``alpha <= 1``, ``gamma >= 0``. Gradients with respect to inputs and targets are
     computed in the forward pass; where :math:`1 - p_t` underflows to 0 (a saturated, correct logit) the
     input gradient is its limit 0, where torchvision's autograd gives NaN for ``gamma < 1``. Output: the
-    promoted dtype of inputs and targets.
+    promoted dtype of inputs and targets. ``impl`` (keyword only): see
+    :func:`binary_cross_entropy_with_logits`.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -263,4 +283,5 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     # Autocast: torchvision's is a composite; binary_cross_entropy_with_logits' rule (float32) applies.
     x, t = float32_under_autocast(x.device.type, x, t)
     kernel = partial(_focal_kernel, alpha=float(alpha), gamma=gamma)
-    return elementwise_loss(kernel, (x, t), reduction, torch.promote_types(x.dtype, t.dtype))
+    runner = native_binary.runner(impl, "focal", x, t, alpha=float(alpha), gamma=gamma) or elementwise.run
+    return elementwise_loss(kernel, (x, t), reduction, torch.promote_types(x.dtype, t.dtype), runner=runner)

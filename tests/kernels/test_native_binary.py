@@ -1,0 +1,299 @@
+"""The compiled binary-loss kernels (``impl="compiled"``, losskit.kernels.native_binary) against the
+pure-torch path (``impl="torch"``, the reference) and torch: values and gradients, every option, odd and
+large sizes, strided and broadcast operands, thread counts, edge values, and invalid operands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losskit.functional as LF
+import losskit.kernels.elementwise as elementwise
+import losskit.nn as LN
+from losskit.kernels import native_binary
+from losskit.testing import (TOLERANCES, assert_matches_reference, assert_no_worse_than, assert_same_results,
+                             loss_and_grads)
+
+REDUCTIONS = ["none", "mean", "sum"]
+LOSSES = ["bce", "logits", "soft_margin", "focal"]
+# 1 element, primes, sizes that are not multiples of the 8 lanes or of a 1024-element block
+SHAPES = [(1,), (13,), (7, 1031), (3, 5, 11)]
+WEIGHTS = [None, "scalar", "last", "rows", "full", "middle", "outer_inner"]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _inputs(loss, shape, dtype=torch.float64, seed=0):
+    """Probabilities in (0, 1) for BCE, logits otherwise; soft labels with a third exactly 0 or 1."""
+    g = _gen(seed)
+    x = torch.rand(shape, generator=g, dtype=torch.float64) if loss == "bce" else 3 * torch.randn(
+        shape, generator=g, dtype=torch.float64)
+    t = torch.rand(shape, generator=g, dtype=torch.float64)
+    t.view(-1)[::3] = t.view(-1)[::3].round()
+    return x.to(dtype), t.to(dtype)
+
+
+def _weight(kind, shape, dtype=torch.float64, seed=5):
+    """A positive constant broadcast to ``shape`` in the given way (None where the shape lacks the dims):
+    ``middle`` varies along one inner dim (periodic), ``outer_inner`` along the first and last dims at once
+    (not periodic: the kernel is fed pieces)."""
+    nd = len(shape)
+    wshape = {None: None, "scalar": (), "last": shape[-1:], "full": shape,
+              "rows": shape[:1] + (1,) * (nd - 1) if nd >= 2 else None,
+              "middle": (shape[1], 1) if nd == 3 else None,
+              "outer_inner": (shape[0], 1, shape[2]) if nd == 3 else None}[kind]
+    if wshape is None:
+        return None
+    return (0.5 + 2 * torch.rand(wshape, generator=_gen(seed), dtype=torch.float64)).to(dtype)
+
+
+def _call(loss, impl, reduction="mean", weight=None, pos_weight=None, alpha=0.25, gamma=2.0):
+    """``fn(input, target)`` of one loss with its options."""
+    if loss == "bce":
+        return lambda a, b: LF.binary_cross_entropy(a, b, weight, reduction=reduction, impl=impl)
+    if loss == "logits":
+        return lambda a, b: LF.binary_cross_entropy_with_logits(a, b, weight, reduction=reduction,
+                                                                pos_weight=pos_weight, impl=impl)
+    if loss == "soft_margin":
+        return lambda a, b: LF.multilabel_soft_margin_loss(a, b, weight, reduction=reduction, impl=impl)
+    return lambda a, b: LF.sigmoid_focal_loss(a, b, alpha, gamma, reduction, impl=impl)
+
+
+def _torch(loss, reduction, weight=None, pos_weight=None):
+    """torch's own loss (None for the focal loss, which torch lacks: the torch path is its reference,
+    itself tested against torchvision's definition in tests/functional/test_binary.py)."""
+    if loss == "bce":
+        return lambda a, b: F.binary_cross_entropy(a, b, weight, reduction=reduction)
+    if loss == "logits":
+        return lambda a, b: F.binary_cross_entropy_with_logits(a, b, weight, reduction=reduction,
+                                                               pos_weight=pos_weight)
+    if loss == "soft_margin":
+        return lambda a, b: F.multilabel_soft_margin_loss(a, b, weight, reduction=reduction)
+    return None
+
+
+def _assert_same(actual, expected):
+    """Results of loss_and_grads equal within the dtype's tolerance, NaN where the expected has NaN."""
+    for a, b in zip(actual, expected):
+        assert (a is None) == (b is None)
+        if a is not None:
+            tol = TOLERANCES[a.dtype]
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=tol.rtol, atol=tol.atol, equal_nan=True)
+
+
+# --- agreement, every option ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_compiled_matches_torch_path_and_torch(dtype, loss, shape, reduction):
+    x, t = _inputs(loss, shape, dtype)
+    for kind in WEIGHTS if loss != "focal" else [None]:
+        w = _weight(kind, shape, dtype)
+        if kind is not None and w is None:
+            continue
+        p = _weight(kind, shape, dtype, seed=9) if loss == "logits" else None
+        for weight, pos_weight in ((w, None), (None, p), (w, p)) if loss == "logits" else ((w, None),):
+            compiled = loss_and_grads(_call(loss, "compiled", reduction, weight, pos_weight), x, t)
+            assert_same_results(compiled, loss_and_grads(_call(loss, "torch", reduction, weight, pos_weight), x, t))
+            reference = _torch(loss, reduction, weight, pos_weight)
+            if reference is not None:
+                assert_same_results(compiled, loss_and_grads(reference, x, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (-1.0, 0.5), (0.6, 0.0), (0.1, 3.0), (0.9, 1.7)])
+def test_focal_options_match_torch_path(dtype, alpha, gamma):
+    x, t = _inputs("focal", (9, 37), dtype)
+    for reduction in REDUCTIONS:
+        assert_same_results(loss_and_grads(_call("focal", "compiled", reduction, alpha=alpha, gamma=gamma), x, t),
+                            loss_and_grads(_call("focal", "torch", reduction, alpha=alpha, gamma=gamma), x, t))
+
+
+def test_focal_targets_outside_unit_interval_match_torch_path():
+    # q = 1 - p_t leaves [0, 1] with such targets: pow of it as torch's (NaN for a negative base and a
+    # non-integer gamma, a real number for an integer one)
+    x = torch.linspace(-6, 6, 41, dtype=torch.float64)
+    t = torch.linspace(-1.5, 2.5, 41, dtype=torch.float64)
+    for gamma in (2.0, 1.5):
+        _assert_same(loss_and_grads(_call("focal", "compiled", "none", gamma=gamma), x, t),
+                     loss_and_grads(_call("focal", "torch", "none", gamma=gamma), x, t))
+
+
+def test_mixed_dtypes_and_integer_labels():
+    x, t = _inputs("logits", (6, 19), torch.float32)
+    for tt in (t.double(), t.bfloat16(), t.half()):
+        assert_same_results(loss_and_grads(_call("logits", "compiled", "none"), x, tt),
+                            loss_and_grads(_call("logits", "torch", "none"), x, tt))
+    labels = t.round().long()
+    w = _weight("last", (6, 19), torch.float64)  # a float64 weight promotes the result to float64
+    for reduction in REDUCTIONS:
+        assert_same_results(loss_and_grads(_call("soft_margin", "compiled", reduction, w), x, labels),
+                            loss_and_grads(_call("soft_margin", "torch", reduction, w), x, labels))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_low_precision_no_worse_than_torch(dtype, loss):
+    shape = (33, 257)
+    x, t = _inputs(loss, shape)
+    w = _weight("last", shape)
+    for reduction in ("none", "sum"):
+        low = [None if v is None else v.to(dtype) for v in (w,)]
+        ours = loss_and_grads(_call(loss, "compiled", reduction, *low), x.to(dtype), t.to(dtype))
+        if loss == "focal":  # torch's path in the low dtype (its pieces are computed in float32)
+            base = loss_and_grads(_call(loss, "torch", reduction), x.to(dtype), t.to(dtype))
+            truth = loss_and_grads(_call(loss, "torch", reduction), x, t)
+        else:
+            base = loss_and_grads(_torch(loss, reduction, *low), x.to(dtype), t.to(dtype))
+            truth = loss_and_grads(_torch(loss, reduction, w), x, t)
+        for a, b, c in zip(ours, base, truth):
+            assert a.dtype == dtype
+            assert_no_worse_than(a, b, c, msg=f"{loss} {reduction}")
+
+
+# --- layouts: strided, sliced, broadcast, long rows ----------------------------------------------------
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_non_contiguous_operands(loss):
+    x, t = _inputs(loss, (12, 10), torch.float32)
+    views = [(x.t(), t.t()), (x[:, ::3], t[:, ::3]), (x[1:-1, 2:], t[1:-1, 2:]),
+             (x[:, :5], t[0, :5].expand(12, 5))]  # a target broadcast along the rows (stride 0)
+    for a, b in views:
+        w = _weight("last", tuple(a.shape), torch.float32)
+        for reduction in REDUCTIONS:
+            weight = w if loss != "focal" else None
+            assert_same_results(loss_and_grads(_call(loss, "compiled", reduction, weight), a, b),
+                                loss_and_grads(_call(loss, "torch", reduction, weight), a, b))
+
+
+def test_rows_longer_than_caches_and_pieces(monkeypatch):
+    # soft margin sums over the last dim: 150001 float32 entries per row (586 KiB, above a 512 KiB L2);
+    # transposed, the row is also longer than a piece, whose sums are added to the row's entry
+    x, t = _inputs("soft_margin", (2, 150001), torch.float32)
+    w = _weight("last", (2, 150001), torch.float32)
+    for a, b in ((x, t), (x.t().contiguous().t(), t)):
+        for reduction in REDUCTIONS:
+            assert_same_results(loss_and_grads(_call("soft_margin", "compiled", reduction, w), a, b),
+                                loss_and_grads(_call("soft_margin", "torch", reduction, w), a, b))
+    monkeypatch.setattr(elementwise, "CHUNK", 1000)  # many pieces, some in the middle of a row
+    for loss in LOSSES:
+        x, t = _inputs(loss, (3, 4001), torch.float32)
+        a, weight = x.t().contiguous().t(), w[:4001] if loss != "focal" else None
+        assert_same_results(loss_and_grads(_call(loss, "compiled", "none", weight), a, t),
+                            loss_and_grads(_call(loss, "torch", "none", weight), a, t))
+
+
+def test_thread_counts_agree_exactly():
+    # 64 x 4099 = 262336 elements: two threads take them (one per 64K elements), split mid-block
+    saved = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for loss in LOSSES:
+                x, t = _inputs(loss, (64, 4099), torch.float32)
+                w = _weight("last", (64, 4099), torch.float32) if loss != "focal" else None
+                for reduction in ("none", "sum"):
+                    results[threads, loss, reduction] = loss_and_grads(_call(loss, "compiled", reduction, w), x, t)
+    finally:
+        torch.set_num_threads(saved)
+    for (threads, loss, reduction), res in results.items():
+        if threads == 2:
+            for a, b in zip(res, results[1, loss, reduction]):
+                assert torch.equal(a, b), (loss, reduction)
+
+
+# --- edge values ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_edge_values_like_torch_path(dtype):
+    # BCE at the clamps (log 0 -> -100, (1 - x) x floored at 1e-12) and NaN; logits at +-inf, large, NaN
+    p = torch.tensor([0.0, 1.0, 0.0, 1.0, 1e-30, 1 - 1e-7, 0.5, float("nan"), 0.3], dtype=dtype)
+    tp = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.5, float("nan"), 0.5, 1.0], dtype=dtype)
+    x = torch.tensor([float("inf"), float("-inf"), float("inf"), float("-inf"), 200.0, -200.0, 90.0, -90.0,
+                      float("nan"), 0.0, 1e-8], dtype=dtype)
+    tx = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, float("nan"), 0.5], dtype=dtype)
+    for reduction in REDUCTIONS:
+        _assert_same(loss_and_grads(_call("bce", "compiled", reduction), p, tp),
+                     loss_and_grads(_call("bce", "torch", reduction), p, tp))
+        for loss in ("logits", "soft_margin", "focal"):
+            _assert_same(loss_and_grads(_call(loss, "compiled", reduction), x, tx),
+                         loss_and_grads(_call(loss, "torch", reduction), x, tx))
+    for a, b in ((p, tp), (x, tx)):  # the unweighted and pos_weight forms of BCE with logits too
+        pw = torch.full_like(b, 3.0)
+        _assert_same(loss_and_grads(_call("logits", "compiled", "none", pos_weight=pw), a, b),
+                     loss_and_grads(_call("logits", "torch", "none", pos_weight=pw), a, b))
+
+
+def test_empty_and_modules():
+    for shape in ((0,), (3, 0), (0, 4)):
+        for loss in LOSSES:
+            x, t = _inputs(loss, shape)
+            for reduction in REDUCTIONS:
+                _assert_same(loss_and_grads(_call(loss, "compiled", reduction), x, t),
+                             loss_and_grads(_call(loss, "torch", reduction), x, t))
+    x, t = _inputs("logits", (4, 6))
+    w = _weight("last", (4, 6))
+    modules = [(LN.BCEWithLogitsLoss(w, pos_weight=w, impl="compiled"), "logits"),
+               (LN.MultiLabelSoftMarginLoss(w, impl="compiled"), "soft_margin"),
+               (LN.SigmoidFocalLoss(0.3, 1.5, reduction="mean", impl="compiled"), "focal")]
+    for module, loss in modules:
+        functional = _call(loss, "compiled", module.reduction, w if loss != "focal" else None,
+                           w if loss == "logits" else None, 0.3, 1.5)
+        assert_same_results(loss_and_grads(module, x, t), loss_and_grads(functional, x, t))
+    p = x.sigmoid()
+    assert_matches_reference(LN.BCELoss(w, impl="compiled"), _call("bce", "torch", "mean", w), p, t)
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+
+def test_bad_input_is_an_exception():
+    x = torch.full((3, 5), 0.5)
+    bad = x.clone()
+    bad[2, 4] = 1.5
+    with pytest.raises(ValueError, match=r"input must have all elements in \[0, 1\], found 1.5"):
+        LF.binary_cross_entropy(bad, x, impl="compiled")
+    with pytest.raises(ValueError, match=r"target must have all elements in \[0, 1\], found -0.25"):
+        LF.binary_cross_entropy(x, torch.full_like(x, -0.25), impl="compiled")
+    for fn in (LF.binary_cross_entropy_with_logits, LF.multilabel_soft_margin_loss):
+        with pytest.raises(ValueError, match="impl"):
+            fn(x, x, impl="fast")
+    with pytest.raises(ValueError, match="impl"):
+        LF.sigmoid_focal_loss(x, x, impl="fast")
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        LF.binary_cross_entropy_with_logits(x.to("meta"), x.to("meta"), impl="compiled")
+    # a floating dtype the kernel does not store: the torch path under "auto", an error under "compiled"
+    x8 = x.to(torch.float8_e4m3fn)
+    assert native_binary.runner("auto", "logits", x8, x) is None
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        native_binary.runner("compiled", "logits", x8, x)
+
+
+def test_wrapper_rejects_operands_it_cannot_take():
+    x = torch.rand(4, 6)
+    call = native_binary.binary
+    kw = {"row_len": 0, "scale": 1.0, "acc": torch.float32}
+    with pytest.raises(ValueError, match="operand x"):
+        call("logits", x.t(), x, None, None, None, [], **kw)
+    with pytest.raises(ValueError, match="operand y"):
+        call("logits", x, x[:2], None, None, None, [], **kw)
+    with pytest.raises(ValueError, match="operand gx"):
+        call("logits", x, x, torch.empty(24, dtype=torch.float64), None, None, [], **kw)
+    with pytest.raises(ValueError, match="operand out"):
+        call("logits", x, x, None, None, torch.empty(4, dtype=torch.float64), [], **{**kw, "row_len": 6})
+    with pytest.raises(ValueError, match="row_len"):
+        call("logits", x, x, None, None, torch.empty(4), [], **{**kw, "row_len": 5})
+    with pytest.raises(ValueError, match="operand weight"):
+        call("logits", x, x, None, None, None, [(torch.ones(6, dtype=torch.float64), 0, 1)], **kw)
+    with pytest.raises(ValueError, match="operand pos_weight"):
+        call("logits", x, x, None, None, None, [None, (torch.ones(6), 0, 0)], **kw)
+    with pytest.raises(ValueError, match="kind"):
+        call("hinge", x, x, None, None, None, [], **kw)
+    with pytest.raises(ValueError, match="acc"):
+        call("logits", x, x, None, None, None, [], **{**kw, "acc": torch.float16})
