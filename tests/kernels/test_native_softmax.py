@@ -188,10 +188,11 @@ def test_empty_inputs():
     for name in ROWS:
         # entropy refuses an empty distribution dim (tests/functional/test_divergence.py)
         for shape in ((0, 5), (2, 3, 0)) if name.startswith("entropy") else ((0, 5), (3, 0, 2), (2, 3, 0)):
-            fn = ROWS[name][0]
-            ours, ref = _results(fn, torch.zeros(shape), dim=1, impl="compiled"), _results(fn, torch.zeros(shape), dim=1,
-                                                                                          impl="torch")
+            fn, x = ROWS[name][0], torch.zeros(shape)
+            ours, ref = _results(fn, x, dim=1, impl="compiled"), _results(fn, x, dim=1, impl="torch")
             assert [t.shape for t in ours] == [t.shape for t in ref], (name, shape)
+    for name in ("softmax", "log_softmax"):  # a 0-dim input is its own one-entry distribution
+        _check_rows(name, torch.tensor(2.5, dtype=torch.float64), 0)
 
 
 def test_threads_split_rows_without_changing_a_bit():
@@ -411,3 +412,5 @@ def test_wrapper_operands_are_checked():
     for args in bad_nll:
         with pytest.raises(ValueError, match="native_softmax operand"):
             native_softmax.nll_rows(*args, ignore_index=-100, scale=1.0)
+    with pytest.raises(ValueError, match="invalid sizes"):  # no classes: refused by the kernel's size check
+        native_softmax.nll_rows(torch.empty(3, 0, 2), t, None, None, loss, ignore_index=-100, scale=1.0)

@@ -19,7 +19,6 @@ from torch import Tensor
 from .. import _checks
 from .._types import Impl
 from ..kernels import native, native_softmax
-from ..kernels.blocks import as_3d
 
 
 def _dim(input: Tensor, dim: int | None, name: str) -> int:

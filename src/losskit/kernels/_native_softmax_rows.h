@@ -160,7 +160,10 @@ INLINE VT FN(vlog)(VT x)
     const VT s = (m - 1) / (m + 1), s2 = s * s;
     VT q = FN(splat)((T)1 / (2 * terms + 1));
     for (int k = terms - 1; k >= 1; k--) q = q * s2 + (T)1 / (2 * k + 1);
-    const VT ef = __builtin_convertvector(e, VT);
+    /* e as T without an int64 -> double conversion (none in AVX2): magic + e in the bits of magic =
+     * 1.5 * 2^mant, then minus magic; exact for |e| < 2^(mant - 1) */
+    const T magic = (T)1.5 * scale;
+    const VT ef = (VT)((VI)FN(splat)(magic) + e) - magic;
     VT r = ef * ln2_hi + ((2 * s) * (s2 * q) + ef * ln2_lo + 2 * s);
     r = FN(select)(x == 0, FN(splat)(-INFINITY), r);
     r = FN(select)(x == INFINITY, FN(splat)(INFINITY), r);

@@ -130,7 +130,7 @@ def nll_rows(x3: Tensor, target: Tensor, grad3: Tensor | None, weight: Tensor | 
                          f"{tuple(weight.shape)} {weight.dtype}")
     if n * length == 0:
         return
-    width = min(length, max(_NLL_MIN_WIDTH, _NLL_TILE // c))
+    width = min(length, max(_NLL_MIN_WIDTH, _NLL_TILE // max(1, c)))  # c = 0: the kernel's size check refuses it
     tiles = n * -(-length // width)
     native.module(EXTENSION).nll(x_view, target.data_ptr(), loss.data_ptr(), 0 if weight is None else weight.data_ptr(),
                                  g_view[0], g_view[1], n, length, c, width, int(ignore_index), float(scale),
