@@ -347,6 +347,15 @@ def test_auto_picks_compiled_on_cpu_and_equals_it():
         assert a is b is None or torch.equal(a, b)
 
 
+def test_auto_leaves_torch_func_transforms_on_the_torch_path():
+    # vmap/grad wrap tensors without a data pointer for the kernel; "auto" runs torch there, as before.
+    x = _randn((3, 4, 5))
+    for fn, ref in (ROWS["softmax"], ROWS["log_softmax"]):
+        assert_close(torch.func.vmap(lambda a: fn(a, -1))(x), torch.func.vmap(lambda a: ref(a, -1))(x))
+        grads = [torch.func.grad(lambda a, f=f: (f(a, 1) * x).sum())(x) for f in (fn, ref)]
+        assert_close(*grads)
+
+
 def test_impl_is_validated_and_missing_extension_falls_back(monkeypatch):
     x, t, _ = _nll_inputs((4, 6))
     calls = [lambda impl: LF.softmax(x, 1, impl=impl), lambda impl: LF.log_softmax(x, 1, impl=impl),

@@ -100,7 +100,8 @@ def use_compiled(impl: object, *tensors: Tensor, extension: str = XENT) -> bool:
     """Resolve ``impl`` for a call on ``tensors``: True to run the compiled kernel of ``extension``.
 
     ``"auto"`` picks it when it is built, every tensor is on the CPU and no torch.compile trace is
-    running (the kernel is opaque to dynamo, a graph break; the torch path traces and fuses);
+    running (the kernel is opaque to dynamo, a graph break; the torch path traces and fuses), nor a
+    torch.func transform (vmap, grad: their wrapped tensors have no data pointer for the kernel);
     ``"compiled"`` insists, with an ImportError saying how to build it or a ValueError for tensors it
     cannot take.
     """
@@ -110,7 +111,8 @@ def use_compiled(impl: object, *tensors: Tensor, extension: str = XENT) -> bool:
         return False
     on_cpu = all(t.device.type == "cpu" for t in tensors)
     if impl == "auto":
-        return on_cpu and not torch.compiler.is_compiling() and available(extension)
+        return (on_cpu and not torch.compiler.is_compiling() and available(extension)
+                and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors))
     module(extension)
     if not on_cpu:
         devices = sorted({str(t.device) for t in tensors})
