@@ -272,6 +272,22 @@ def test_property_compiled_equals_torch_path(shape, reduction, weighted, log_tar
 
 # --- the kernel call ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_conversions_are_torchs(dtype):
+    """Every 16-bit pattern read, and the float32 results g = 2 (x - 0) s written as torch rounds them
+    (nearest even, overflow to inf, subnormals, NaN), bit for bit; s = 0.5 gives x back except where
+    2 x overflows float32 (bfloat16's top binade)."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    zero, out = torch.zeros_like(every), torch.empty_like(every)
+
+    def same_bits(a, b):
+        return bool(((a.view(torch.int16) == b.view(torch.int16)) | (a.isnan() & b.isnan())).all())
+
+    for scale in (0.5, 3.7, 1e-3, 1e-6, 2.0**-20, 1e3, 0.999):
+        pointwise(MSE, every, zero, None, None, out, None, scale=scale)
+        assert same_bits(out, (2 * every.float() * scale).to(dtype)), scale
+
+
 @pytest.mark.parametrize("kind", [MSE, KL_PROB, KL_LOG])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_thread_count_changes_no_bit(kind, dtype):

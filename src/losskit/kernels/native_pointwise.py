@@ -37,7 +37,7 @@ EXTENSION = "_native_pointwise"
 MSE, KL_PROB, KL_LOG = 0, 1, 2
 _KINDS = (MSE, KL_PROB, KL_LOG)
 
-_FLOATING = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_FLOATING = native._DTYPE_CODES  # the storage dtypes of _native_common.h
 #: Integer targets (mse_loss) are converted to the accumulation type as they are read.
 _INTEGER = {torch.int64: 4, torch.int32: 5, torch.int16: 6, torch.int8: 7, torch.uint8: 8}
 
