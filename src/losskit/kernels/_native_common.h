@@ -18,6 +18,7 @@
 #include <Python.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -226,46 +227,55 @@ static int parse_view(PyObject *tuple, struct view *v)
 
 /* ---- threads ---------------------------------------------------------------------------------------- */
 
-/* fn(ctx, i0, i1) does items [i0, i1) and returns 0 or an ERR_ code. */
+/* fn(ctx, i0, i1) does items [i0, i1) and returns 0 or an ERR_ code. It may be called several times
+ * per thread, on any ranges: its results must depend on the items only, never on the split. */
 typedef int (*range_fn)(void *ctx, int64_t i0, int64_t i1);
 
-struct job {
+/* Shared by the threads of one parallel_for: items are taken in chunks from the counter `next`. */
+struct work {
     range_fn fn;
     void *ctx;
-    int64_t i0, i1;
-    int err;
+    int64_t n, chunk;
+    _Atomic int64_t next;
+    _Atomic int err;
 };
 
-static void *run_job(void *p)
+static void *run_work(void *p)
 {
-    struct job *j = p;
-    j->err = j->fn(j->ctx, j->i0, j->i1);
+    struct work *w = p;
+    for (;;) {
+        const int64_t i0 = atomic_fetch_add(&w->next, w->chunk);
+        if (i0 >= w->n || atomic_load(&w->err)) break;
+        const int err = w->fn(w->ctx, i0, i0 + w->chunk < w->n ? i0 + w->chunk : w->n);
+        if (err) {
+            int none = 0;
+            atomic_compare_exchange_strong(&w->err, &none, err);
+            break;
+        }
+    }
     return NULL;
 }
 
-/* Items [0, n) split evenly over up to 64 threads; the calling thread takes the first share. A thread
- * that cannot be started has its share run by the calling thread. Returns the first error. */
+/* Items [0, n) over up to 64 threads, the calling thread one of them, in about CHUNKS_PER_THREAD
+ * chunks per thread taken in turn from a shared counter: when another process holds a core, the
+ * threads that run take over the chunks of the one that waits, instead of all waiting for its fixed
+ * share. A thread that cannot be started leaves its chunks to the others. Returns the first error
+ * (no chunk starts after it). */
 static int parallel_for(range_fn fn, void *ctx, int64_t n, int nthreads)
 {
-    enum { MAX_THREADS = 64 };
-    struct job jobs[MAX_THREADS];
+    enum { MAX_THREADS = 64, CHUNKS_PER_THREAD = 16 };
     pthread_t tids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads > n) nthreads = n > 0 ? (int)n : 1;
-    for (int i = 0; i < nthreads; i++) {
-        jobs[i] = (struct job){fn, ctx, n * i / nthreads, n * (i + 1) / nthreads, 0};
-        if (i > 0) started[i] = pthread_create(&tids[i], NULL, run_job, &jobs[i]) == 0;
-    }
-    run_job(&jobs[0]);
-    int err = jobs[0].err;
-    for (int i = 1; i < nthreads; i++) {
+    const int64_t chunks = nthreads == 1 ? 1 : (int64_t)nthreads * CHUNKS_PER_THREAD;
+    struct work w = {fn, ctx, n, (n + chunks - 1) / chunks, 0, 0};
+    for (int i = 1; i < nthreads; i++) started[i] = pthread_create(&tids[i], NULL, run_work, &w) == 0;
+    run_work(&w);
+    for (int i = 1; i < nthreads; i++)
         if (started[i]) pthread_join(tids[i], NULL);
-        else run_job(&jobs[i]);
-        if (!err) err = jobs[i].err;
-    }
-    return err;
+    return atomic_load(&w.err);
 }
 
 #endif
