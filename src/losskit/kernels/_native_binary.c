@@ -55,11 +55,13 @@ static int binary_range(void *ctx, int64_t i0, int64_t i1)
     HOT static void log_array_##SUF(T *p, int64_t n, int plus1)                                         \
     {                                                                                                   \
         for (int64_t i = 0; i < n; i += W) {                                                            \
-            const int64_t m = n - i < W ? n - i : W;                                                    \
+            const size_t bytes = (size_t)(n - i < W ? n - i : W) * sizeof(T);                           \
             VT v = {0};                                                                                 \
-            memcpy(&v, p + i, (size_t)m * sizeof(T));                                                   \
+            if (bytes == sizeof v) memcpy(&v, p + i, sizeof v); /* a vector load */                     \
+            else memcpy(&v, p + i, bytes);                                                              \
             v = plus1 ? VLOG1P(v) : VLOG(v);                                                            \
-            memcpy(p + i, &v, (size_t)m * sizeof(T));                                                   \
+            if (bytes == sizeof v) memcpy(p + i, &v, sizeof v);                                         \
+            else memcpy(p + i, &v, bytes);                                                              \
         }                                                                                               \
     }
 DEFINE_LOG_ARRAY(float, v8f, 8, f32)

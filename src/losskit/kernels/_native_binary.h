@@ -48,39 +48,49 @@ INLINE struct FN(sig) FN(sigmoid_parts)(VT x)
                             FN(select)(pos, e * r, r)};
 }
 
-/* One vector of a kind: loss and, where wanted (gx/gy non-NULL), the unscaled gradients. */
-INLINE VT FN(bce_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, VT *gx, VT *gy)
+/* One vector of a kind: the loss and, where wanted (want_x, want_y), the unscaled gradients. */
+struct FN(res) { VT loss, dx, dy; };
+
+INLINE struct FN(res) FN(bce_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, int want_x, int want_y)
 {
     (void)a;
     (void)p;
     const VT lx = VLOG(x), l1 = VLOG1P(-x);
-    if (gx) *gx = w * ((x - y) / FN(clamp_min)((1 - x) * x, (T)BCE_EPSILON));
-    if (gy) *gy = w * (l1 - lx);
-    return w * ((y - 1) * FN(clamp_min)(l1, -100) - y * FN(clamp_min)(lx, -100));
+    struct FN(res) r;
+    r.loss = w * ((y - 1) * FN(clamp_min)(l1, -100) - y * FN(clamp_min)(lx, -100));
+    if (want_x) r.dx = w * ((x - y) / FN(clamp_min)((1 - x) * x, (T)BCE_EPSILON));
+    if (want_y) r.dy = w * (l1 - lx);
+    return r;
 }
 
-INLINE VT FN(logits_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, VT *gx, VT *gy)
+INLINE struct FN(res) FN(logits_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, int want_x, int want_y)
 {
     const struct FN(sig) sg = FN(sigmoid_parts)(x);
+    struct FN(res) r;
     if (a->p.ptr) {
         const VT py = p * y;
-        if (gx) *gx = w * ((py + 1 - y) * sg.s - py);
-        if (gy) *gy = w * (sg.lsn - sg.ls * p);
-        return w * ((1 - y) * x - sg.ls * ((p - 1) * y + 1));
+        r.loss = w * ((1 - y) * x - sg.ls * ((p - 1) * y + 1));
+        if (want_x) r.dx = w * ((py + 1 - y) * sg.s - py);
+        if (want_y) r.dy = w * (sg.lsn - sg.ls * p);
+    } else {
+        r.loss = w * ((1 - y) * x - sg.ls);
+        if (want_x) r.dx = w * (sg.s - y);
+        if (want_y) r.dy = w * -x;
     }
-    if (gx) *gx = w * (sg.s - y);
-    if (gy) *gy = w * -x;
-    return w * ((1 - y) * x - sg.ls);
+    return r;
 }
 
-INLINE VT FN(soft_margin_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, VT *gx, VT *gy)
+INLINE struct FN(res) FN(soft_margin_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, int want_x,
+                                        int want_y)
 {
     (void)a;
     (void)p;
     const struct FN(sig) sg = FN(sigmoid_parts)(x);
-    if (gx) *gx = w * (sg.s - y);
-    if (gy) *gy = w * (sg.lsn - sg.ls);
-    return w * -(y * sg.ls + (1 - y) * sg.lsn);
+    struct FN(res) r;
+    r.loss = w * -(y * sg.ls + (1 - y) * sg.lsn);
+    if (want_x) r.dx = w * (sg.s - y);
+    if (want_y) r.dy = w * (sg.lsn - sg.ls);
+    return r;
 }
 
 /* q^gamma: a product for an integer gamma up to 64 (as torch's pow for 2 and 3; q^0 = 1 even for a NaN
@@ -104,7 +114,7 @@ INLINE VT FN(pow_v)(const struct binary_args *a, VT q)
     return out;
 }
 
-INLINE VT FN(focal_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, VT *gx, VT *gy)
+INLINE struct FN(res) FN(focal_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, int want_x, int want_y)
 {
     (void)w;
     (void)p;
@@ -113,19 +123,20 @@ INLINE VT FN(focal_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, VT *g
     const VT ny = 1 - y, ce = ny * x - sg.ls, q = sg.s * ny + sg.sn * y, q_g = FN(pow_v)(a, q);
     const VT loss = ce * q_g;
     const VT at = alpha >= 0 ? ny * (1 - alpha) + y * alpha : FN(splat)(1);
-    if (gx || gy) {
+    struct FN(res) r;
+    r.loss = loss * at;
+    if (want_x || want_y) {
         const VT ratio = gm != 0 ? FN(select)(q == 0, FN(splat)(1), ce / q) * gm : FN(splat)(0);
-        if (gy) {
-            VT d = (-x + ratio * (sg.sn - sg.s)) * q_g * at;
-            if (alpha >= 0) d += loss * (2 * alpha - 1);
-            *gy = d;
+        if (want_y) {
+            r.dy = (-x + ratio * (sg.sn - sg.s)) * q_g * at;
+            if (alpha >= 0) r.dy += loss * (2 * alpha - 1);
         }
-        if (gx) {
-            const VT r = ratio * sg.s * sg.sn;
-            *gx = (((sg.s - y) + r) - r * y * 2) * q_g * at;
+        if (want_x) {
+            const VT rs = ratio * sg.s * sg.sn;
+            r.dx = (((sg.s - y) + rs) - rs * y * 2) * q_g * at;
         }
     }
-    return loss * at;
+    return r;
 }
 
 /* Fill dst[0, n) with a periodic operand's elements j0, j0 + 1, ...; returns dst, or a pointer into the
@@ -178,39 +189,48 @@ INLINE void FN(output_done)(const T *buf, const struct view *v, int64_t j0, int6
     if (v->ptr && v->dtype != DTYPE_OF_T) FN(store_row)(v, j0, 1, n, buf);
 }
 
-/* The vector loop of one block for one kind (VEC, inlined): writes loss (and gx, gy when non-NULL),
- * returns the block's loss sum. Full vectors, then one partial one, whose padded lanes (x 1/2, y 0,
- * w p 1, in every loss's domain) are neither stored nor summed. Sets *bad when an x or y lies outside
- * [0, 1] (checked for BCE only). */
+/* The vector loop of one block for one kind (VEC, inlined): writes loss, gx, gy where non-NULL and
+ * returns the block's loss sum; sets *bad when an x or y lies outside [0, 1] (CHECK_UNIT: BCE). Full
+ * vectors, then one partial vector whose padded lanes (x 1/2, y 0, w p 1: in every loss's domain) are
+ * neither stored nor summed; NAME##_step is inlined into both with m constant in the first. */
 #define DEFINE_BLOCK_LOOP(NAME, VEC, CHECK_UNIT)                                                         \
-    HOT static double FN(NAME)(const struct binary_args *a, int64_t n, const T *x, const T *y, const T *w,\
-                           const T *p, T *loss, T *gx, T *gy, int *bad)                                   \
+    INLINE void FN(NAME##_step)(const struct binary_args *a, int64_t m, const T *x, const T *y, const T *w,  \
+                                const T *p, T *loss, T *gx, T *gy, VT sc, VT *sum, VI *bad)               \
     {                                                                                                     \
-        const T sc = (T)a->scale;                                                                         \
-        VT sum = FN(splat)(0), ones = FN(splat)(1);                                                       \
-        VI out_of_range = (VI){0};                                                                        \
-        for (int64_t j = 0; j < n; j += W) {                                                              \
-            const int64_t m = n - j < W ? n - j : W;                                                      \
-            const int full = m == W;                                                                      \
-            const VT vx = full ? FN(load)(x + j) : FN(load_part)(x + j, m, (T)0.5);                       \
-            const VT vy = full ? FN(load)(y + j) : FN(load_part)(y + j, m, 0);                            \
-            const VT vw = !w ? ones : full ? FN(load)(w + j) : FN(load_part)(w + j, m, 1);                \
-            const VT vp = !p ? ones : full ? FN(load)(p + j) : FN(load_part)(p + j, m, 1);                \
-            VT dx, dy;                                                                                    \
-            VT l = VEC(a, vx, vy, vw, vp, gx ? &dx : NULL, gy ? &dy : NULL);                              \
-            if (CHECK_UNIT) out_of_range |= (vx < 0) | (vx > 1) | (vy < 0) | (vy > 1);                    \
-            if (full) {                                                                                   \
-                FN(store)(loss + j, l);                                                                   \
-                if (gx) FN(store)(gx + j, dx * sc);                                                       \
-                if (gy) FN(store)(gy + j, dy * sc);                                                       \
-            } else {                                                                                      \
-                FN(store_part)(loss + j, m, l);                                                           \
-                if (gx) FN(store_part)(gx + j, m, dx * sc);                                               \
-                if (gy) FN(store_part)(gy + j, m, dy * sc);                                               \
-                l = FN(select)(FN(first_lanes)(m), l, FN(splat)(0));                                     \
-            }                                                                                             \
-            sum += l;                                                                                     \
+        const int full = m == W;                                                                          \
+        const VT ones = FN(splat)(1);                                                                     \
+        const VT vx = full ? FN(load)(x) : FN(load_part)(x, m, (T)0.5);                                   \
+        const VT vy = full ? FN(load)(y) : FN(load_part)(y, m, 0);                                        \
+        const VT vw = !w ? ones : full ? FN(load)(w) : FN(load_part)(w, m, 1);                            \
+        const VT vp = !p ? ones : full ? FN(load)(p) : FN(load_part)(p, m, 1);                            \
+        const struct FN(res) r = VEC(a, vx, vy, vw, vp, gx != NULL, gy != NULL);                           \
+        if (CHECK_UNIT) *bad |= (vx < 0) | (vx > 1) | (vy < 0) | (vy > 1);                                \
+        if (full) {                                                                                       \
+            if (loss) FN(store)(loss, r.loss);                                                            \
+            if (gx) FN(store)(gx, r.dx * sc);                                                             \
+            if (gy) FN(store)(gy, r.dy * sc);                                                             \
+            *sum += r.loss;                                                                               \
+        } else {                                                                                          \
+            if (loss) FN(store_part)(loss, m, r.loss);                                                    \
+            if (gx) FN(store_part)(gx, m, r.dx * sc);                                                     \
+            if (gy) FN(store_part)(gy, m, r.dy * sc);                                                     \
+            *sum += FN(select)(FN(first_lanes)(m), r.loss, FN(splat)(0));                                 \
         }                                                                                                 \
+    }                                                                                                     \
+    HOT static double FN(NAME)(const struct binary_args *a, int64_t n, const T *x, const T *y, const T *w, \
+                               const T *p, T *loss, T *gx, T *gy, int *bad)                               \
+    {                                                                                                     \
+        const VT sc = FN(splat)((T)a->scale);                                                             \
+        VT sum = FN(splat)(0);                                                                            \
+        VI out_of_range = (VI){0};                                                                        \
+        int64_t j = 0;                                                                                    \
+        for (; j + W <= n; j += W)                                                                        \
+            FN(NAME##_step)(a, W, x + j, y + j, w ? w + j : NULL, p ? p + j : NULL, loss ? loss + j : NULL,  \
+                            gx ? gx + j : NULL, gy ? gy + j : NULL, sc, &sum, &out_of_range);             \
+        if (j < n)                                                                                        \
+            FN(NAME##_step)(a, n - j, x + j, y + j, w ? w + j : NULL, p ? p + j : NULL,                   \
+                            loss ? loss + j : NULL, gx ? gx + j : NULL, gy ? gy + j : NULL, sc, &sum,     \
+                            &out_of_range);                                                               \
         double total = 0;                                                                                 \
         for (int j = 0; j < W; j++) {                                                                     \
             total += sum[j];                                                                              \
@@ -240,8 +260,8 @@ HOT static int FN(binary_range)(const struct binary_args *a, int64_t i0, int64_t
             const T *x = FN(input_block)(xb, &a->x, j0, n), *y = FN(input_block)(yb, &a->y, j0, n);
             const T *w = a->w.ptr ? FN(periodic)(wb, &a->w, j0, n) : NULL;
             const T *p = a->p.ptr ? FN(periodic)(pb, &a->p, j0, n) : NULL;
-            /* per-element losses go straight to out when it holds them as T, else to lb */
-            T *loss = a->row_len == 0 && a->out.ptr ? FN(output_block)(lb, &a->out, j0) : lb;
+            /* per-element losses (only when out takes them) go straight to out when it holds T, else to lb */
+            T *loss = a->row_len == 0 ? FN(output_block)(lb, &a->out, j0) : NULL;
             T *gx = FN(output_block)(gxb, &a->gx, j0), *gy = FN(output_block)(gyb, &a->gy, j0);
             double (*block)(const struct binary_args *, int64_t, const T *, const T *, const T *, const T *, T *,
                             T *, T *, int *) =
