@@ -3,12 +3,12 @@
  *
  * One call computes, over n contiguous elements, the loss (written per element for reduction="none",
  * and summed), the input gradient and the target gradient, scaled by the reduction's factor: each
- * element of each operand read once, each output written once, the threads taking blocks of elements
- * as they go. The maths and the storage handling are in _native_pointwise.h; the vector exp, dtypes
- * and the thread runner in _native_common.h, the vector log in _native_log.h. No Python or torch
- * object crosses the boundary but integers (data pointers, dtype codes, sizes) and floats; the Python
- * side (losskit/kernels/native_pointwise.py) validates every operand, and this binding checks the
- * sizes, kinds and dtype codes again.
+ * element of each operand read once, each output written once, blocks of elements shared out over
+ * threads by parallel_for. The maths and the storage handling are in _native_pointwise.h; the vector
+ * exp, dtypes and the thread runner in _native_common.h, the vector log in _native_log.h. No Python or
+ * torch object crosses the boundary but integers (data pointers, dtype codes, sizes) and floats; the
+ * Python side (losskit/kernels/native_pointwise.py) validates every operand, and this binding checks
+ * the sizes, kinds and dtype codes again.
  */
 
 /* The shared headers define row helpers (views, row loaders, row passes) this module does not use. */
@@ -39,38 +39,14 @@ struct pw_args {
     int64_t n;
     double scale;
     int uniform; /* the dtype of every operand present, or -1 when they differ */
-    double *sums; /* (ceil(n / BLOCK),) loss sum of each block */
-    int64_t blocks, next; /* the block count; the next block to take (atomic) */
+    double *sums; /* (ceil(n / BLOCK),) loss sum of each block: the total is independent of the split */
 };
 
 #define TEMPLATE "_native_pointwise.h"
 #include "_native_instantiate.h"
 
-/* Each thread takes the next STEP blocks (16K elements) until none is left: on cores shared with other
- * processes a thread that gets less CPU time does less of the work, instead of the call waiting for its
- * fixed share. Each block's sum has its own slot, so the total is the same whatever thread did it. */
-enum { STEP = 16 };
-
-static int worker(struct pw_args *a, int (*blocks_fn)(const struct pw_args *, int64_t, int64_t))
-{
-    for (;;) {
-        const int64_t b0 = __atomic_fetch_add(&a->next, STEP, __ATOMIC_RELAXED);
-        if (b0 >= a->blocks) return 0;
-        blocks_fn(a, b0, b0 + STEP < a->blocks ? b0 + STEP : a->blocks);
-    }
-}
-
-/* parallel_for items are the threads themselves: [t0, t1) is ignored */
-static int f32_worker(void *ctx, int64_t t0, int64_t t1)
-{
-    (void)t0, (void)t1;
-    return worker(ctx, pointwise_blocks_f32);
-}
-static int f64_worker(void *ctx, int64_t t0, int64_t t1)
-{
-    (void)t0, (void)t1;
-    return worker(ctx, pointwise_blocks_f64);
-}
+static int f32_range(void *ctx, int64_t b0, int64_t b1) { return pointwise_blocks_f32(ctx, b0, b1); }
+static int f64_range(void *ctx, int64_t b0, int64_t b1) { return pointwise_blocks_f64(ctx, b0, b1); }
 
 /* ---- Python binding --------------------------------------------------------------------------------- */
 
@@ -119,13 +95,9 @@ static PyObject *py_pointwise(PyObject *self, PyObject *args)
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     if (!blocks) return PyFloat_FromDouble(0.0);
     if (!(a.sums = malloc((size_t)blocks * sizeof(double)))) return PyErr_NoMemory();
-    a.blocks = blocks;
-    /* one item per thread, no more threads than steps */
-    const int64_t steps = (blocks + STEP - 1) / STEP;
-    if (nthreads > steps) nthreads = (int)steps;
     double total = 0;
     Py_BEGIN_ALLOW_THREADS
-    parallel_for(dbl ? f64_worker : f32_worker, &a, nthreads, nthreads);
+    parallel_for(dbl ? f64_range : f32_range, &a, blocks, nthreads);
     for (int64_t b = 0; b < blocks; b++) total += a.sums[b];
     Py_END_ALLOW_THREADS
     free(a.sums);
