@@ -50,32 +50,48 @@ INLINE void FN(vstore)(void *p, int dt, int64_t i, VT v)
     FN(store)((T *)p + i, v);
 }
 
-/* One element of any operand dtype, as T (the tails and the mixed-dtype path). */
-INLINE T FN(get)(const void *p, int dt, int64_t i)
+/* m elements of an operand of any dtype from element i0, as T (the tails, and the mixed-dtype path):
+ * one switch per call, a loop the compiler vectorises per dtype. */
+#define PW_GET(CTYPE, CONV)                                                                             \
+    {                                                                                                   \
+        const CTYPE *s = (const CTYPE *)p + i0;                                                         \
+        for (int64_t k = 0; k < m; k++) dst[k] = (T)CONV(s[k]);                                         \
+        break;                                                                                          \
+    }
+INLINE void FN(get)(T *dst, const void *p, int dt, int64_t i0, int64_t m)
 {
     switch (dt) {
-    case DT_F32: return (T)((const float *)p)[i];
-    case DT_F64: return (T)((const double *)p)[i];
-    case DT_BF16: return (T)bf16_to_f32(((const uint16_t *)p)[i]);
-    case DT_F16: return (T)((const _Float16 *)p)[i];
-    case DT_I64: return (T)((const int64_t *)p)[i];
-    case DT_I32: return (T)((const int32_t *)p)[i];
-    case DT_I16: return (T)((const int16_t *)p)[i];
-    case DT_I8: return (T)((const int8_t *)p)[i];
-    default: return (T)((const uint8_t *)p)[i];
+    case DT_F32: PW_GET(float, )
+    case DT_F64: PW_GET(double, )
+    case DT_BF16: PW_GET(uint16_t, bf16_to_f32)
+    case DT_F16: PW_GET(_Float16, )
+    case DT_I64: PW_GET(int64_t, )
+    case DT_I32: PW_GET(int32_t, )
+    case DT_I16: PW_GET(int16_t, )
+    case DT_I8: PW_GET(int8_t, )
+    default: PW_GET(uint8_t, )
     }
 }
+#undef PW_GET
 
-/* One element into a floating output of dtype dt (outputs are floating: checked by the binding). */
-INLINE void FN(put)(void *p, int dt, int64_t i, T v)
+/* m elements into a floating output of dtype dt from element i0 (outputs are floating: checked by the
+ * binding). */
+#define PW_PUT(CTYPE, CONV)                                                                             \
+    {                                                                                                   \
+        CTYPE *d = (CTYPE *)p + i0;                                                                     \
+        for (int64_t k = 0; k < m; k++) d[k] = CONV(src[k]);                                            \
+        break;                                                                                          \
+    }
+INLINE void FN(put)(void *p, int dt, int64_t i0, const T *src, int64_t m)
 {
     switch (dt) {
-    case DT_F32: ((float *)p)[i] = (float)v; break;
-    case DT_F64: ((double *)p)[i] = (double)v; break;
-    case DT_BF16: ((uint16_t *)p)[i] = f32_to_bf16((float)v); break;
-    default: ((_Float16 *)p)[i] = (_Float16)v; break;
+    case DT_F32: PW_PUT(float, (float))
+    case DT_F64: PW_PUT(double, (double))
+    case DT_BF16: PW_PUT(uint16_t, f32_to_bf16)
+    default: PW_PUT(_Float16, (_Float16))
     }
 }
+#undef PW_PUT
 
 /* ---- the per-element maths ------------------------------------------------------------------------- */
 
@@ -139,23 +155,25 @@ INLINE T FN(block)(const int kind, const int dt, const void *x, const void *y, c
         if (gy) FN(vstore)(gy, dt, i, vgy);
     }
     if (j < m) {
-        /* the last m - j < W elements: padded lanes read 0 and are neither summed nor stored */
-        T bx[W], by[W], bw[W];
+        /* the last r = m - j < W elements: padded lanes read 0 (weight 1) and are neither summed nor stored */
+        const int64_t r = m - j, i = i0 + j;
+        T bx[W] = {0}, by[W] = {0}, bw[W], bl[W], bgx[W], bgy[W];
         VI lane;
         for (int k = 0; k < W; k++) {
-            const int in = k < m - j;
-            bx[k] = in ? FN(get)(x, dt, i0 + j + k) : 0;
-            by[k] = in ? FN(get)(y, dt, i0 + j + k) : 0;
-            bw[k] = in && w ? FN(get)(w, dt, i0 + j + k) : 1;
-            lane[k] = -in;
+            bw[k] = 1;
+            lane[k] = -(k < r);
         }
+        FN(get)(bx, x, dt, i, r);
+        FN(get)(by, y, dt, i, r);
+        if (w) FN(get)(bw, w, dt, i, r);
         FN(op)(kind, FN(load)(bx), FN(load)(by), FN(load)(bw), s, &vl, &vgx, &vgy);
         acc += FN(select)(lane, vl, FN(splat)(0));
-        for (int k = 0; k < m - j; k++) {
-            if (l) FN(put)(l, dt, i0 + j + k, vl[k]);
-            if (gx) FN(put)(gx, dt, i0 + j + k, vgx[k]);
-            if (gy) FN(put)(gy, dt, i0 + j + k, vgy[k]);
-        }
+        FN(store)(bl, vl);
+        FN(store)(bgx, vgx);
+        FN(store)(bgy, vgy);
+        if (l) FN(put)(l, dt, i, bl, r);
+        if (gx) FN(put)(gx, dt, i, bgx, r);
+        if (gy) FN(put)(gy, dt, i, bgy, r);
     }
     T sum = 0;
     for (int k = 0; k < W; k++) sum += acc[k];
@@ -166,18 +184,14 @@ INLINE T FN(block)(const int kind, const int dt, const void *x, const void *y, c
 INLINE T FN(block_mixed)(const int kind, const struct pw_args *a, int64_t i0, int64_t m)
 {
     T xs[BLOCK], ys[BLOCK], ws[BLOCK], ls[BLOCK], gxs[BLOCK], gys[BLOCK];
-    for (int64_t k = 0; k < m; k++) {
-        xs[k] = FN(get)(a->x.ptr, a->x.dtype, i0 + k);
-        ys[k] = FN(get)(a->y.ptr, a->y.dtype, i0 + k);
-        if (a->w.ptr) ws[k] = FN(get)(a->w.ptr, a->w.dtype, i0 + k);
-    }
+    FN(get)(xs, a->x.ptr, a->x.dtype, i0, m);
+    FN(get)(ys, a->y.ptr, a->y.dtype, i0, m);
+    if (a->w.ptr) FN(get)(ws, a->w.ptr, a->w.dtype, i0, m);
     const T sum = FN(block)(kind, DTYPE_OF_T, xs, ys, a->w.ptr ? ws : NULL, a->l.ptr ? ls : NULL,
                             a->gx.ptr ? gxs : NULL, a->gy.ptr ? gys : NULL, (T)a->scale, 0, m);
-    for (int64_t k = 0; k < m; k++) {
-        if (a->l.ptr) FN(put)(a->l.ptr, a->l.dtype, i0 + k, ls[k]);
-        if (a->gx.ptr) FN(put)(a->gx.ptr, a->gx.dtype, i0 + k, gxs[k]);
-        if (a->gy.ptr) FN(put)(a->gy.ptr, a->gy.dtype, i0 + k, gys[k]);
-    }
+    if (a->l.ptr) FN(put)(a->l.ptr, a->l.dtype, i0, ls, m);
+    if (a->gx.ptr) FN(put)(a->gx.ptr, a->gx.dtype, i0, gxs, m);
+    if (a->gy.ptr) FN(put)(a->gy.ptr, a->gy.dtype, i0, gys, m);
     return sum;
 }
 
