@@ -12,7 +12,8 @@
  *
  * Storage: when every operand present has one dtype whose accumulation type is T ("uniform", the
  * common case), the vectors are loaded and stored in that dtype, bfloat16/float16 converted in
- * registers. Otherwise (an integer target, mixed floating dtypes) a block of each operand is converted
+ * registers (float16 one lane at a time with F16C: GCC 12 does not convert _Float16 vectors whole; an
+ * integer bit-manipulation version of the 8-lane conversion measured slower). Otherwise (an integer target, mixed floating dtypes) a block of each operand is converted
  * into T scratch arrays on the stack (BLOCK * sizeof(T) each, in L1), computed there and converted out.
  */
 
