@@ -1,8 +1,9 @@
 """Divergence losses: ``kl_div`` (drop-in for ``torch.nn.functional.kl_div``) and ``entropy``.
 
 Both compute the loss and every gradient that is needed in one pass over the input under
-``torch.no_grad()`` (``kl_div`` in elementwise pieces, :mod:`losskit.kernels.elementwise`; ``entropy`` in
-row blocks, :mod:`losskit.kernels.blocks`) and hand the gradients to autograd with
+``torch.no_grad()`` (``kl_div`` in elementwise pieces, :mod:`losskit.kernels.elementwise`, or in the C
+kernel of :mod:`losskit.kernels.native_pointwise`; ``entropy`` in row blocks, :mod:`losskit.kernels.blocks`,
+or in :mod:`losskit.kernels.native_softmax`) and hand the gradients to autograd with
 :func:`losskit._autograd.attach`.
 """
 
