@@ -119,23 +119,28 @@ def test_softmax_dtype_argument(name):
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("name", ROWS)
-def test_low_precision_no_worse_than_torch(name, dtype):
+@pytest.mark.parametrize("shape,dim", [((16, 301), -1), ((4, 21, 30), 1), ((40, 5), -1)], ids=str)
+def test_low_precision_no_worse_than_torch(name, shape, dim, dtype):
     # no zero probabilities: torch's xlogy gradient there is infinite (losskit's is 0 by definition)
-    _no_worse_than_reference(name, _row_input(name, (16, 301), -1, dtype, zeros=False), -1)
+    _no_worse_than_reference(name, _row_input(name, shape, dim, dtype, zeros=False), dim)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_low_precision_log_softmax_along_the_last_dim_is_torchs_to_the_bit(dtype):
-    # ATen's last-dim kernel rounds each row's sum and its log to the storage dtype; the kernel does too.
-    x = _randn((64, 301), dtype)
-    for a, b in zip(_results(LF.log_softmax, x, dim=-1, impl="compiled"), _results(F.log_softmax, x, dim=-1)):
-        assert torch.equal(a, b)
+    # ATen's last-dim kernel rounds each row's sum and its log to the storage dtype; the kernel does too
+    # (rows of 301: the row path; rows of 5: column tiles).
+    for shape in ((64, 301), (37, 5)):
+        x = _randn(shape, dtype)
+        for a, b in zip(_results(LF.log_softmax, x, dim=-1, impl="compiled"), _results(F.log_softmax, x, dim=-1)):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ROWS)
-@pytest.mark.parametrize("shape", [(1, 1), (9, 1), (1, 13), (4, 1031), (3, 16), (3, 17), (1, 3, 5)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (9, 1), (1, 13), (37, 5), (4, 1031), (3, 16), (3, 17), (1, 3, 5),
+                                   (2, 4096, 9), (2, 4097, 3)], ids=str)
 def test_odd_sizes(name, shape):
-    """C = 1, prime C, N = 1, C a multiple of the vector width and one past it."""
+    """C = 1, prime C, N = 1, C a multiple of the vector width and one past it; rows shorter than 16
+    and (N, C, L > 1) inputs run in column tiles (up to C = 4096), others row by row."""
     _check_rows(name, _row_input(name, shape, 1), 1)
 
 

@@ -26,7 +26,15 @@ struct rows_args {
     void *per_row;   /* entropy: (rows,) entropies in the accumulation type */
     int64_t rows, L, C;
     int op, dbl;     /* dbl: accumulate in double (float64 operands), else float */
+    int columns;     /* rows run W at a time in column tiles (see _native_softmax_rows.h) */
 };
+
+/* Column tiles for C <= COLUMN_MAX_C (three C x 8 float tiles in 384 KiB of L2) when L > 1, and for
+ * rows shorter than COLUMN_BELOW_C when L = 1. Softmax forward, one thread, loaded machine: C = 2 and
+ * 1M rows 92 ms row by row (~90 ns of fixed cost per row), 8.5 ms in tiles, torch 82-116 ms; from C = 16
+ * to 32 on the row path is as fast or faster; (4, 1000, 1024) along dim 1: 101 ms row by row
+ * (strided gathers), 8-10 ms in tiles, torch 13-30 ms. */
+enum { COLUMN_MAX_C = 4096, COLUMN_BELOW_C = 16 };
 
 /* One nll_loss call: (N, C, L) log-probabilities x, (N * L,) targets. */
 struct nll_args {
@@ -52,6 +60,7 @@ struct nll_args {
 static int rows_range(void *ctx, int64_t r0, int64_t r1)
 {
     const struct rows_args *a = ctx;
+    if (a->columns) return a->dbl ? tiles_range_f64(a, r0, r1) : tiles_range_f32(a, r0, r1);
     return a->dbl ? rows_range_f64(a, r0, r1) : rows_range_f32(a, r0, r1);
 }
 
@@ -118,7 +127,9 @@ static PyObject *py_rows(PyObject *self, PyObject *args)
     a.C = C;
     a.op = op;
     a.dbl = dbl;
-    if (!run(rows_range, &a, rows, nthreads, C, 0)) return NULL;
+    a.columns = (L > 1 && C <= COLUMN_MAX_C) || C < COLUMN_BELOW_C;
+    const int64_t w = dbl ? 4 : 8; /* rows per tile: W of the accumulation type */
+    if (!run(rows_range, &a, a.columns ? (rows + w - 1) / w : rows, nthreads, C, 0)) return NULL;
     Py_RETURN_NONE;
 }
 

@@ -11,8 +11,11 @@ Reference expressions (per row of ``C`` entries along the reduced dimension; the
   of the reduced loss, zeros but ``-w[y] * scale`` at each target.
 
 Each row is read from memory once and its output (or gradient) written once: the later passes over a
-row find it in L1/L2 (see ``_native_softmax_rows.h``); one exp per element. Rows are split over
-:func:`losskit.kernels.native.threads_for` threads. Operands are ``(N, C, L)`` tensors of any strides
+row find it in L1/L2 (see ``_native_softmax_rows.h``); one exp per element. Rows whose entries are
+strided (the reduced dim not innermost, ``L > 1``; C up to 4096) and rows shorter than 16 run 8
+(float64: 4) at a time in column tiles, one row per vector lane, so that memory is read in runs and the
+per-row cost is shared. Rows (or tiles) are split over :func:`losskit.kernels.native.threads_for`
+threads. Operands are ``(N, C, L)`` tensors of any strides
 (the reduced dimension in the middle, as :func:`losskit.kernels.blocks.as_3d` gives for classes);
 float32/float64/bfloat16/float16 are read and written as they are, and computed in float32 (float64 for
 float64). Outputs must be contiguous; :func:`losskit.kernels.native.empty` allocates them.
