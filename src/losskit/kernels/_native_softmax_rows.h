@@ -13,6 +13,8 @@
  * Passes over a row: the first reads it from memory; the later ones find it (and the output row) in
  * L1/L2 while they fit (C = 8192 float32: 32 KiB per row), so memory sees one read of each input row and
  * one write of each output row. One exp per element (forward; log_softmax's backward recomputes exp(y)).
+ * Rows whose entries are strided (L > 1) and short rows run W at a time in column tiles instead, one row
+ * per vector lane (section "column tiles" below); nll_loss writes its gradient in tiles at the end.
  */
 
 #include "_native_rowops.h"
