@@ -96,6 +96,8 @@ def _run(kind: int, kernel: Kernel, operands: Sequence[Tensor | None], want: Seq
     del kernel  # the reference expression; the C kernel of ``kind`` computes the same
     x, y, *rest = operands
     w = rest[0] if rest else None
+    # The only input-sized allocations: the gradients and the "none" loss, each written once by the kernel
+    # (native.empty: huge pages, no zero-fill); strided inputs are copied a piece at a time by the driver.
     grads = [native.empty(op.shape, op.dtype, op.device) if wanted else None for op, wanted in zip((x, y), want)]
     out = native.empty(x.shape, out_dtype, x.device) if keep else None
     scale = float(grad_scale)
@@ -113,8 +115,8 @@ def _run(kind: int, kernel: Kernel, operands: Sequence[Tensor | None], want: Seq
 def runner(impl: object, kind: int, *tensors: Tensor | None) -> Runner | None:
     """The compiled runner of ``kind`` when ``impl`` selects it for ``tensors`` (see
     :func:`losskit.kernels.native.use_compiled`), else None (the caller runs its torch path). A dtype the
-    kernel does not take (an unsigned integer target wider than 8 bits) is the torch path's under
-    ``"auto"``, a ValueError under ``"compiled"``."""
+    kernel does not take (an unsigned integer target wider than 8 bits, a float8 operand) is the torch
+    path's under ``"auto"``, a ValueError under ``"compiled"``."""
     present = [t for t in tensors if t is not None]
     if not native.use_compiled(impl, *present, extension=EXTENSION):
         return None
