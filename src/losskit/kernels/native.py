@@ -50,6 +50,8 @@ loss before the call and again by the kernel before any indexing. Errors come ba
 from __future__ import annotations
 
 import importlib
+import math
+import os
 from types import ModuleType
 
 import torch
@@ -75,6 +77,9 @@ def load(name: str = XENT) -> ModuleType | ImportError:
             _loaded[name] = importlib.import_module(f"losskit.kernels.{name}")
         except ImportError as err:
             _loaded[name] = err
+        else:
+            if name == XENT and hasattr(_loaded[name], "set_block_cache"):
+                _loaded[name].set_block_cache(_buffer_cache)
     return _loaded[name]
 
 
@@ -120,25 +125,51 @@ def use_compiled(impl: object, *tensors: Tensor, extension: str = XENT) -> bool:
     return True
 
 
-#: Outputs of at least this many bytes are backed by transparent huge pages where the OS offers them.
-HUGE_PAGE_MIN_BYTES = 4 << 20
+#: Outputs of at least this many bytes live in the extension's own 2 MiB-aligned, huge-page mappings.
+BLOCK_MIN_BYTES = 4 << 20
 
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.empty(shape)`` for a kernel to write once, contiguous.
+    """An uninitialised contiguous tensor for a kernel to write once (a gradient, an output).
 
-    A fresh buffer costs a page fault per 4 KiB page at its first write; for a 512 MiB gradient that
-    is 131072 faults, measured at 0.18 s (``torch.empty(...).fill_(0)``) against 0.06 s for the kernel
-    that fills it. On CPU, buffers of ``HUGE_PAGE_MIN_BYTES`` or more are advised to the kernel as
-    transparent huge pages (Linux ``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned interior; advice only,
-    a no-op where THP is disabled or on other systems): 512x fewer faults. The same advice torch gives
-    all its allocations with ``THP_MEM_ALLOC_ENABLE=1``.
+    A fresh buffer costs a page fault per 4 KiB page at its first write, and the OS zeroes every page:
+    for a 512 MiB gradient, 131072 faults, measured at 0.18 s (``torch.empty(...).fill_(0)``) against
+    about 0.05 s for the cross-entropy kernel that fills it. On Linux CPU, buffers of at least
+    ``BLOCK_MIN_BYTES`` therefore come from the extension (``_native.c``, ``block``): a 2 MiB-aligned
+    mapping advised as transparent huge pages (512x fewer faults; torch gives the same advice with
+    ``THP_MEM_ALLOC_ENABLE=1``), and when the tensor is freed its mapping is kept for the next buffer
+    of the same size (one mapping at most): a training loop's gradient then reuses the previous step's
+    memory instead of having fresh pages faulted and zeroed. Peak memory is unchanged (the kept mapping
+    is what the next step allocates anyway); between calls, one buffer stays mapped until
+    :func:`release_buffer_cache` unmaps it (:func:`set_buffer_cache` turns the reuse off). Elsewhere,
+    ``torch.empty``.
     """
-    out = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = out.numel() * out.element_size()
-    if out.device.type == "cpu" and nbytes >= HUGE_PAGE_MIN_BYTES and available():
-        load().advise_huge_pages(out.data_ptr(), nbytes)
-    return out
+    nbytes = math.prod(shape) * dtype.itemsize
+    ext = load()
+    if (torch.device(device).type == "cpu" and nbytes >= BLOCK_MIN_BYTES and not isinstance(ext, ImportError)
+            and hasattr(ext, "block")):
+        return torch.frombuffer(ext.block(nbytes), dtype=dtype).view(shape)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+#: Whether freed output buffers are kept for reuse (see :func:`empty`); ``LOSSKIT_BUFFER_CACHE=0`` turns
+#: it off for the process.
+_buffer_cache = os.environ.get("LOSSKIT_BUFFER_CACHE", "1") != "0"
+
+
+def set_buffer_cache(enabled: bool) -> None:
+    """Keep (True, the default) or stop keeping the mapping of the last freed output buffer for reuse
+    (see :func:`empty`); the mapping kept now is released either way."""
+    global _buffer_cache
+    _buffer_cache = bool(enabled)
+    release_buffer_cache()
+
+
+def release_buffer_cache() -> None:
+    """Unmap the output buffer kept for reuse, if any (the cache stays on or off as it was)."""
+    ext = load()
+    if not isinstance(ext, ImportError) and hasattr(ext, "set_block_cache"):
+        ext.set_block_cache(_buffer_cache)
 
 
 def _view(t: Tensor | None, shape: tuple[int, int, int] | None = None) -> tuple[int, int, int, int, int]:

@@ -18,6 +18,8 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+from ..kernels import native
+
 #: The environment a process measured with :func:`peak_memory_above` starts with (glibc reads it at start).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
@@ -39,6 +41,9 @@ def peak_memory_above(fn: Callable[[], object]) -> int:
     """
     if not _CLEAR.exists():
         raise RuntimeError("peak_memory_above needs Linux /proc/self/clear_refs")
+    # An output buffer kept from an earlier call (losskit.kernels.native.empty) would make this call's
+    # new memory look free: release it, so that the peak counts every buffer the call needs.
+    native.release_buffer_cache()
     _CLEAR.write_text("5")
     before = _kib("VmRSS")
     out = fn()
