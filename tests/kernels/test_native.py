@@ -132,22 +132,44 @@ def test_non_contiguous_inputs_and_targets():
             _close(_run(LF.cross_entropy, x, tt, impl="compiled", **kw), _run(F.cross_entropy, x, tt, **kw))
 
 
+def _grad(x, t, **kw):
+    """d/dx of the summed loss for grad_output 1, which backward does not multiply by."""
+    x = x.clone().requires_grad_()
+    LF.cross_entropy(x, t, impl="compiled", reduction="sum", **kw).backward()
+    return x.grad
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_gradient_is_the_float32_one_rounded_to_nearest_even(dtype):
-    # A low-precision row is widened to float32, computed as a float32 row, and its gradient rounded
-    # to nearest even when stored (the vector conversion, and its scalar tail: C = 301 is not a multiple
-    # of 8); so it equals torch's rounding of the float32 input's gradient, bit for bit, NaN where NaN.
+    # A low-precision row with probability targets is widened to float32, computed as a float32 row,
+    # and its gradient rounded to nearest even when stored (the vector conversion, and its scalar tail:
+    # C = 301 is not a multiple of 8); so it equals torch's rounding of the float32 input's gradient, bit
+    # for bit, NaN where NaN.
     x = torch.randn(16, 301, generator=_gen(3)).to(dtype)
     x[3, 7] = float("nan")
-    t = torch.randint(0, 301, (16,), generator=_gen(4))
-    def grad(x):  # for grad_output 1, which backward does not multiply by
-        x = x.clone().requires_grad_()
-        LF.cross_entropy(x, t, impl="compiled", reduction="sum").backward()
-        return x.grad
-
-    low, wide = grad(x), grad(x.float()).to(dtype)
+    t = torch.randn(16, 301, generator=_gen(4)).softmax(1).to(dtype)
+    low, wide = _grad(x, t), _grad(x.float(), t.float()).to(dtype)
     assert low.dtype == dtype and torch.equal(low.isnan(), wide.isnan()) and low.isnan().any()
     assert torch.equal(low.nan_to_num(), wide.nan_to_num())
+
+
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.2}, {"ignore_index": 5}], ids=str)
+@pytest.mark.parametrize("c", [16, 301, 4099], ids=str)
+def test_bfloat16_rows_read_and_written_in_pairs(kw, c):
+    # Index targets without class weights: bfloat16 rows are read and written by the pair-order passes
+    # (16 elements at a time, then the C % 16 rest). Their float32 arithmetic sums the row in another
+    # order than the float32 input's, so the rounded gradients agree to one bfloat16 step, exactly
+    # where rounding leaves no doubt; NaN rows stay NaN.
+    x = (torch.randn(24, c, generator=_gen(5)) * 4).bfloat16()
+    x[2, c // 2] = float("nan")
+    t = torch.randint(0, c, (24,), generator=_gen(6))
+    t[3] = 5
+    low, wide = _grad(x, t, **kw).float(), _grad(x.float(), t, **kw).bfloat16().float()
+    assert torch.equal(low.isnan(), wide.isnan()) and low[2].isnan().all()
+    ok = ~wide.isnan()
+    low, wide = low[ok], wide[ok]
+    assert ((low - wide).abs() <= torch.finfo(torch.bfloat16).eps * wide.abs()).all()
+    assert (low == wide).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

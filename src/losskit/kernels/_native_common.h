@@ -24,14 +24,16 @@
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define HOT __attribute__((target_clones("arch=x86-64-v3", "default"), unused))
 #else
-#define HOT
+#define HOT __attribute__((unused))
 #endif
 #define INLINE static inline __attribute__((always_inline))
 
 enum { DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3 };
 enum { ERR_NOMEM = 1, ERR_TARGET = 2 };
+
+INLINE int64_t dtype_size(int dtype) { return dtype == DT_F64 ? 8 : dtype == DT_F32 ? 4 : 2; }
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -126,14 +128,32 @@ typedef uint16_t v8u16 __attribute__((vector_size(16)));
 typedef uint32_t v8u32 __attribute__((vector_size(32)));
 typedef _Float16 v8h __attribute__((vector_size(16)));
 
+/* 8 bfloat16 -> float (a shift), and float -> bfloat16 rounded to nearest even, NaN kept a quiet NaN. */
+INLINE v8f bf16_widen8(const uint16_t *src)
+{
+    v8u16 h;
+    memcpy(&h, src, sizeof h);
+    return (v8f)(__builtin_convertvector(h, v8u32) << 16);
+}
+
+/* float -> bfloat16 in the low half of each 32-bit word (the high half 0); with no_nan the caller knows
+ * f holds no NaN, and the NaN lanes' fix-up is left out. */
+INLINE v8u32 bf16_round8_words(v8f f, const int no_nan)
+{
+    const v8u32 u = (v8u32)f, rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+    if (no_nan) return rounded;
+    const v8i nan = f != f;
+    return (v8u32)((nan & (v8i)((u >> 16) | 0x40)) | (~nan & (v8i)rounded));
+}
+
+INLINE v8u16 bf16_round8(v8f f) { return __builtin_convertvector(bf16_round8_words(f, 0), v8u16); }
+
 HOT static void bf16_to_f32_n(float *dst, const uint16_t *src, int64_t n)
 {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        v8u16 h;
-        memcpy(&h, src + i, sizeof h);
-        const v8u32 u = __builtin_convertvector(h, v8u32) << 16;
-        memcpy(dst + i, &u, sizeof u);
+        const v8f f = bf16_widen8(src + i);
+        memcpy(dst + i, &f, sizeof f);
     }
     for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
 }
@@ -144,9 +164,7 @@ HOT static void f32_to_bf16_n(uint16_t *dst, const float *src, int64_t n)
     for (; i + 8 <= n; i += 8) {
         v8f f;
         memcpy(&f, src + i, sizeof f);
-        const v8u32 u = (v8u32)f, rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16, quiet = (u >> 16) | 0x40;
-        const v8i nan = f != f;
-        const v8u16 h = __builtin_convertvector((v8u32)((nan & (v8i)quiet) | (~nan & (v8i)rounded)), v8u16);
+        const v8u16 h = bf16_round8(f);
         memcpy(dst + i, &h, sizeof h);
     }
     for (; i < n; i++) dst[i] = f32_to_bf16(src[i]);

@@ -94,14 +94,15 @@ INLINE VT FN(exp_step)(const T *x, int64_t c, int64_t n, VT vm, T *e, const T *w
  * then the rest. One sum: its add chain (3-4 cycles a vector) is shorter than the exp's throughput
  * (about 6), and a second sum would not fit in the 16 vector registers beside the exp's constants. */
 INLINE T FN(exp_sum_impl)(const T *x, int64_t C, T m, T *e, const T *w, T *wx, const int smooth,
-                          const T *next)
+                          const void *next, int64_t next_bytes)
 {
     const VT vm = FN(splat)(m);
     VT sum = FN(splat)(0), swx = sum;
     int64_t c = 0;
     for (; c + 2 * W <= C; c += 2 * W) {
-        /* one 64-byte line of the next row per 64 bytes of this one: it is in L2 when pass 1 needs it */
-        if (next) __builtin_prefetch(next + c, 0, 2);
+        /* one 64-byte line of the next row per 2W elements of this one (at least as fast as this row
+         * goes, as the next row is at most as wide in bytes): it is in L2 when pass 1 needs it */
+        if (next && c * (int64_t)sizeof(T) < next_bytes) __builtin_prefetch((const char *)next + c * sizeof(T), 0, 2);
         sum += FN(exp_step)(x, c, W, vm, e, w, &swx, smooth);
         sum += FN(exp_step)(x, c + W, W, vm, e, w, &swx, smooth);
     }
@@ -112,18 +113,38 @@ INLINE T FN(exp_sum_impl)(const T *x, int64_t C, T m, T *e, const T *w, T *wx, c
 
 /* Pass 2: returns sum_c exp(x[c] - m); writes e[c] = exp(x[c] - m) if e is given (e may be x); adds
  * sum_c w[c] (x[c] - m) to *wx if wx is given (w = 1 when absent; label smoothing's loss term). */
-HOT static T FN(exp_sum)(const T *x, int64_t C, T m, T *e, const T *w, T *wx)
+/* exp_sum_impl with its options as constants: each caller gets its own loop with no test inside. */
+INLINE T FN(exp_sum_opts)(const T *x, int64_t C, T m, T *e, const T *w, T *wx, const void *next,
+                          int64_t next_bytes)
 {
-    if (wx) return FN(exp_sum_impl)(x, C, m, e, w, wx, 1, NULL);
-    return e ? FN(exp_sum_impl)(x, C, m, e, NULL, NULL, 0, NULL)
-             : FN(exp_sum_impl)(x, C, m, NULL, NULL, NULL, 0, NULL);
+    if (wx) return FN(exp_sum_impl)(x, C, m, e, w, wx, 1, next, next_bytes);
+    return e ? FN(exp_sum_impl)(x, C, m, e, NULL, NULL, 0, next, next_bytes)
+             : FN(exp_sum_impl)(x, C, m, NULL, NULL, NULL, 0, next, next_bytes);
 }
 
-/* Pass 2 as exp_sum(x, C, m, e, NULL, NULL), prefetching the C values at next (the next row, which
- * pass 1 will read from memory) while the exp keeps the core busy. */
-HOT static T FN(exp_sum_next)(const T *x, int64_t C, T m, T *e, const T *next)
+/* Pass 2: returns sum_c exp(x[c] - m); writes e[c] = exp(x[c] - m) if e is given (e may be x); adds
+ * sum_c w[c] (x[c] - m) to *wx if wx is given (w = 1 when absent; label smoothing's loss term). */
+HOT static T FN(exp_sum)(const T *x, int64_t C, T m, T *e, const T *w, T *wx)
 {
-    return e ? FN(exp_sum_impl)(x, C, m, e, NULL, NULL, 0, next) : FN(exp_sum_impl)(x, C, m, NULL, NULL, NULL, 0, next);
+    return FN(exp_sum_opts)(x, C, m, e, w, wx, NULL, 0);
+}
+
+/* Pass 2 as exp_sum, prefetching the next_bytes at next (the next row in its storage dtype, at most
+ * C * sizeof(T) bytes, which pass 1 will read from memory) while the exp keeps the core busy. */
+HOT static T FN(exp_sum_next)(const T *x, int64_t C, T m, T *e, const T *w, T *wx, const void *next,
+                              int64_t next_bytes)
+{
+    return FN(exp_sum_opts)(x, C, m, e, w, wx, next, next_bytes);
+}
+
+/* Pass 3's arithmetic on lanes [c, c + n): a e - b w (w = 1 when absent). Every element of pass 3 goes
+ * through this one expression (full vectors and the tail alike), so an element computed alone is
+ * bit-identical to the same element computed in its row. */
+INLINE VT FN(affine_v)(const T *e, int64_t c, int64_t n, VT va, VT vb, const T *w)
+{
+    const VT v = n == W ? FN(load)(e + c) : FN(load_part)(e + c, n, 0);
+    if (!w) return va * v - vb;
+    return va * v - vb * (n == W ? FN(load)(w + c) : FN(load_part)(w + c, n, 0));
 }
 
 /* Pass 3, on the row in cache: g[c] = a g[c] - b w[c] (w = 1 when absent). */
@@ -131,12 +152,106 @@ HOT static void FN(affine)(T *g, int64_t C, T a, T b, const T *w)
 {
     const VT va = FN(splat)(a), vb = FN(splat)(b);
     int64_t c = 0;
-    if (w) {
-        for (; c + W <= C; c += W) FN(store)(g + c, va * FN(load)(g + c) - vb * FN(load)(w + c));
-    } else {
-        for (; c + W <= C; c += W) FN(store)(g + c, va * FN(load)(g + c) - vb);
+    for (; c + W <= C; c += W) FN(store)(g + c, FN(affine_v)(g, c, W, va, vb, w));
+    if (c < C) FN(store_part)(g + c, C - c, FN(affine_v)(g, c, C - c, va, vb, w));
+}
+
+/* ---- contiguous bfloat16 rows (T = float), read and written in pairs ----------------------------------
+ * 16 bfloat16 are 8 32-bit words: a word's low half is an even-indexed element and its high half the
+ * odd one after it, so `word << 16` and `word & 0xffff0000` are the two as floats, with no shuffle
+ * (GCC 12 widens 8 bfloat16 to 8 floats with five instructions, two of them cross-lane, which made the
+ * exp pass 40% slower). Passes 1 and 2 work on these pairs; pass 2 keeps e in "pair order" (per block
+ * of 16: the 8 even elements, then the 8 odd ones) and pass 3 reads it so and writes each block back
+ * in element order, rounded to nearest even. The last C % 16 elements are in element order. */
+
+INLINE void FN(bf16_pairs)(const uint16_t *xb, int64_t c, VT *even, VT *odd)
+{
+    v8u32 u;
+    memcpy(&u, xb + c, sizeof u);
+    *even = (VT)(u << 16);
+    *odd = (VT)(u & 0xffff0000u);
+}
+
+INLINE VT FN(bf16_part)(const uint16_t *xb, int64_t c, int64_t n, T fill)
+{
+    T buf[W];
+    for (int j = 0; j < W; j++) buf[j] = j < n ? (T)bf16_to_f32(xb[c + j]) : fill;
+    return FN(load)(buf);
+}
+
+/* Where element c of a row lives in pair order. */
+INLINE int64_t FN(pair_index)(int64_t c, int64_t C)
+{
+    return c < (C & ~(int64_t)15) ? (c & ~(int64_t)15) + (c & 1) * 8 + ((c & 15) >> 1) : c;
+}
+
+/* Pass 1 on a bfloat16 row. */
+HOT static T FN(row_max_bf16)(const uint16_t *xb, int64_t C)
+{
+    VT m0 = FN(splat)(-INFINITY), m1 = m0, even, odd;
+    int64_t c = 0;
+    for (; c + 16 <= C; c += 16) {
+        FN(bf16_pairs)(xb, c, &even, &odd);
+        m0 = FN(vmax)(m0, even);
+        m1 = FN(vmax)(m1, odd);
     }
-    for (; c < C; c++) g[c] = a * g[c] - b * (w ? w[c] : 1);
+    for (; c < C; c += W) m0 = FN(vmax)(m0, FN(bf16_part)(xb, c, C - c < W ? C - c : W, -INFINITY));
+    return FN(hmax)(FN(vmax)(m0, m1));
+}
+
+/* Pass 2 on a bfloat16 row: as exp_sum_next(x, C, m, e, NULL, wx, next, next_bytes), e in pair order. */
+HOT static T FN(exp_sum_bf16)(const uint16_t *xb, int64_t C, T m, T *e, T *wx, const void *next,
+                              int64_t next_bytes)
+{
+    const VT vm = FN(splat)(m);
+    VT sum = FN(splat)(0), swx = sum, even, odd;
+    int64_t c = 0;
+    for (; c + 16 <= C; c += 16) {
+        if (next && 2 * c < next_bytes) __builtin_prefetch((const char *)next + 2 * c, 0, 2);
+        FN(bf16_pairs)(xb, c, &even, &odd);
+        const VT d0 = even - vm, d1 = odd - vm, e0 = VEXP(d0), e1 = VEXP(d1);
+        if (e) {
+            FN(store)(e + c, e0);
+            FN(store)(e + c + W, e1);
+        }
+        sum += e0;
+        sum += e1;
+        if (wx) swx += d0 + d1;
+    }
+    for (; c < C; c += W) {
+        const int64_t n = C - c < W ? C - c : W;
+        const VT d = FN(bf16_part)(xb, c, n, -INFINITY) - vm, ev = VEXP(d);
+        if (e) FN(store_part)(e + c, n, ev);
+        sum += ev;
+        if (wx) swx += FN(smooth_term)(d, NULL, c, n);
+    }
+    if (wx) *wx += FN(hsum)(swx);
+    return FN(hsum)(sum);
+}
+
+/* Pass 3 into a bfloat16 row: gb[c] = bf16(a e[c] - b), e in pair order (see above). */
+INLINE void FN(affine_bf16_impl)(uint16_t *gb, const T *e, int64_t C, T a, T b, const int no_nan)
+{
+    const VT va = FN(splat)(a), vb = FN(splat)(b);
+    int64_t c = 0;
+    for (; c + 16 <= C; c += 16) {
+        const v8u32 lo = bf16_round8_words((v8f)FN(affine_v)(e, c, W, va, vb, NULL), no_nan),
+                    hi = bf16_round8_words((v8f)FN(affine_v)(e, c + W, W, va, vb, NULL), no_nan);
+        const v8u32 words = lo | (hi << 16);
+        memcpy(gb + c, &words, sizeof words);
+    }
+    for (; c < C; c += W) {
+        const int64_t n = C - c < W ? C - c : W;
+        const v8u32 words = bf16_round8_words((v8f)FN(affine_v)(e, c, n, va, vb, NULL), no_nan);
+        for (int64_t j = 0; j < n; j++) gb[c + j] = (uint16_t)words[j];
+    }
+}
+
+/* no_nan: a, b and every e are known not to be NaN (so no result is), and rounding skips the NaN test. */
+HOT static void FN(affine_bf16)(uint16_t *gb, const T *e, int64_t C, T a, T b, int no_nan)
+{
+    if (no_nan) FN(affine_bf16_impl)(gb, e, C, a, b, 1);
+    else FN(affine_bf16_impl)(gb, e, C, a, b, 0);
 }
 
 /* exp of a contiguous array, in place: the kernels' vector exp, exposed for the accuracy tests. */

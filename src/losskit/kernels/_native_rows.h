@@ -43,20 +43,25 @@ HOT static T FN(grad_prob)(const T *x, const T *t, T *g, T *tg, int64_t C, const
     return loss;
 }
 
-/* One row. x (and t) are contiguous rows in T; g (and tg) contiguous outputs or NULL; g is never x,
- * tg may be t; next is the next row to prefetch, or NULL. Returns the loss. Passes: max; e = exp(x - max)
- * and its sum s (e kept in g); then
- * g = (alpha scale / s) e - ..., on the row while it is in cache. One exp per element. */
-static T FN(xent_row)(const struct xent_args *a, const T *x, int64_t y, const T *t, T *g, T *tg, const T *next)
+/* One row. x (and t) are contiguous rows in T, or x is NULL and xb the row in bfloat16 (T = float, index
+ * targets, no class weights: the pair-order passes of _native_rowops.h); g (and tg) contiguous outputs
+ * or NULL, g is never x, tg may be t; with xb, g is scratch in pair order and the gradient goes to the
+ * bfloat16 row gb; next is the next row to prefetch, or NULL. Returns the loss. Passes: max;
+ * e = exp(x - max) and its sum s (e kept in g); then g = (alpha scale / s) e - ..., on the row while it
+ * is in cache. One exp per element. */
+static T FN(xent_row)(const struct xent_args *a, const T *x, const uint16_t *xb, int64_t y, const T *t, T *g,
+                      uint16_t *gb, T *tg, const void *next)
 {
     const int64_t C = a->C;
     const T *w = (const T *)a->weight;
     const T ls = (T)a->label_smoothing, scale = (T)a->scale;
     const int smooth = ls != 0 && !t;
-    const T m = FN(row_max)(x, C);
-    const T x_y = t || y == a->ignore_index ? 0 : x[y];
+    const T m = xb ? FN(row_max_bf16)(xb, C) : FN(row_max)(x, C);
+    const T x_y = t || y == a->ignore_index ? 0 : xb ? (T)bf16_to_f32(xb[y]) : x[y];
+    const int64_t next_bytes = next ? C * dtype_size(a->x.dtype) : 0;
     T wx = 0;
-    const T s = smooth ? FN(exp_sum)(x, C, m, g, w, &wx) : FN(exp_sum_next)(x, C, m, g, next);
+    const T s = xb ? FN(exp_sum_bf16)(xb, C, m, g, smooth ? &wx : NULL, next, next_bytes)
+                   : FN(exp_sum_next)(x, C, m, g, w, smooth ? &wx : NULL, next, next_bytes);
     const T log_s = (T)LOG_SCALAR(s);
 
     if (t) {
@@ -66,7 +71,8 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, int64_t y, const T 
     }
     if (y == a->ignore_index) {
         /* loss 0; gradient 0 * softmax, so NaN where the row has a NaN (torch's log_softmax backward) */
-        if (g) FN(affine)(g, C, 0 / s, 0, NULL);
+        if (gb) FN(affine_bf16)(gb, g, C, 0 / s, 0, 0);
+        else if (g) FN(affine)(g, C, 0 / s, 0, NULL);
         return 0;
     }
     /* (x_y - m) - log s, not x_y - lse: lse = m + log s would round log s to the ulp of m */
@@ -86,7 +92,16 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, int64_t y, const T 
         alpha = beta + ls * (T)a->weight_sum / (T)C;
     }
     if (smooth) loss += ls / (T)C * ((T)a->weight_sum * log_s - wx);
-    if (g) {
+    if (gb) {
+        /* element y as pass 3 computes it in a row (one expression for every element), then its term */
+        T g_y = g[FN(pair_index)(y, C)];
+        FN(affine)(&g_y, 1, scale * alpha / s, scale * ls / (T)C, NULL);
+        g_y -= scale * beta;
+        /* s is NaN when some e is (a NaN logit, or a row of -inf); else every e is in [0, 1] and the
+         * coefficients are finite: no gradient is NaN */
+        FN(affine_bf16)(gb, g, C, scale * alpha / s, scale * ls / (T)C, s == s && alpha == alpha);
+        gb[y] = f32_to_bf16((float)g_y);
+    } else if (g) {
         FN(affine)(g, C, scale * alpha / s, scale * ls / (T)C, w);
         g[y] -= scale * beta;
     }
@@ -100,13 +115,17 @@ static int FN(xent_range)(const struct xent_args *a, int64_t r0, int64_t r1)
     const int prob = a->t.ptr != NULL;
     const int x_direct = a->x.dtype == DTYPE_OF_T && a->x.sc == 1;
     const int g_direct = a->g.dtype == DTYPE_OF_T && a->g.sc == 1;
+    /* Contiguous bfloat16 rows with index targets and no class weights are read, and their gradients
+     * written, in bfloat16 by the pair-order passes (no float copy of the row made or stored back). */
+    const int pairs = DTYPE_OF_T == DT_F32 && !prob && !a->weight && a->x.dtype == DT_BF16 && a->x.sc == 1 &&
+                      (!a->g.ptr || (a->g.dtype == DT_BF16 && a->g.sc == 1));
     const int t_direct = a->t.dtype == DTYPE_OF_T && a->t.sc == 1;
     const int tg_direct = a->tg.dtype == DTYPE_OF_T && a->tg.sc == 1;
     /* Scratch rows (C * sizeof(T) each, in cache beside the row): x and t converted to T where they
      * are not contiguous rows of T, and the gradients formed there before they are stored. */
     T *xs = NULL, *gs = NULL, *ts = NULL;
     int err = 0;
-    if ((!x_direct && !(xs = malloc((size_t)C * sizeof(T)))) ||
+    if ((!x_direct && !pairs && !(xs = malloc((size_t)C * sizeof(T)))) ||
         (a->g.ptr && !g_direct && !(gs = malloc((size_t)C * sizeof(T)))) ||
         (prob && (!t_direct || (a->tg.ptr && !tg_direct)) && !(ts = malloc((size_t)C * sizeof(T)))))
         err = ERR_NOMEM;
@@ -115,10 +134,13 @@ static int FN(xent_range)(const struct xent_args *a, int64_t r0, int64_t r1)
         const int64_t y = prob ? 0 : a->target[r];
         if (!prob && y != a->ignore_index && (y < 0 || y >= C)) { err = ERR_TARGET; break; }
         const T *x = xs;
+        const uint16_t *xb = pairs ? (const uint16_t *)a->x.ptr + row_offset(&a->x, r, a->L) : NULL;
         if (x_direct) x = (const T *)a->x.ptr + row_offset(&a->x, r, a->L);
-        else FN(load_row)(xs, &a->x, r, a->L, C);
+        else if (!pairs) FN(load_row)(xs, &a->x, r, a->L, C);
         T *g = NULL;
+        uint16_t *gb = NULL;
         if (a->g.ptr) g = g_direct ? (T *)a->g.ptr + row_offset(&a->g, r, a->L) : gs;
+        if (a->g.ptr && pairs) gb = (uint16_t *)a->g.ptr + row_offset(&a->g, r, a->L);
         const T *t = NULL;
         T *tg = NULL;
         if (prob) {
@@ -131,10 +153,12 @@ static int FN(xent_range)(const struct xent_args *a, int64_t r0, int64_t r1)
             }
             if (a->tg.ptr) tg = tg_direct ? (T *)a->tg.ptr + row_offset(&a->tg, r, a->L) : ts;
         }
-        /* the next row of a contiguous input is prefetched during this row's exp pass */
-        const T *next = x_direct && r + 1 < r1 ? (const T *)a->x.ptr + row_offset(&a->x, r + 1, a->L) : NULL;
-        loss[r] = FN(xent_row)(a, x, y, t, g, tg, next);
-        if (g && !g_direct) FN(store_row)(&a->g, r, a->L, C, g);
+        /* the next row, where its elements are contiguous, is prefetched during this row's exp pass */
+        const void *next = a->x.sc == 1 && r + 1 < r1
+                               ? (const char *)a->x.ptr + row_offset(&a->x, r + 1, a->L) * dtype_size(a->x.dtype)
+                               : NULL;
+        loss[r] = FN(xent_row)(a, x, xb, y, t, g, gb, tg, next);
+        if (g && !g_direct && !gb) FN(store_row)(&a->g, r, a->L, C, g);
         if (tg && !tg_direct) FN(store_row)(&a->tg, r, a->L, C, tg);
     }
     free(xs);
