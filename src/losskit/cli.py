@@ -130,15 +130,18 @@ def _list_cases() -> int:
 
 def _units(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list, list[str]]:
     from .bench import CASES, Unit
+    from .bench._cases import dtype_name
 
     units, skipped = [], []
     for case in args.cases or CASES:
         sizes = [s for s in args.sizes if len(s) == len(case.dims)] if args.sizes else case.sizes
         if not sizes:
             skipped.append(f"{case.name}: no --sizes entry of the form {'x'.join(case.dims)}")
-        units += [Unit(case, size, dtype) for size in sizes for dtype in args.dtype]
+        dtypes = [d for d in args.dtype if case.dtypes is None or d in case.dtypes]
+        skipped += [f"{case.name} {dtype_name(d)}: {case.dtypes_why}" for d in args.dtype if d not in dtypes]
+        units += [Unit(case, size, dtype) for size in sizes for dtype in dtypes]
     if not units:
-        parser.error(f"argument --sizes: no selected case takes these sizes ({'; '.join(skipped)})")
+        parser.error(f"no selected case runs with these --sizes and --dtype ({'; '.join(skipped)})")
     return units, skipped
 
 

@@ -75,6 +75,9 @@ class Case:
     #: Further baselines, name -> implementation (one this torch lacks is left out).
     baselines: dict[str, Impl] = field(default_factory=dict)
     targets: tuple[Target, ...] = ()
+    #: The dtypes the case runs in (None: all), and why others are left out.
+    dtypes: tuple[torch.dtype, ...] | None = None
+    dtypes_why: str = ""
 
     def resolve(self) -> Impl:
         """The losskit implementation; ImportError/AttributeError when losskit does not have it (yet)."""
@@ -223,7 +226,11 @@ CASES: tuple[Case, ...] = (
          reference=lambda i: F.cross_entropy(i["input"] @ i["linear_weight"].T, i["target"]),
          reference_text="F.cross_entropy(input @ linear_weight.T, target)",
          baselines={name: impl for name, impl in (("torch chunked", _linear_torch_chunked()),
-                                                   ("matmul floor", _matmul_floor)) if impl is not None}),
+                                                   ("matmul floor", _matmul_floor)) if impl is not None},
+         # Measured here: eager's three bfloat16 products of the default size did not finish in 120 s
+         # (float32: 2.5 s); torch's CPU GEMM has no fast 16-bit path without AVX512-BF16/AMX.
+         dtypes=(torch.float32, torch.float64),
+         dtypes_why="torch's 16-bit CPU matmul is minutes per call without AVX512-BF16/AMX"),
 )
 
 BY_NAME: dict[str, Case] = {case.name: case for case in CASES}

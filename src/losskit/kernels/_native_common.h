@@ -4,9 +4,10 @@
  * exp: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, then a polynomial for e^r (degree 6 fitted for
  * minimax relative error for float, the degree-13 Taylor series for double), scaled by 2^k by adding k
  * to the exponent field. Domain x <= 0 (every argument here is a logit minus the row max or the
- * log-sum-exp); results below 1.5x the smallest normal number are flushed to 0. Error, measured over dense sweeps of the domain against
- * extended-precision exp: at most 1.013 ulp (float32) and 0.99 ulp (float64); torch's own exp is within
- * 0.57 / 0.52 ulp. tests/kernels/test_native.py::test_exp_accuracy_in_ulp asserts < 1.5 ulp.
+ * log-sum-exp); results below 1.5x the smallest normal number are flushed to 0. Error, measured over
+ * dense sweeps of the domain against extended-precision exp: at most 1.013 ulp (float32) and 0.99 ulp
+ * (float64); torch's own exp is within 0.57 / 0.52 ulp. tests/kernels/test_native.py::
+ * test_exp_accuracy_in_ulp asserts < 1.5 ulp.
  *
  * Function multiversioning: on x86-64 the hot functions are compiled twice, for x86-64-v3 (AVX2, FMA,
  * F16C) and for the baseline, and the loader picks one at start-up, so one binary runs on any x86-64.
@@ -158,28 +159,26 @@ HOT static void bf16_to_f32_n(float *dst, const uint16_t *src, int64_t n)
     for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
 }
 
-HOT static void f32_to_bf16_n(uint16_t *dst, const float *src, int64_t n)
+/* float -> a 16-bit storage dtype: DT_BF16 rounded to nearest even (NaN kept a quiet NaN), DT_F16 with
+ * F16C where the clone has it. */
+HOT static void f32_to_16bit_n(void *dst, int dtype, const float *src, int64_t n)
 {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         v8f f;
         memcpy(&f, src + i, sizeof f);
-        const v8u16 h = bf16_round8(f);
-        memcpy(dst + i, &h, sizeof h);
+        if (dtype == DT_BF16) {
+            const v8u16 h = bf16_round8(f);
+            memcpy((uint16_t *)dst + i, &h, sizeof h);
+        } else {
+            const v8h h = __builtin_convertvector(f, v8h);
+            memcpy((_Float16 *)dst + i, &h, sizeof h);
+        }
     }
-    for (; i < n; i++) dst[i] = f32_to_bf16(src[i]);
-}
-
-HOT static void f32_to_f16_n(_Float16 *dst, const float *src, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        v8f f;
-        memcpy(&f, src + i, sizeof f);
-        const v8h h = __builtin_convertvector(f, v8h);
-        memcpy(dst + i, &h, sizeof h);
+    for (; i < n; i++) {
+        if (dtype == DT_BF16) ((uint16_t *)dst)[i] = f32_to_bf16(src[i]);
+        else ((_Float16 *)dst)[i] = (_Float16)src[i];
     }
-    for (; i < n; i++) dst[i] = (_Float16)src[i];
 }
 
 /* Element c of a row at offset o with class stride s; the s == 1 copy of each loop is the one that
@@ -191,9 +190,9 @@ HOT static void f32_to_f16_n(_Float16 *dst, const float *src, int64_t n)
     } while (0)
 
 #define DEFINE_ROW_IO(T, SUF)                                                                           \
-    HOT static void load_row_##SUF(T *dst, const struct view *v, int64_t r, int64_t L, int64_t C)      \
+    HOT static void load_row_##SUF(T *dst, const struct view *v, int64_t r, int64_t L, int64_t C)       \
     {                                                                                                   \
-        const int64_t o = row_offset(v, r, L), s = v->sc;                                              \
+        const int64_t o = row_offset(v, r, L), s = v->sc;                                               \
         switch (v->dtype) {                                                                             \
         case DT_F32: { const float *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }              \
         case DT_F64: { const double *p = v->ptr; ROW_LOOP(C, s, dst[c] = (T)p[i]); break; }             \
@@ -208,19 +207,19 @@ HOT static void f32_to_f16_n(_Float16 *dst, const float *src, int64_t n)
     }                                                                                                   \
     HOT static void store_row_##SUF(const struct view *v, int64_t r, int64_t L, int64_t C, const T *src) \
     {                                                                                                   \
-        const int64_t o = row_offset(v, r, L), s = v->sc;                                              \
+        const int64_t o = row_offset(v, r, L), s = v->sc;                                               \
         switch (v->dtype) {                                                                             \
         case DT_F32: { float *p = v->ptr; ROW_LOOP(C, s, p[i] = (float)src[c]); break; }                \
         case DT_F64: { double *p = v->ptr; ROW_LOOP(C, s, p[i] = (double)src[c]); break; }              \
         case DT_BF16: {                                                                                 \
             uint16_t *p = v->ptr;                                                                       \
-            if (sizeof(T) == 4 && s == 1) f32_to_bf16_n(p + o, (const float *)src, C);                  \
+            if (sizeof(T) == 4 && s == 1) f32_to_16bit_n(p + o, DT_BF16, (const float *)src, C);        \
             else ROW_LOOP(C, s, p[i] = f32_to_bf16((float)src[c]));                                     \
             break;                                                                                      \
         }                                                                                               \
         default: {                                                                                      \
             _Float16 *p = v->ptr;                                                                       \
-            if (sizeof(T) == 4 && s == 1) f32_to_f16_n(p + o, (const float *)src, C);                   \
+            if (sizeof(T) == 4 && s == 1) f32_to_16bit_n(p + o, DT_F16, (const float *)src, C);         \
             else ROW_LOOP(C, s, p[i] = (_Float16)src[c]);                                               \
             break;                                                                                      \
         }                                                                                               \
