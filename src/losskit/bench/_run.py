@@ -69,6 +69,9 @@ def impls_of(unit: Unit, compile_reference: bool) -> dict[str, Impl]:
     case = unit.case
     impls = {LOSSKIT: case.resolve(), EAGER: case.reference}
     if compile_reference:
+        # Cases share reference code objects (one lambda factory), and dynamo caches by code object: past
+        # its recompile limit it would silently run eager. Each unit starts from an empty cache instead.
+        torch._dynamo.reset()
         impls[COMPILED] = torch.compile(case.reference)
     impls.update(case.baselines)
     return impls

@@ -257,8 +257,7 @@ HOT static void FN(affine_bf16)(uint16_t *gb, const T *e, int64_t C, T a, T b, i
 /* exp of a contiguous array, in place: the kernels' vector exp, exposed for the accuracy tests. */
 HOT static void FN(exp_array)(T *p, int64_t n)
 {
-    for (int64_t i = 0; i < n; i += W) {
-        int64_t m = n - i < W ? n - i : W;
-        FN(store_part)(p + i, m, VEXP(FN(load_part)(p + i, m, 0)));
-    }
+    int64_t i = 0;
+    for (; i + W <= n; i += W) FN(store)(p + i, VEXP(FN(load)(p + i)));
+    if (i < n) FN(store_part)(p + i, n - i, VEXP(FN(load_part)(p + i, n - i, 0)));
 }

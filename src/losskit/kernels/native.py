@@ -1,46 +1,23 @@
-"""Compiled CPU row kernels (``impl="compiled"``), a C extension built with the package.
+"""Compiled CPU kernels (``impl="compiled"``): C extensions built with the package, and what they share.
 
-Reference expression: the same per-row loss and gradient as :func:`losskit.kernels.rows.xent_rows_`,
-i.e. ``F.cross_entropy(x, y, weight, ignore_index=..., label_smoothing=...)`` and the focal loss, per
-row, with ``grad = scale * dloss/dx``. Each row is read from memory once and its gradient written once:
-pass 1 finds the max, pass 2 (on the row now in L1/L2) writes ``e = exp(x - max)`` into the gradient row
-and sums it, pass 3 turns ``e`` into the gradient in place; one exp per element. Rows are split over
-``torch.get_num_threads()`` threads. The C source (``_native.c``, ``_native_rows.h``) states the
-accuracy of its exp: at most 1.013 ulp (float32) and 0.99 ulp (float64) measured, see the tests.
+This module loads the extensions (``losskit.kernels._native*``, one per ``_native*.c``; each optional),
+resolves ``impl`` (:func:`use_compiled`), allocates kernel outputs (:func:`empty`) and drives the
+softmax cross-entropy kernel of ``_native.c`` (:func:`xent_rows`, for ``cross_entropy`` and
+``focal_loss``); ``native_softmax``, ``native_binary`` and ``native_pointwise`` drive the others.
 
-Engine, chosen by measurement (2-core AMD EPYC VM with AVX2, shared with other jobs: load average
-3-9 on 2 cores, so every figure is a median of 5-11 runs and may move by 2x between runs). Case:
-cross_entropy forward + backward, N=4096, C=32768 float32, 2 threads.
+Reference expression of :func:`xent_rows`: the same per-row loss and gradient as
+:func:`losskit.kernels.rows.xent_rows_`, i.e. ``F.cross_entropy(x, y, weight, ignore_index=...,
+label_smoothing=...)`` and the focal loss, per row, with ``grad = scale * dloss/dx``. Each row is read
+from memory once and its gradient written once: pass 1 finds the max, pass 2 (on the row now in L1/L2,
+the next row being prefetched meanwhile) writes ``e = exp(x - max)`` into the gradient row and sums it,
+pass 3 turns ``e`` into the gradient in place; one exp per element (at most 1.013 ulp float32, 0.99 ulp
+float64, measured; see ``_native_common.h`` and the tests). Rows are handed to
+``torch.get_num_threads()`` threads in chunks from a shared counter. bfloat16 rows are read and written
+in pairs of elements per 32-bit word (``_native_rowops.h``); float16 rows are converted in cache.
 
-=========================================  ==========  ====================================================
-engine                                     time        first call / import / install
-=========================================  ==========  ====================================================
-torch eager ``F.cross_entropy``            1.4-4.3 s   --
-``torch.compile(F.cross_entropy)``         1.75-2.3 s  first call 31 s cold cache, 4.4 s warm
-numba ``@njit(parallel, fastmath)``        2.8-4.5 s   import 0.6 s; first call 1.5 s cold, 0.03 s cached;
-                                                       llvmlite + numba 210 MB installed. Its exp does not
-                                                       vectorise without Intel's SVML.
-this C kernel, gradient buffer mapped      0.21-0.26 s import 0.3-0.5 ms, first call 2-3 ms (no JIT);
-                                                       94 KiB binary, built in ~7 s by ``pip install``
-this kernel via ``LF.cross_entropy``       0.5-1.5 s   (includes the fresh 512 MiB gradient, below)
-=========================================  ==========  ====================================================
-
-Copy roofline: ``torch.Tensor.copy_`` of 512 MiB (1 GiB moved, = 2*N*C*4 bytes) took 0.064-0.20 s
-depending on the load. Two runs of the whole comparison (``copy`` / kernel with its gradient buffer
-already mapped / ``LF.cross_entropy`` forward+backward / torch eager / torch.compile):
-
-* busy (load ~6): 0.167 / 0.212 / 1.49 / 4.31 / 2.28 s: kernel 1.27x the roofline; 2.9x faster than
-  eager and 1.5x faster than torch.compile end to end;
-* quieter (load ~4): 0.089 / 0.264 / 0.51 / 1.38 s: kernel 3.0x the roofline (its two threads did not
-  get two free cores: 1 and 2 threads ran equally fast), 2.7x faster than eager end to end.
-
-End to end, the first touch of a freshly allocated 512 MiB gradient costs this VM 0.36-1.1 s of page
-faults (``torch.empty(...).fill_(0)`` of 512 MiB; MAP_POPULATE and transparent huge pages were no
-faster). Every implementation pays it, so it bounds the end-to-end ratios; ``nll_loss``, whose only
-input-sized work is that zero-filled gradient, has no compiled kernel for this reason (forward+backward
-at this size: 1.14 s, ``F.nll_loss`` 1.11 s, ``torch.zeros`` alone 1.11 s). bfloat16 input, kernel
-alone, per element: 0.97x (quieter) to 1.2x (busy) the float32 time (its rows are converted to float32
-in cache, two extra passes over L1/L2); end to end 0.46x to 1.09x.
+Why a C extension: see the README's "Kernels" section and ``benchmarks/engine_costs.py``, which
+measures it against torch.compile and numba (speed, first call with a cold and a warm cache, import,
+install weight).
 
 Safety: this module checks every operand it hands to the kernel (device, dtype, shape, that strides
 come from a tensor of the stated shape, target count and dtype); class indices are validated by the
