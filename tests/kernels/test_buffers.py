@@ -49,10 +49,21 @@ def test_a_freed_buffer_is_reused_and_a_live_one_never(cache):
     assert b.data_ptr() != ptr
     b.fill_(7)
     assert view.eq(1).all()  # b is other memory
-    del view  # a's mapping is freed: kept
-    del b  # the cache is full: b's is unmapped
+    b_ptr = b.data_ptr()
+    del view, b  # both mappings are kept
     c = native.empty(shape, torch.float32, dev)
-    assert c.data_ptr() == ptr  # the same size takes the kept mapping back
+    d = native.empty(shape, torch.float32, dev)
+    assert {c.data_ptr(), d.data_ptr()} == {ptr, b_ptr}  # the same size takes the kept mappings back
+    e = native.empty(shape, torch.float32, dev)  # none left: a new mapping
+    assert e.data_ptr() not in (ptr, b_ptr)
+
+
+def test_at_most_two_buffers_are_kept(cache):
+    shape, dev = (16, MIB), torch.device("cpu")  # 64 MiB
+    ts = [native.empty(shape, torch.float32, dev).fill_(1) for _ in range(3)]
+    held = _rss()
+    del ts
+    assert held - 100 * MIB < _rss() < held - 48 * MIB  # one of three unmapped, two kept
 
 
 def test_the_kept_buffer_is_resident_until_released_and_not_kept_when_off(cache):

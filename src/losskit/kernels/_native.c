@@ -106,10 +106,10 @@ static PyObject *py_exp(PyObject *self, PyObject *args)
 /* A Block owns one anonymous mapping that a kernel's output lives in (torch.frombuffer(block) holds the
  * Block until the last tensor on it is freed). The mapping is 2 MiB-aligned and advised as transparent
  * huge pages: a fresh 512 MiB gradient costs 256 page faults instead of 131072. When the Block is
- * freed, its mapping is kept in a one-entry cache if the cache is on and empty, else unmapped; the
- * next Block of the same mapped length takes it back already faulted in, so a training loop's
- * gradient of each step reuses the previous step's memory instead of having fresh pages zeroed.
- * At most one mapping is kept; every call runs with the GIL held. */
+ * freed, its mapping is kept if the cache is on and has room (KEEP mappings), else unmapped; the next
+ * Block of the same mapped length takes it back already faulted in, so a training loop's outputs of
+ * each step reuse the previous step's memory instead of having fresh pages zeroed. A Block of another
+ * length first unmaps the kept ones. Every call runs with the GIL held. */
 #if defined(__linux__) && defined(MAP_ANONYMOUS) && defined(MADV_HUGEPAGE)
 #define HAVE_BLOCKS 1
 enum { HUGE = 2 << 20 };
@@ -120,15 +120,22 @@ typedef struct {
     size_t size, mapped; /* bytes asked for; bytes mapped (size rounded up to 2 MiB) */
 } Block;
 
-static void *cached_ptr;
-static size_t cached_mapped;
+/* Two: the outputs one loss call has alive at once (a gradient and a target gradient, softmax's output
+ * and then its gradient). */
+enum { KEEP = 2 };
+static struct {
+    void *ptr;
+    size_t mapped;
+} kept[KEEP];
 static int cache_enabled = 1;
 
-static void release_cached(void)
+static void release_kept(void)
 {
-    if (cached_ptr) munmap(cached_ptr, cached_mapped);
-    cached_ptr = NULL;
-    cached_mapped = 0;
+    for (int i = 0; i < KEEP; i++) {
+        if (kept[i].ptr) munmap(kept[i].ptr, kept[i].mapped);
+        kept[i].ptr = NULL;
+        kept[i].mapped = 0;
+    }
 }
 
 /* A 2 MiB-aligned mapping of `mapped` bytes: map 2 MiB more, then unmap the slack on either side. */
@@ -146,9 +153,11 @@ static void *map_aligned(size_t mapped)
 static void block_dealloc(Block *self)
 {
     if (self->ptr) {
-        if (cache_enabled && !cached_ptr) {
-            cached_ptr = self->ptr;
-            cached_mapped = self->mapped;
+        int i = 0;
+        while (i < KEEP && kept[i].ptr) i++;
+        if (cache_enabled && i < KEEP) {
+            kept[i].ptr = self->ptr;
+            kept[i].mapped = self->mapped;
         } else {
             munmap(self->ptr, self->mapped);
         }
@@ -182,13 +191,16 @@ static PyObject *py_block(PyObject *self, PyObject *args)
         return NULL;
     }
     const size_t mapped = ((size_t)size + HUGE - 1) & ~(size_t)(HUGE - 1);
-    void *ptr;
-    if (cached_ptr && cached_mapped == mapped) {
-        ptr = cached_ptr;
-        cached_ptr = NULL;
-        cached_mapped = 0;
-    } else {
-        release_cached(); /* a mapping of another size: give it back before taking more */
+    void *ptr = NULL;
+    for (int i = 0; i < KEEP && !ptr; i++) {
+        if (kept[i].ptr && kept[i].mapped == mapped) {
+            ptr = kept[i].ptr;
+            kept[i].ptr = NULL;
+            kept[i].mapped = 0;
+        }
+    }
+    if (!ptr) {
+        release_kept(); /* mappings of another size: give them back before taking more */
         if (!(ptr = map_aligned(mapped))) return PyErr_NoMemory();
     }
     Block *b = PyObject_New(Block, &BlockType);
@@ -208,7 +220,7 @@ static PyObject *py_set_block_cache(PyObject *self, PyObject *args)
     int enabled;
     if (!PyArg_ParseTuple(args, "p", &enabled)) return NULL;
     cache_enabled = enabled;
-    release_cached();
+    release_kept();
     Py_RETURN_NONE;
 }
 #endif
@@ -218,7 +230,7 @@ static PyMethodDef methods[] = {
 #ifdef HAVE_BLOCKS
     {"block", py_block, METH_VARARGS, "block(nbytes): a Block of nbytes for a kernel's output (see _native.c)."},
     {"set_block_cache", py_set_block_cache, METH_VARARGS,
-     "set_block_cache(enabled): turn the one-mapping cache of freed Blocks on or off; empties it either way."},
+     "set_block_cache(enabled): turn the cache of freed Blocks' mappings on or off; empties it either way."},
 #endif
     {"exp", py_exp, METH_VARARGS, "exp(data_ptr, n, double): the kernels' vector exp, in place (tests)."},
     {NULL, NULL, 0, NULL},

@@ -115,10 +115,11 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch
     ``BLOCK_MIN_BYTES`` therefore come from the extension (``_native.c``, ``block``): a 2 MiB-aligned
     mapping advised as transparent huge pages (512x fewer faults; torch gives the same advice with
     ``THP_MEM_ALLOC_ENABLE=1``), and when the tensor is freed its mapping is kept for the next buffer
-    of the same size (one mapping at most): a training loop's gradient then reuses the previous step's
-    memory instead of having fresh pages faulted and zeroed. Peak memory is unchanged (the kept mapping
-    is what the next step allocates anyway); between calls, one buffer stays mapped until
-    :func:`release_buffer_cache` unmaps it (:func:`set_buffer_cache` turns the reuse off). Elsewhere,
+    of the same size (two mappings at most, the outputs one call has alive at once; a buffer of
+    another size unmaps them): a training loop's gradients then reuse the previous step's memory
+    instead of having fresh pages faulted and zeroed. Peak memory is unchanged (the kept mappings are
+    what the next step allocates anyway); between calls they stay mapped until
+    :func:`release_buffer_cache` unmaps them (:func:`set_buffer_cache` turns the reuse off). Elsewhere,
     ``torch.empty``.
     """
     nbytes = math.prod(shape) * dtype.itemsize
@@ -135,15 +136,15 @@ _buffer_cache = os.environ.get("LOSSKIT_BUFFER_CACHE", "1") != "0"
 
 
 def set_buffer_cache(enabled: bool) -> None:
-    """Keep (True, the default) or stop keeping the mapping of the last freed output buffer for reuse
-    (see :func:`empty`); the mapping kept now is released either way."""
+    """Keep (True, the default) or stop keeping the mappings of freed output buffers for reuse (see
+    :func:`empty`); the mappings kept now are released either way."""
     global _buffer_cache
     _buffer_cache = bool(enabled)
     release_buffer_cache()
 
 
 def release_buffer_cache() -> None:
-    """Unmap the output buffer kept for reuse, if any (the cache stays on or off as it was)."""
+    """Unmap the output buffers kept for reuse, if any (the cache stays on or off as it was)."""
     ext = load()
     if not isinstance(ext, ImportError) and hasattr(ext, "set_block_cache"):
         ext.set_block_cache(_buffer_cache)
