@@ -94,10 +94,10 @@ static PyObject *py_exp(PyObject *self, PyObject *args)
     (void)self;
     unsigned long long ptr;
     long long n;
-    int dbl;
-    if (!PyArg_ParseTuple(args, "KLp", &ptr, &n, &dbl)) return NULL;
-    if (dbl) exp_array_f64((double *)(uintptr_t)ptr, n);
-    else exp_array_f32((float *)(uintptr_t)ptr, n);
+    int dbl, bf16_grade;
+    if (!PyArg_ParseTuple(args, "KLpp", &ptr, &n, &dbl, &bf16_grade)) return NULL;
+    if (dbl) exp_array_f64((double *)(uintptr_t)ptr, n, 0);
+    else exp_array_f32((float *)(uintptr_t)ptr, n, bf16_grade);
     Py_RETURN_NONE;
 }
 
@@ -232,7 +232,8 @@ static PyMethodDef methods[] = {
     {"set_block_cache", py_set_block_cache, METH_VARARGS,
      "set_block_cache(enabled): turn the cache of freed Blocks' mappings on or off; empties it either way."},
 #endif
-    {"exp", py_exp, METH_VARARGS, "exp(data_ptr, n, double): the kernels' vector exp, in place (tests)."},
+    {"exp", py_exp, METH_VARARGS,
+     "exp(data_ptr, n, double, bf16_grade): the kernels' vector exp, in place (tests)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,12 +1,13 @@
 /* Instantiates a row template once per accumulation type: float (float32, bfloat16 and float16
  * inputs) and double (float64 inputs). Use:  #define TEMPLATE "_native_rows.h"  then include this file.
- * The template sees T, VT, VI, W, VEXP, EXP_SCALAR, LOG_SCALAR, EXPM1_SCALAR, POW_SCALAR, DTYPE_OF_T, FN.
+ * The template sees T, VT, VI, W, VEXP, VEXP_BF16, EXP_SCALAR, LOG_SCALAR, EXPM1_SCALAR, POW_SCALAR, DTYPE_OF_T, FN.
  */
 #define T float
 #define VT v8f
 #define VI v8i
 #define W 8
 #define VEXP exp_v8f
+#define VEXP_BF16 exp_v8f_bf16
 #define EXP_SCALAR expf
 #define LOG_SCALAR logf
 #define EXPM1_SCALAR expm1f
@@ -19,6 +20,7 @@
 #undef VI
 #undef W
 #undef VEXP
+#undef VEXP_BF16
 #undef EXP_SCALAR
 #undef LOG_SCALAR
 #undef EXPM1_SCALAR
@@ -31,6 +33,7 @@
 #define VI v4l
 #define W 4
 #define VEXP exp_v4d
+#define VEXP_BF16 exp_v4d /* bfloat16 rows are float rows: unused */
 #define EXP_SCALAR exp
 #define LOG_SCALAR log
 #define EXPM1_SCALAR expm1
@@ -43,6 +46,7 @@
 #undef VI
 #undef W
 #undef VEXP
+#undef VEXP_BF16
 #undef EXP_SCALAR
 #undef LOG_SCALAR
 #undef EXPM1_SCALAR

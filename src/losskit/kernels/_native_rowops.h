@@ -3,7 +3,8 @@
  * family's template, which includes this file first. Macros (from _native_instantiate.h):
  *   T      the accumulation type,           VT  a vector of W values of T (32 bytes),
  *   W      lanes per vector,                VI  the integer vector of the same size,
- *   VEXP   the vector exp of VT (x <= 0),   FN(name) the name suffixed with the type.
+ *   VEXP   the vector exp of VT (x <= 0),   FN(name) the name suffixed with the type,
+ *   VEXP_BF16  a vector exp accurate enough for results rounded to bfloat16 (T = float).
  */
 typedef T FN(vt_u) __attribute__((vector_size(32), aligned(sizeof(T)), may_alias));
 
@@ -209,7 +210,7 @@ HOT static T FN(exp_sum_bf16)(const uint16_t *xb, int64_t C, T m, T *e, T *wx, c
     for (; c + 16 <= C; c += 16) {
         if (next && 2 * c < next_bytes) __builtin_prefetch((const char *)next + 2 * c, 0, 2);
         FN(bf16_pairs)(xb, c, &even, &odd);
-        const VT d0 = even - vm, d1 = odd - vm, e0 = VEXP(d0), e1 = VEXP(d1);
+        const VT d0 = even - vm, d1 = odd - vm, e0 = VEXP_BF16(d0), e1 = VEXP_BF16(d1);
         if (e) {
             FN(store)(e + c, e0);
             FN(store)(e + c + W, e1);
@@ -220,7 +221,7 @@ HOT static T FN(exp_sum_bf16)(const uint16_t *xb, int64_t C, T m, T *e, T *wx, c
     }
     for (; c < C; c += W) {
         const int64_t n = C - c < W ? C - c : W;
-        const VT d = FN(bf16_part)(xb, c, n, -INFINITY) - vm, ev = VEXP(d);
+        const VT d = FN(bf16_part)(xb, c, n, -INFINITY) - vm, ev = VEXP_BF16(d);
         if (e) FN(store_part)(e + c, n, ev);
         sum += ev;
         if (wx) swx += FN(smooth_term)(d, NULL, c, n);
@@ -254,10 +255,14 @@ HOT static void FN(affine_bf16)(uint16_t *gb, const T *e, int64_t C, T a, T b, i
     else FN(affine_bf16_impl)(gb, e, C, a, b, 0);
 }
 
-/* exp of a contiguous array, in place: the kernels' vector exp, exposed for the accuracy tests. */
-HOT static void FN(exp_array)(T *p, int64_t n)
+/* exp of a contiguous array, in place: the kernels' vector exp (or its bfloat16 grade), exposed for the
+ * accuracy tests. */
+HOT static void FN(exp_array)(T *p, int64_t n, int bf16_grade)
 {
     int64_t i = 0;
-    for (; i + W <= n; i += W) FN(store)(p + i, VEXP(FN(load)(p + i)));
-    if (i < n) FN(store_part)(p + i, n - i, VEXP(FN(load_part)(p + i, n - i, 0)));
+    for (; i + W <= n; i += W) FN(store)(p + i, bf16_grade ? VEXP_BF16(FN(load)(p + i)) : VEXP(FN(load)(p + i)));
+    if (i < n) {
+        const VT v = FN(load_part)(p + i, n - i, 0);
+        FN(store_part)(p + i, n - i, bf16_grade ? VEXP_BF16(v) : VEXP(v));
+    }
 }

@@ -205,10 +205,11 @@ def xent_rows(x3: Tensor, target: Tensor, grad3: Tensor | None, target_grad3: Te
                 threads if threads is not None else threads_for(x3.numel()))
 
 
-def exp_(x: Tensor) -> Tensor:
-    """The kernels' vector exp applied in place to a contiguous float32/float64 CPU tensor (for tests)."""
+def exp_(x: Tensor, *, bf16_grade: bool = False) -> Tensor:
+    """The kernels' vector exp applied in place to a contiguous float32/float64 CPU tensor (for tests);
+    ``bf16_grade``: the float32 exp of the bfloat16 rows (used where results are rounded to bfloat16)."""
     ext = module()
     if x.device.type != "cpu" or not x.is_contiguous() or x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"x must be a contiguous float32/float64 CPU tensor, got {x.dtype} on {x.device}")
-    ext.exp(x.data_ptr(), x.numel(), x.dtype == torch.float64)
+    ext.exp(x.data_ptr(), x.numel(), x.dtype == torch.float64, bf16_grade)
     return x
