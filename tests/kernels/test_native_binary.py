@@ -4,6 +4,8 @@ large sizes, strided and broadcast operands, thread counts, edge values, and inv
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,10 +141,11 @@ def test_mixed_dtypes_and_integer_labels():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loss", LOSSES)
-def test_low_precision_no_worse_than_torch(dtype, loss):
+@pytest.mark.parametrize("weighted", [True, False])  # bfloat16 without a weight: the kernel's pair path
+def test_low_precision_no_worse_than_torch(dtype, loss, weighted):
     shape = (33, 257)
     x, t = _inputs(loss, shape)
-    w = _weight("last", shape)
+    w = _weight("last", shape) if weighted and loss != "focal" else None
     for reduction in ("none", "sum"):
         low = [None if v is None else v.to(dtype) for v in (w,)]
         ours = loss_and_grads(_call(loss, "compiled", reduction, *low), x.to(dtype), t.to(dtype))
@@ -155,6 +158,78 @@ def test_low_precision_no_worse_than_torch(dtype, loss):
         for a, b, c in zip(ours, base, truth):
             assert a.dtype == dtype
             assert_no_worse_than(a, b, c, msg=f"{loss} {reduction}")
+
+
+def _bf16_call(loss, x, t, *, row_len=0, scale=0.25, want_loss=True):
+    """native_binary.binary on x, t (their dtype) with both gradients and, unless row_len, the per-element
+    loss: ``(total, out, gx, gy)``."""
+    n = x.numel()
+    gx, gy = torch.empty_like(x), torch.empty_like(t)
+    out = None
+    if row_len:
+        out = torch.zeros(n // row_len, dtype=torch.float32)
+    elif want_loss:
+        out = torch.empty_like(x)
+    total = native_binary.binary(loss, x, t, gx, gy, out, [], row_len=row_len, scale=scale, acc=torch.float32,
+                                 alpha=0.25, gamma=2.0, threads=1)
+    return total, out, gx, gy
+
+
+def _assert_bf16_rounds(actual, expected32):
+    """bfloat16 ``actual`` is float32 ``expected32`` rounded to nearest even, bit for bit; NaN where it is NaN."""
+    nan = expected32.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    assert torch.equal(actual[~nan].view(torch.int16), expected32[~nan].to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1024, 1039, 3 * 1024 + 29])
+def test_bfloat16_pairs_round_the_float32_path(loss, n):
+    # bfloat16 without weights goes through the pair path (16 elements as 8 words, the n % 16 tail of a
+    # block through the float loop): each element's loss and gradients are the float32 path's on the same
+    # values, rounded once; sums agree to float32's tolerance
+    x, t = (v.to(torch.bfloat16) for v in _inputs(loss, (n,), seed=n))
+    low = _bf16_call(loss, x, t)
+    ref = _bf16_call(loss, x.float(), t.float())
+    for a, b in zip(low[1:], ref[1:]):
+        _assert_bf16_rounds(a, b)
+    assert low[0] == 0 and ref[0] == 0  # the per-element loss was asked for
+    total, ref_total = _bf16_call(loss, x, t, want_loss=False)[0], _bf16_call(loss, x.float(), t.float(),
+                                                                              want_loss=False)[0]
+    assert total == pytest.approx(ref_total, rel=1e-5, abs=1e-5)
+    if n % 17 == 0 or n == 1039:  # rows (soft margin's per-row sums), of an odd length: blocks start mid-word
+        row_len = 17 if n % 17 == 0 else 1039
+        rows, rows32 = _bf16_call(loss, x, t, row_len=row_len), _bf16_call(loss, x.float(), t.float(), row_len=row_len)
+        torch.testing.assert_close(rows[1], rows32[1], rtol=1e-5, atol=1e-5)
+        for a, b in zip(rows[2:], rows32[2:]):
+            _assert_bf16_rounds(a, b)
+
+
+def test_bfloat16_pairs_nan_and_inf():
+    # NaN and inf at even and odd positions, in the 16-element groups and in the tail: a block with a NaN or
+    # an infinite output is rounded again with the NaN fix-up; the other blocks keep the fast rounding
+    g = _gen(3)
+    for loss in LOSSES:
+        x, t = (v.to(torch.bfloat16) for v in _inputs(loss, (2 * 1024 + 21,), seed=4))
+        specials = [float("nan"), float("inf"), float("-inf")] if loss != "bce" else [float("nan"), 0.0, 1.0]
+        for k, pos in enumerate(torch.randint(0, 1024, (6,), generator=g).tolist() + [2 * 1024 + 3, 2 * 1024 + 20]):
+            x[pos] = specials[k % 3]
+        t[1024 + 7] = float("nan")
+        low = _bf16_call(loss, x, t)
+        ref = _bf16_call(loss, x.float(), t.float())
+        for a, b in zip(low[1:], ref[1:]):
+            _assert_bf16_rounds(a, b)
+        assert math.isnan(_bf16_call(loss, x, t, want_loss=False)[0])
+
+
+def test_bfloat16_pairs_thread_counts_agree_exactly():
+    # 64 x 4099 = 262336 elements: two threads take them (one per 64K elements); per-block sums in pair order
+    for loss in LOSSES:
+        x, t = (v.to(torch.bfloat16) for v in _inputs(loss, (64, 4099)))
+        gx1, gx2 = torch.empty_like(x), torch.empty_like(x)
+        sums = [native_binary.binary(loss, x, t, g, None, None, [], row_len=0, scale=1.0, acc=torch.float32,
+                                     alpha=0.25, gamma=2.0, threads=k) for k, g in ((1, gx1), (2, gx2))]
+        assert sums[0] == sums[1] and torch.equal(gx1, gx2)
 
 
 # --- layouts: strided, sliced, broadcast, long rows ----------------------------------------------------

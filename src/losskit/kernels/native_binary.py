@@ -4,13 +4,14 @@ Reference expressions: the per-element loss and gradients of the pure-torch kern
 :mod:`losskit.functional._binary` (``_bce_kernel``, ``_bce_logits_kernel``, ``_soft_margin_kernel``,
 ``_focal_kernel``), i.e. torch's ``F.binary_cross_entropy``, ``F.binary_cross_entropy_with_logits``,
 ``F.multilabel_soft_margin_loss`` and torchvision's ``sigmoid_focal_loss`` with their backward formulas,
-each gradient times the reduction's factor. One call does ``n`` contiguous elements in blocks of 4 KiB
-of the accumulation type (float32, float64 for float64 operands), split over threads: each input is read
-once, each gradient (and the unreduced loss) written once, in the storage dtype (bfloat16 and float16 are
-converted to float in cache). Per element one exp and one log1p (logit losses) or one log and one log1p
-(BCE), the vector functions of ``_native_common.h`` and ``_native_log.h`` (log: < 1 ulp, log1p: < 1.5 ulp,
-exp: < 1.1 ulp, measured). Loss sums: per-lane sums over a block, blocks added in double in block order,
-so the result does not depend on the thread count.
+each gradient times the reduction's factor. One call does ``n`` contiguous elements in blocks of 4 KiB of
+the accumulation type (float32, float64 for float64 operands), split over threads: each input is read once,
+each gradient (and the unreduced loss) written once, in the storage dtype (float16, and bfloat16 with a
+weight or pos_weight, converted to float in cache; bfloat16 otherwise in registers, 16 elements as 8 words
+read and written in pairs, see ``_native_binary.h``). Per element one exp and one log1p (logit losses) or
+one log and one log1p (BCE), the vector functions of ``_native_common.h`` and ``_native_log.h`` (log: < 1
+ulp, log1p: < 1.5 ulp, exp: < 1.1 ulp, measured). Loss sums: per-lane sums over a block, blocks added in
+double in block order, so the result does not depend on the thread count.
 
 :func:`binary` checks every operand it hands to C (CPU, dtype, contiguity, element counts; a broadcast
 constant's period is its element count), so a wrong operand is a ValueError, never a stray access. BCE's
