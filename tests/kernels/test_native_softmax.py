@@ -428,3 +428,120 @@ def test_wrapper_operands_are_checked():
             native_softmax.nll_rows(*args, ignore_index=-100, scale=1.0)
     with pytest.raises(ValueError, match="invalid sizes"):  # no classes: refused by the kernel's size check
         native_softmax.nll_rows(torch.empty(3, 0, 2), t, None, None, loss, ignore_index=-100, scale=1.0)
+
+
+def _transposed(t):
+    """``t`` (2-D) with the same values and entries ``t.shape[0]`` apart: the kernels' float-row path."""
+    return t.t().contiguous().t()
+
+
+def _within_one_bf16_step(actual, expected, what, equal=0.98):
+    """The same NaNs and infinities, every finite entry within one bfloat16 step of ``expected`` (both
+    bfloat16; a floor of 2^-16 of the largest entry where a gradient cancels), at least the fraction
+    ``equal`` of them equal: a misplaced element is far off."""
+    a, b = actual.double(), expected.double()
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), what
+    finite = b.isfinite()
+    a, b = a[finite], b[finite]
+    step = torch.exp2(torch.floor(torch.log2(b.abs().clamp_min(1e-30))) - 7)
+    diff = (a - b).abs()
+    assert (diff <= torch.maximum(step, b.abs().max() * 2.0**-16)).all(), f"{what}: max diff {diff.max().item()}"
+    assert (diff == 0).double().mean() >= equal, f"{what}: {(diff != 0).sum().item()} of {diff.numel()} differ"
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "entropy_logits"])
+@pytest.mark.parametrize("shape", [(3, 16), (3, 17), (5, 31), (2, 1031), (2, 4099)], ids=str)
+def test_bfloat16_pair_rows_match_the_float_row_path(name, shape):
+    """Contiguous bfloat16 rows (every operand) run on even/odd pairs, 16 elements a block, the C % 16
+    tail (0, 1, 15, 7, 3) in element order; the same values with entries strided (input and
+    grad_output) run on float rows. Values and gradients agree to one bfloat16 step (the pair path's
+    exp is of bfloat16 grade and its sums add in another order), and both are no worse than torch's."""
+    fn = ROWS[name][0]
+    x = _row_input(name, shape, 1, torch.bfloat16)
+    go = _randn(shape if name != "entropy_logits" else shape[:1], torch.bfloat16, seed=5, scale=1.0)
+    pairs = loss_and_grads(_unary(fn, dim=-1, impl="compiled"), x, _NO_TARGET, grad_output=go)[:2]
+    rows = loss_and_grads(_unary(fn, dim=-1, impl="compiled"), _transposed(x), _NO_TARGET,
+                          grad_output=_transposed(go) if go.dim() == 2 else go)[:2]
+    for what, a, b in zip(("value", "d/dinput"), pairs, rows):
+        _within_one_bf16_step(a, b, f"{name} {shape} {what}")
+    _no_worse_than_reference(name, x, -1)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "entropy_logits"])
+def test_bfloat16_pair_rows_with_non_finite_entries(name):
+    # C = 37: two blocks of 16 and a tail of 5; NaN, +inf and -inf in a block and in the tail, a row of
+    # -inf, and large logits: the same values, NaNs and infinities as the torch path
+    inf, nan = float("inf"), float("nan")
+    x = _randn((8, 37), torch.float64, seed=4)
+    x[0, 3] = nan
+    x[1, 34] = nan
+    x[2, [0, 5, 17, 33, 36]] = -inf
+    x[3, 20] = inf
+    x[4] = -inf
+    x[5, 35] = inf
+    x[6] *= 1e4
+    x[7, :36] = -inf
+    x = x.bfloat16()
+    ours = _results(ROWS[name][0], x, dim=1, impl="compiled")
+    theirs = _results(ROWS[name][0], x, dim=1, impl="torch")
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+    assert_same_results(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "entropy_logits"])
+def test_bfloat16_along_another_dim_stays_on_float_rows(name):
+    # dim 1 of (2, 4100, 3): rows of C = 4100 > 4096 with entries 3 apart run row by row, converted to
+    # float rows: the result is the float32 computation rounded to bfloat16, to the bit
+    fn = ROWS[name][0]
+    x = _row_input(name, (2, 4100, 3), 1, torch.bfloat16)
+    assert torch.equal(fn(x, 1, impl="compiled"), fn(x.float(), 1, impl="compiled").bfloat16())
+    _no_worse_than_reference(name, x, 1)
+
+
+def test_bfloat16_entropy_of_probabilities_logs_through_a_mantissa_table():
+    # bfloat16 probabilities are 2^e (1 + k / 128): their log is a table entry plus e log 2. Rows of 37
+    # (vectors of 8 and a tail of 5); the kernel on the same values as float32 uses the polynomial log.
+    p = _probs((6, 37), 1, torch.bfloat16, seed=7)
+    h, g = torch.empty(6, 1), torch.empty(6, 37, 1, dtype=torch.bfloat16)
+    h32, g32 = torch.empty(6, 1), torch.empty(6, 37, 1)
+    native_softmax.entropy_rows(p.view(6, 37, 1), h, g, logits=False)
+    native_softmax.entropy_rows(p.float().view(6, 37, 1), h32, g32, logits=False)
+    assert_close(h, h32)
+    _within_one_bf16_step(g, g32.bfloat16(), "entropy gradient")
+    # vectors holding a value that is not a positive normal number or 0 (subnormal, negative, inf, NaN)
+    # take the polynomial log: values, NaNs and infinities as the torch path
+    inf, nan = float("inf"), float("nan")
+    q = _probs((5, 37), 1, seed=8)
+    q[0, 3], q[1, 34], q[2, 9], q[3, 20], q[4, 35] = 1e-39, -0.25, inf, nan, 1e-39
+    q = q.bfloat16()
+    ours, theirs = _results(ROWS["entropy_probs"][0], q, dim=1, impl="compiled"), _results(
+        ROWS["entropy_probs"][0], q, dim=1, impl="torch")
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+    assert_same_results(ours, theirs)
+
+
+def test_bfloat16_pair_backward_with_non_finite_and_huge_grad_outputs():
+    # softmax's backward skips the NaN fix-up of its rounding when d = sum(g y) is below 1e36; grad_outputs
+    # with NaN, infinities and values near bfloat16's largest (3.39e38, against exact zeros of y) must
+    # give the NaNs, infinities and values of the float rows (the same grad_output with strided entries)
+    x = _randn((6, 37), torch.float64, seed=9)
+    x[2, [1, 18, 36]] = -float("inf")  # y = 0 exactly there
+    y = torch.softmax(x, 1).bfloat16()
+    g = _randn((6, 37), torch.float64, seed=10, scale=1.0)
+    g[0, 3] = float("nan")
+    g[1, 20] = float("inf")
+    g[2, [1, 18, 36]] = 3.3e38
+    g[3, 35] = -float("inf")
+    g[4, 5], g[4, 6] = 3.3e38, -3.3e38
+    g[5] *= 1e37
+    g = g.bfloat16()
+    for log in (False, True):
+        out = [torch.empty(6, 37, 1, dtype=torch.bfloat16) for _ in range(2)]
+        yl = y.float().log().bfloat16() if log else y
+        native_softmax.softmax_backward_rows(yl.view(6, 37, 1), g.view(6, 37, 1), out[0], log=log)
+        native_softmax.softmax_backward_rows(yl.view(6, 37, 1), _transposed(g).view(6, 37, 1), out[1], log=log)
+        # log_softmax's rows scaled by 1e37: exp(y) sum(g) cancels against g, and the two exps' grades
+        # (bfloat16 on pairs, float on float rows) show in most entries, within one step
+        _within_one_bf16_step(out[0], out[1], f"log={log}", equal=0.5 if log else 0.98)

@@ -48,6 +48,9 @@ struct nll_args {
     double scale;
 };
 
+/* log(1 + k / 128), k < 128: the log of a bfloat16 mantissa (filled when the module loads). */
+static float log_mantissa[128];
+
 /* exp_array, shared by _native_rowops.h for _native.c's accuracy tests, is not used here. */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -186,4 +189,8 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__native_softmax(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native_softmax(void)
+{
+    for (int k = 0; k < 128; k++) log_mantissa[k] = (float)log1p(k / 128.0);
+    return PyModule_Create(&module);
+}

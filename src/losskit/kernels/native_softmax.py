@@ -18,7 +18,10 @@ per-row cost is shared. Rows (or tiles) are split over :func:`losskit.kernels.na
 threads. Operands are ``(N, C, L)`` tensors of any strides
 (the reduced dimension in the middle, as :func:`losskit.kernels.blocks.as_3d` gives for classes);
 float32/float64/bfloat16/float16 are read and written as they are, and computed in float32 (float64 for
-float64). Outputs must be contiguous; :func:`losskit.kernels.native.empty` allocates them.
+float64); when every operand is a contiguous bfloat16 row (the reduced dim innermost), rows are read and
+written in registers as even/odd pairs with an exp of bfloat16 grade, and agree with the float rows' to
+one bfloat16 step (entropy of bfloat16 probabilities takes its log from a table of the 128 mantissas).
+Outputs must be contiguous; :func:`losskit.kernels.native.empty` allocates them.
 
 Safety: every operand handed to C is checked here (CPU device, dtype, shape, contiguity of outputs,
 target count and dtype); nll_loss targets are validated by the loss first and again by the kernel
