@@ -288,6 +288,73 @@ def test_low_precision_conversions_are_torchs(dtype):
         assert same_bits(out, (2 * every.float() * scale).to(dtype)), scale
 
 
+def _same_bits(a, b):
+    return bool(((a.view(torch.int16) == b.view(torch.int16)) | (a.isnan() & b.isnan())).all())
+
+
+def _special_bf16_operands(n, kind, seed):
+    """n bfloat16 inputs and targets of ``kind``, every third target a special value: 0, -0, negative,
+    inf, -inf, NaN, a subnormal, the largest finite (the rest as _kl_inputs / _mse_inputs make them)."""
+    if kind == MSE:
+        x, t, _ = _mse_inputs((n,), torch.float32, seed)
+    else:
+        x, t = _kl_inputs((n,), kind == KL_LOG, torch.float32, seed)
+    special = torch.tensor([0.0, -0.0, -0.5, float("inf"), -float("inf"), float("nan"), 1e-39, 3.3e38])
+    t[::3] = special.repeat(n // len(special) + 1)[: len(t[::3])]
+    x[1::7] = float("nan")
+    return x.bfloat16(), t.bfloat16()
+
+
+@pytest.mark.parametrize("kind", [MSE, KL_PROB, KL_LOG])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 31, 1024 + 17, 3 * 1024 + 5])
+def test_bfloat16_pairs_agree_with_float32_path(kind, n):
+    """The uniform bfloat16 path reads 16 elements as 8 words (even and odd lanes), writes them back
+    rounded without the NaN fix-up, and takes kl_div's log y from a table: each element as the float32
+    kernel computes it on the same values, rounded as torch rounds (bit for bit, NaN as NaN; the log
+    may differ by one float ulp, so kl_div's loss and target gradient by one bfloat16 step, rarely)."""
+    x, t = _special_bf16_operands(n, kind, seed=n)
+    low = [torch.empty(n, dtype=torch.bfloat16) for _ in range(3)]
+    ref = [torch.empty(n) for _ in range(3)]
+    total = pointwise(kind, x, t, None, *low, scale=0.75)
+    total32 = pointwise(kind, x.float(), t.float(), None, *ref, scale=0.75)
+    for name, ours, theirs in zip(("loss", "grad_input", "grad_target"), low, ref):
+        theirs = theirs.bfloat16()
+        if kind != KL_PROB or name == "grad_input":
+            assert _same_bits(ours, theirs), name
+            continue
+        assert torch.equal(ours.isnan(), theirs.isnan()), name
+        finite = ours.isfinite()
+        assert torch.equal(finite, theirs.isfinite()) and torch.equal(ours[~finite & ~ours.isnan()],
+                                                                        theirs[~finite & ~theirs.isnan()]), name
+        step = (theirs[finite].float().abs() * 2.0**-7).clamp_min(2.0**-133)
+        assert ((ours[finite].float() - theirs[finite].float()).abs() <= step).all(), name
+        assert int((ours[finite] != theirs[finite]).sum()) <= 0.02 * n, name
+    assert total == total32 or (total != total and total32 != total32) or abs(total - total32) <= 1e-5 * abs(total32)
+
+
+def test_bfloat16_nan_scale_gives_nan():
+    """A NaN scale takes the converting path (the paired stores round without the NaN fix-up)."""
+    x, t = _special_bf16_operands(40, KL_PROB, seed=3)
+    outs = [torch.empty(40, dtype=torch.bfloat16) for _ in range(2)]
+    pointwise(KL_PROB, x, t, None, None, *outs, scale=float("nan"))
+    assert all(o.isnan().all() for o in outs)
+
+
+def test_bfloat16_log_within_an_ulp_and_a_half():
+    """kl_div's loss term y log y (x = 0) of every positive finite bfloat16 y (subnormals included), one
+    element per call, from the table log: within 1.5 float ulp of the float64 value (0.69 ulp of log, half
+    an ulp of the product)."""
+    y = torch.arange(1, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    zero = torch.zeros(1, dtype=torch.bfloat16)
+    got = torch.tensor([pointwise(KL_PROB, zero, v.reshape(1)) for v in y], dtype=torch.float64)
+    truth = y.double() * y.double().log()
+    big = truth.float().isinf()  # y log y past float's range: inf, as torch's
+    assert big.any() and (got[big] == float("inf")).all()
+    t32 = truth[~big].float().abs()
+    ulp = (t32.nextafter(torch.tensor(float("inf"))) - t32).double()
+    assert ((got[~big] - truth[~big]).abs() <= 1.5 * ulp).all()
+
+
 @pytest.mark.parametrize("kind", [MSE, KL_PROB, KL_LOG])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_thread_count_changes_no_bit(kind, dtype):

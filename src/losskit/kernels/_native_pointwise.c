@@ -24,6 +24,11 @@ enum { K_MSE = 0, K_KL_PROB = 1, K_KL_LOG = 2 };
  * and the mixed path's six scratch arrays, 6 x 1024 x 8 bytes = 48 KiB of stack in double. */
 enum { BLOCK = 1024 };
 
+/* log of the bfloat16 mantissas 1 + k/128 (k < 128), reduced to [sqrt(1/2), sqrt(2)) as log_v8f reduces
+ * them: log(1 + k/128) for k <= 53, log((1 + k/128) / 2) above (and the exponent one more); filled at
+ * import from the C library's double log, rounded to float. 512 bytes, in L1 while a kernel runs. */
+static float bf16_log_table[128];
+
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8u16 __attribute__((vector_size(16), aligned(2), may_alias));
 typedef _Float16 v8h __attribute__((vector_size(16), aligned(2), may_alias));
@@ -90,8 +95,9 @@ static PyObject *py_pointwise(PyObject *self, PyObject *args)
     a.uniform = a.x.dtype;
     for (int k = 1; k < 6; k++)
         if (all[k]->ptr && all[k]->dtype != a.x.dtype) a.uniform = -1;
-    /* the uniform path needs operands stored in the accumulation type's family */
-    if ((a.uniform == DT_F64) != (dbl != 0)) a.uniform = -1;
+    /* the uniform path needs operands stored in the accumulation type's family; its bfloat16 stores round
+     * without a NaN fix-up, which needs a scale that is not NaN (see store_pairs in _native_pointwise.h) */
+    if ((a.uniform == DT_F64) != (dbl != 0) || (a.uniform == DT_BF16 && a.scale != a.scale)) a.uniform = -1;
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     if (!blocks) return PyFloat_FromDouble(0.0);
     if (!(a.sums = malloc((size_t)blocks * sizeof(double)))) return PyErr_NoMemory();
@@ -115,4 +121,8 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__native_pointwise(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native_pointwise(void)
+{
+    for (int k = 0; k < 128; k++) bf16_log_table[k] = (float)log((1 + k / 128.0) / (k > 53 ? 2 : 1));
+    return PyModule_Create(&module);
+}
