@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import numpy as np
@@ -327,6 +328,34 @@ def test_bfloat16_grade_exp_error_is_far_below_bfloat16_rounding():
     assert ((ours - truth).abs() / truth).max() < 5.4e-6
     special = native.exp_(torch.tensor([-86.98 * 1.01, float("-inf"), float("nan"), 0.0]), bf16_grade=True)
     assert special[:2].eq(0).all() and special[2].isnan() and special[3] == 1
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1], ids=str)
+def test_bfloat16_gradients_that_cancel_keep_float32_accuracy(ls):
+    # The gradient at y is p_y - (1 - ls + ls / C): near 0 where p_y is near 1 - ls + ls / C (label
+    # smoothing) or near 1. Rows of x_y = 7.5 and the other logits at z + k 2^-10, z the logit that puts
+    # p_y there: gradients at y from 5e-5 up, where any relative error of p beyond float32's shows. C
+    # from 200 to 400 moves x - max over a whole ln 2, so exp is tried all over its reduced range. The
+    # bfloat16 rows are computed in float32 like the float32 path on the same values: their gradients
+    # agree to one bfloat16 step and float32's own error (an exp of 5e-6 relative error is not).
+    n = 8
+    for c in range(200, 400, 7):
+        p_y = 1 - ls + ls / c if ls else 1 - 1e-3
+        z = 7.5 + math.log((1 - p_y) / (p_y * (c - 1))) + torch.arange(1, n + 1, dtype=torch.float64) * 2**-10
+        x = z[:, None].expand(n, c).clone()
+        t = torch.randint(0, c, (n,), generator=_gen(c))
+        x[torch.arange(n), t] = 7.5
+        x = x.bfloat16()
+        low = _grad(x, t, label_smoothing=ls).float()
+        wide = _grad(x.float(), t, label_smoothing=ls)
+        # one bfloat16 step, plus what float32 itself leaves of a gradient of order 1 (p in float32, summed
+        # in another order): 4 float32 ulps of 1
+        assert ((low - wide).abs() <= torch.finfo(torch.bfloat16).eps * wide.abs() + 4 * 2**-24).all(), c
+    ours = _run(LF.cross_entropy, x, t, impl="compiled", label_smoothing=ls)
+    theirs = _run(F.cross_entropy, x, t, label_smoothing=ls)
+    truth = _run(F.cross_entropy, x.double(), t, label_smoothing=ls)
+    for name, a, b, tr in zip(("loss", "d/dinput"), ours, theirs, truth):
+        assert_no_worse_than(a, b, tr, msg=name)
 
 
 def test_auto_leaves_torch_compile_traces_on_the_torch_path():

@@ -200,9 +200,13 @@ HOT static T FN(row_max_bf16)(const uint16_t *xb, int64_t C)
     return FN(hmax)(FN(vmax)(m0, m1));
 }
 
-/* Pass 2 on a bfloat16 row: as exp_sum_next(x, C, m, e, NULL, wx, next, next_bytes), e in pair order. */
-HOT static T FN(exp_sum_bf16)(const uint16_t *xb, int64_t C, T m, T *e, T *wx, const void *next,
-                              int64_t next_bytes)
+/* Pass 2 on a bfloat16 row: as exp_sum_next(x, C, m, e, NULL, wx, next, next_bytes), e in pair order;
+ * bf16_grade: with VEXP_BF16 (relative error 5.3e-6), for a caller whose results keep that error
+ * relative, i.e. no result is a difference that cancels (softmax; cross-entropy without smoothing,
+ * whose only cancelling gradient, p_y - 1 with p_y near 1, has y the row max and e_y = 1 exactly).
+ * Where outputs may cancel (log-probabilities near 0, p - t, log p + H), the full exp. */
+INLINE T FN(exp_sum_bf16_impl)(const uint16_t *xb, int64_t C, T m, T *e, T *wx, const void *next,
+                               int64_t next_bytes, const int bf16_grade)
 {
     const VT vm = FN(splat)(m);
     VT sum = FN(splat)(0), swx = sum, even, odd;
@@ -210,7 +214,8 @@ HOT static T FN(exp_sum_bf16)(const uint16_t *xb, int64_t C, T m, T *e, T *wx, c
     for (; c + 16 <= C; c += 16) {
         if (next && 2 * c < next_bytes) __builtin_prefetch((const char *)next + 2 * c, 0, 2);
         FN(bf16_pairs)(xb, c, &even, &odd);
-        const VT d0 = even - vm, d1 = odd - vm, e0 = VEXP_BF16(d0), e1 = VEXP_BF16(d1);
+        const VT d0 = even - vm, d1 = odd - vm;
+        const VT e0 = bf16_grade ? VEXP_BF16(d0) : VEXP(d0), e1 = bf16_grade ? VEXP_BF16(d1) : VEXP(d1);
         if (e) {
             FN(store)(e + c, e0);
             FN(store)(e + c + W, e1);
@@ -221,13 +226,20 @@ HOT static T FN(exp_sum_bf16)(const uint16_t *xb, int64_t C, T m, T *e, T *wx, c
     }
     for (; c < C; c += W) {
         const int64_t n = C - c < W ? C - c : W;
-        const VT d = FN(bf16_part)(xb, c, n, -INFINITY) - vm, ev = VEXP_BF16(d);
+        const VT d = FN(bf16_part)(xb, c, n, -INFINITY) - vm, ev = bf16_grade ? VEXP_BF16(d) : VEXP(d);
         if (e) FN(store_part)(e + c, n, ev);
         sum += ev;
         if (wx) swx += FN(smooth_term)(d, NULL, c, n);
     }
     if (wx) *wx += FN(hsum)(swx);
     return FN(hsum)(sum);
+}
+
+HOT static T FN(exp_sum_bf16)(const uint16_t *xb, int64_t C, T m, T *e, T *wx, const void *next,
+                              int64_t next_bytes, int bf16_grade)
+{
+    return bf16_grade ? FN(exp_sum_bf16_impl)(xb, C, m, e, wx, next, next_bytes, 1)
+                      : FN(exp_sum_bf16_impl)(xb, C, m, e, wx, next, next_bytes, 0);
 }
 
 /* Pass 3 into a bfloat16 row: gb[c] = bf16(a e[c] - b), e in pair order (see above). */

@@ -60,7 +60,8 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, const uint16_t *xb,
     const T x_y = t || y == a->ignore_index ? 0 : xb ? (T)bf16_to_f32(xb[y]) : x[y];
     const int64_t next_bytes = next ? C * dtype_size(a->x.dtype) : 0;
     T wx = 0;
-    const T s = xb ? FN(exp_sum_bf16)(xb, C, m, g, smooth ? &wx : NULL, next, next_bytes)
+    /* the exp of bfloat16 grade without smoothing only: with it, gradients p_c - ls/C can cancel */
+    const T s = xb ? FN(exp_sum_bf16)(xb, C, m, g, smooth ? &wx : NULL, next, next_bytes, !smooth)
                    : FN(exp_sum_next)(x, C, m, g, w, smooth ? &wx : NULL, next, next_bytes);
     const T log_s = (T)LOG_SCALAR(s);
 

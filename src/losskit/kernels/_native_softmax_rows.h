@@ -250,9 +250,10 @@ HOT static T FN(entropy_probs)(const T *p, T *g, int64_t C, int bf16)
  * 0.75 -> 0.53 (0.55), its backward 0.69 -> 0.40 (0.39), log_softmax's backward 0.86 -> 0.73 (0.55),
  * entropy of logits 1.03 -> 0.88 (0.83); 1024 rows from memory: 0.86 -> 0.50 (0.68), 0.80 -> 0.39
  * (0.77), 0.97 -> 0.74 (0.79), 1.14 -> 0.83 (0.98).
- * Every element goes through the expressions above; the exp is of bfloat16 grade (VEXP_BF16, as
- * exp_sum_bf16) and the row sums add in pair order, so results agree with the float rows' to one
- * bfloat16 step. e (exp(x - m)) is kept in pair order, as exp_sum_bf16 writes it; the last C % 16
+ * Every element goes through the expressions above; the exp is of bfloat16 grade (VEXP_BF16) for
+ * softmax only, whose outputs e / s keep its 5.3e-6 relative error, and the full exp where a result
+ * may cancel (log_softmax near 0 and its backward g - e^y sum g, the entropy gradient's log p + H);
+ * the row sums add in pair order, so results agree with the float rows' to one bfloat16 step. e (exp(x - m)) is kept in pair order, as exp_sum_bf16 writes it; the last C % 16
  * elements are in element order. */
 
 enum { BF_SHIFT, BF_SOFTMAX_GIN, BF_LOG_SOFTMAX_GIN, BF_ENTROPY_GIN, BF_EZ, BF_GY, BF_G };
@@ -263,7 +264,7 @@ INLINE VT FN(bf16_op)(const int op, VT x, VT g, VT e, T k0, T k1, T k2)
     switch (op) {
     case BF_SHIFT: return FN(shifted)(x, k0, k1);
     case BF_SOFTMAX_GIN: return FN(softmax_gin)(x, g, k0);
-    case BF_LOG_SOFTMAX_GIN: return FN(log_softmax_gin)(VEXP_BF16(x), g, k0); /* exp as exp_sum_bf16 */
+    case BF_LOG_SOFTMAX_GIN: return FN(log_softmax_gin)(VEXP(x), g, k0); /* g - e^y sum g may cancel */
     case BF_ENTROPY_GIN: return FN(entropy_gin)(x, e, k0, k1, k2);
     case BF_EZ: return FN(ez)(x, e, k0);
     case BF_GY: return g * x;
@@ -433,7 +434,7 @@ static T FN(bf16_row)(const struct rows_args *a, int64_t r, T *e, const void *ne
     case OP_LOG_SOFTMAX: {
         const T m = FN(row_max_bf16)(xb, C);
         const int is_log = a->op == OP_LOG_SOFTMAX, rd = FN(round_dt)(a);
-        const T s = FN(exp_sum_bf16)(xb, C, m, is_log ? NULL : e, NULL, next, next_bytes);
+        const T s = FN(exp_sum_bf16)(xb, C, m, is_log ? NULL : e, NULL, next, next_bytes, !is_log);
         /* s is NaN when the row holds a NaN, +inf, or only -inf: otherwise no result is NaN */
         if (is_log)
             FN(bf16_map)(BF_SHIFT, xb, NULL, NULL, ob, C, m, FN(round_to)((T)LOG_SCALAR(FN(round_to)(s, rd)), rd), 0,
@@ -453,7 +454,7 @@ static T FN(bf16_row)(const struct rows_args *a, int64_t r, T *e, const void *ne
         return 0;
     default: { /* OP_ENTROPY_LOGITS */
         const T m = FN(row_max_bf16)(xb, C);
-        const T s = FN(exp_sum_bf16)(xb, C, m, e, NULL, next, next_bytes);
+        const T s = FN(exp_sum_bf16)(xb, C, m, e, NULL, next, next_bytes, 0);
         const T mz = FN(bf16_sum)(BF_EZ, xb, NULL, e, C, m) / s;
         /* s not NaN: no x is NaN or +inf; a lane with e != 0 has x - m in (-87, 0], so every term is
          * finite, as mz is, and s >= 1 */
