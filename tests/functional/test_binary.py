@@ -287,12 +287,13 @@ def test_focal_saturated_logit_has_zero_gradient_not_nan():
 
 
 def test_bce_domain_is_checked_on_the_whole_tensors_before_any_piece(monkeypatch):
-    # An out-of-range value in the last of several pieces: rejected before the first piece is computed.
+    # An out-of-range value in the last of several pieces: rejected before the first piece is computed
+    # (the torch path, whose pieces are computed by _bce_kernel; the compiled kernel checks in its pass).
     x = torch.full((3, elementwise.CHUNK), 0.5)
     x[-1, -1] = 1.5
     monkeypatch.setattr(_binary, "_bce_kernel", lambda ops, want: pytest.fail("computed before the check"))
     with pytest.raises(ValueError, match=r"input must have all elements in \[0, 1\], found 1.5"):
-        LF.binary_cross_entropy(x, torch.full_like(x, 0.5))
+        LF.binary_cross_entropy(x, torch.full_like(x, 0.5), impl="torch")
     # A NaN (which passes) beside an out-of-range value does not hide it.
     with pytest.raises(ValueError, match=r"target must have all elements in \[0, 1\], found -0.25"):
         LF.binary_cross_entropy(torch.full((3,), 0.5), torch.tensor([float("nan"), -0.25, 0.5]))
