@@ -24,11 +24,6 @@ enum { K_MSE = 0, K_KL_PROB = 1, K_KL_LOG = 2 };
  * and the mixed path's six scratch arrays, 6 x 1024 x 8 bytes = 48 KiB of stack in double. */
 enum { BLOCK = 1024 };
 
-/* log of the bfloat16 mantissas 1 + k/128 (k < 128), reduced to [sqrt(1/2), sqrt(2)) as log_v8f reduces
- * them: log(1 + k/128) for k <= 53, log((1 + k/128) / 2) above (and the exponent one more); filled at
- * import from the C library's double log, rounded to float. 512 bytes, in L1 while a kernel runs. */
-static float bf16_log_table[128];
-
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8u16 __attribute__((vector_size(16), aligned(2), may_alias));
 typedef _Float16 v8h __attribute__((vector_size(16), aligned(2), may_alias));
@@ -123,6 +118,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native_pointwise(void)
 {
-    for (int k = 0; k < 128; k++) bf16_log_table[k] = (float)log((1 + k / 128.0) / (k > 53 ? 2 : 1));
+    init_bf16_log_table();
     return PyModule_Create(&module);
 }

@@ -15,7 +15,7 @@
  * registers (float16 one lane at a time with F16C: GCC 12 does not convert _Float16 vectors whole; an
  * integer bit-manipulation version of the 8-lane conversion measured slower). bfloat16 goes 16 elements
  * at a time as (even, odd) vectors of FN(bf16_pairs), written back by FN(store_pairs), and kl_div's log of
- * a bfloat16 target comes from a table (FN(log_bf16)): 1 thread, in cache, per element, float32 1.11 ns,
+ * a bfloat16 target comes from a table (log_bf16_v8f): 1 thread, in cache, per element, float32 1.11 ns,
  * bfloat16 1.64 -> 0.98 ns (kl_div, input gradient); mse 0.15 ns, bfloat16 0.50 -> 0.20 ns. Otherwise
  * (an integer target, mixed floating dtypes, a NaN scale) a block of each operand is converted into T
  * scratch arrays on the stack (BLOCK * sizeof(T) each, in L1), computed there and converted out.
@@ -119,30 +119,11 @@ INLINE VT FN(exp_any)(VT v)
     return e;
 }
 
-#if W == 8
-/* log y for y a bfloat16 value: y = 2^e (1 + k/128), so log y = e ln2 + log(1 + k/128) with the second
- * term from bf16_log_table (k > 53: e + 1 and half the mantissa, as log_v8f reduces), subnormal y scaled
- * by 2^23 first and the special values (0, negative, inf, NaN) those of C's log, as log_v8f. Error at most
- * 0.69 ulp over every positive bfloat16 (log_v8f's: 0.82); 8 table reads instead of a degree-8
- * polynomial. Only for bfloat16 values: a float's mantissa bits past the 7th are ignored. */
-INLINE VT FN(log_bf16)(VT y)
-{
-    const VI sub = y < 1.17549435e-38f; /* subnormal (0 and negative: fixed by log_special_v8f) */
-    const VI bits = (VI)FN(select)(sub, y * 8388608.0f, y), k = (bits >> 16) & 0x7f;
-    const VI e = ((bits >> 23) & 0xff) - 127 - (sub & 23) - (k > 53);
-    VT t;
-    for (int j = 0; j < W; j++) t[j] = bf16_log_table[k[j]];
-    const VT ef = __builtin_convertvector(e, VT);
-    /* ln2 = 0.693359375 - 2.12194440e-4, the high part exact in ef * 0.693359375 */
-    return log_special_v8f(y, (t + ef * -2.12194440e-4f) + ef * 0.693359375f);
-}
-#endif
-
 /* log y for the kl_div target y stored as dt (a constant in every inlined copy). */
 INLINE VT FN(log_target)(const int dt, VT y)
 {
 #if W == 8
-    if (dt == DT_BF16) return FN(log_bf16)(y);
+    if (dt == DT_BF16) return log_bf16_v8f(y);
 #endif
     (void)dt;
     return VLOG(y);

@@ -13,6 +13,7 @@
  */
 
 #include "_native_common.h"
+#include "_native_log.h"
 
 #include <float.h>
 
@@ -47,9 +48,6 @@ struct nll_args {
     int64_t g_size, N, L, C, width, ignore_index;
     double scale;
 };
-
-/* log(1 + k / 128), k < 128: the log of a bfloat16 mantissa (filled when the module loads). */
-static float log_mantissa[128];
 
 /* exp_array, shared by _native_rowops.h for _native.c's accuracy tests, is not used here. */
 #pragma GCC diagnostic push
@@ -191,6 +189,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native_softmax(void)
 {
-    for (int k = 0; k < 128; k++) log_mantissa[k] = (float)log1p(k / 128.0);
+    init_bf16_log_table();
     return PyModule_Create(&module);
 }
