@@ -24,9 +24,8 @@ enum { K_MSE = 0, K_KL_PROB = 1, K_KL_LOG = 2 };
  * and the mixed path's six scratch arrays, 6 x 1024 x 8 bytes = 48 KiB of stack in double. */
 enum { BLOCK = 1024 };
 
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint16_t v8u16 __attribute__((vector_size(16), aligned(2), may_alias));
-typedef _Float16 v8h __attribute__((vector_size(16), aligned(2), may_alias));
+/* 8 float16 at any 2-byte-aligned address (v8h of _native_common.h is 16-byte aligned) */
+typedef _Float16 v8h_u __attribute__((vector_size(16), aligned(2), may_alias));
 
 struct operand {
     void *ptr; /* NULL: absent */

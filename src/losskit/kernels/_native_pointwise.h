@@ -29,8 +29,8 @@
 INLINE VT FN(vload)(const void *p, int dt, int64_t i)
 {
 #if W == 8
-    if (dt == DT_BF16) return (VT)(__builtin_convertvector(*(const v8u16 *)((const uint16_t *)p + i), v8u) << 16);
-    if (dt == DT_F16) return __builtin_convertvector(*(const v8h *)((const _Float16 *)p + i), VT);
+    if (dt == DT_BF16) return bf16_widen8((const uint16_t *)p + i);
+    if (dt == DT_F16) return __builtin_convertvector(*(const v8h_u *)((const _Float16 *)p + i), VT);
 #endif
     (void)dt;
     return FN(load)((const T *)p + i);
@@ -39,15 +39,13 @@ INLINE VT FN(vload)(const void *p, int dt, int64_t i)
 INLINE void FN(vstore)(void *p, int dt, int64_t i, VT v)
 {
 #if W == 8
-    if (dt == DT_BF16) {
-        /* round to nearest even, NaN kept quiet: f32_to_bf16 of _native_common.h, on 8 lanes */
-        const v8u u = (v8u)v, rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16, quiet = (u >> 16) | 0x40;
-        const v8u h = (v8u)FN(select)(v != v, (VT)quiet, (VT)rounded);
-        *(v8u16 *)((uint16_t *)p + i) = __builtin_convertvector(h, v8u16);
+    if (dt == DT_BF16) { /* round to nearest even, NaN kept quiet (_native_common.h) */
+        const v8u16 h = bf16_round8(v);
+        memcpy((uint16_t *)p + i, &h, sizeof h);
         return;
     }
     if (dt == DT_F16) {
-        *(v8h *)((_Float16 *)p + i) = __builtin_convertvector(v, v8h);
+        *(v8h_u *)((_Float16 *)p + i) = __builtin_convertvector(v, v8h);
         return;
     }
 #endif
