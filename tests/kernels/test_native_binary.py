@@ -205,6 +205,26 @@ def test_bfloat16_pairs_round_the_float32_path(loss, n):
             _assert_bf16_rounds(a, b)
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+def test_bfloat16_tables_cover_every_bit_pattern(loss):
+    # The pair path reads the functions of x (log1p(exp(-|x|)) and the sigmoid pair; BCE's log x and
+    # log1p(-x)) from tables over x's 65536 bfloat16 bit patterns: every pattern (BCE: those in [0, 1], and
+    # the NaNs), at even and odd positions, against targets 0, 1 and one in between, rounds the float32
+    # path's value, bit for bit, a zero's sign aside (soft margin's per-element loss is -0 on the pair path
+    # where the float path gives +0, as before the tables: there the weight is the constant 1, and
+    # w * -(...) compiles differently; the row sums that multilabel_soft_margin_loss uses add it as 0)
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(torch.bfloat16)
+    if loss == "bce":
+        x = x[x.isnan() | ((x >= 0) & (x <= 1))]
+    for y_value, shift in ((0.0, 0), (1.0, 1), (0.3, 0), (0.3, 1)):  # shift: each pattern at the other parity
+        xs = x.roll(shift)
+        t = torch.full_like(xs, y_value)
+        low, ref = _bf16_call(loss, xs, t), _bf16_call(loss, xs.float(), t.float())
+        for a, b in zip(low[1:], ref[1:]):
+            _assert_bf16_rounds(a + 0, (b.to(torch.bfloat16) + 0).float())  # -0 + 0 is +0
+
+
 def test_bfloat16_pairs_nan_and_inf():
     # NaN and inf at even and odd positions, in the 16-element groups and in the tail: a block with a NaN or
     # an infinite output is rounded again with the NaN fix-up; the other blocks keep the fast rounding

@@ -36,6 +36,11 @@ struct binary_args {
     double *sums;                  /* per-block loss sums, or NULL */
 };
 
+/* The bfloat16 tables (see "bfloat16 operands in pairs" in _native_binary.h): a function of x on each of
+ * the 65536 bfloat16 bit patterns, as float, 256 KiB each; built on the first call that reads them. */
+enum { TAB_LOG1P_EXP, TAB_SIGMOID, TAB_SIGMOID_NEG, TAB_LOG, TAB_LOG1P_NEG, N_TABLES };
+static float bf16_tables[N_TABLES][65536];
+
 /* ---- the kernels, once per accumulation type ---------------------------------------------------------- */
 
 #pragma GCC diagnostic push
@@ -49,6 +54,11 @@ static int binary_range(void *ctx, int64_t i0, int64_t i1)
     const struct binary_args *a = ctx;
     return a->dbl ? binary_range_f64(a, i0, i1) : binary_range_f32(a, i0, i1);
 }
+
+/* The tables of the pair path, built once (pthread_once: a call from another thread waits for them). */
+static pthread_once_t bce_tables_once = PTHREAD_ONCE_INIT, sigmoid_tables_once = PTHREAD_ONCE_INIT;
+static void build_bce_tables(void) { build_tables_f32(1); }
+static void build_sigmoid_tables(void) { build_tables_f32(0); }
 
 /* log or log1p of a contiguous array, in place (the kernels' vector functions, exposed for the tests). */
 #define DEFINE_LOG_ARRAY(T, VT, W, SUF)                                                                  \
@@ -135,6 +145,8 @@ static PyObject *py_binary(PyObject *self, PyObject *args)
         return PyErr_NoMemory();
     int err;
     Py_BEGIN_ALLOW_THREADS
+    if (!dbl && pairs_apply_f32(&a)) pthread_once(a.kind == KIND_BCE ? &bce_tables_once : &sigmoid_tables_once,
+                                                  a.kind == KIND_BCE ? build_bce_tables : build_sigmoid_tables);
     err = parallel_for(binary_range, &a, items, nthreads);
     Py_END_ALLOW_THREADS
     double total = 0;

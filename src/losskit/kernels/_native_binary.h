@@ -21,7 +21,8 @@
  * buffers (x, y, w, p, loss, two gradients) take 28 KiB of stack per thread and stay in L1/L2. Per
  * element: one exp (of -|x|) and one log1p for the logit losses, one log and one log1p for BCE (the
  * vector functions of _native_common.h and _native_log.h), one division; the focal loss with a
- * non-integer gamma one more log and exp for q^gamma.
+ * non-integer gamma one more log and exp for q^gamma. The bfloat16 pair path reads those functions of x
+ * from tables over x's 65536 bit patterns instead (see "bfloat16 operands in pairs").
  */
 
 #include "_native_rowops.h"
@@ -37,26 +38,52 @@ INLINE VI FN(first_lanes)(int64_t n)
 INLINE VT FN(vmin)(VT a, VT b) { return FN(select)(b < a, b, a); }     /* a where either is NaN */
 INLINE VT FN(clamp_min)(VT v, T lo) { return FN(select)(v < lo, FN(splat)(lo), v); } /* NaN stays NaN */
 
-/* The logsigmoid pair and the sigmoid pair of x, from one exp and one log1p. */
-struct FN(sig) { VT ls, lsn, s, sn; };
+/* log1p(exp(-|x|)) and the sigmoid pair of x, from one exp, one log1p and one division: the float path's,
+ * and the entries of the bfloat16 tables (build_tables below). */
+struct FN(sig_core) { VT l, s, sn; };
 
-INLINE struct FN(sig) FN(sigmoid_parts)(VT x)
+INLINE struct FN(sig_core) FN(sigmoid_core)(VT x)
 {
-    const VT zero = FN(splat)(0), e = VEXP(FN(vmin)(x, -x)); /* exp(-|x|); a NaN x gives NaN */
+    const VT e = VEXP(FN(vmin)(x, -x)); /* exp(-|x|); a NaN x gives NaN */
     const VT l = VLOG1P(e), r = 1 / (1 + e);
     const VI pos = x >= 0;
-    return (struct FN(sig)){FN(vmin)(x, zero) - l, FN(vmin)(-x, zero) - l, FN(select)(pos, r, e * r),
-                            FN(select)(pos, e * r, r)};
+    return (struct FN(sig_core)){l, FN(select)(pos, r, e * r), FN(select)(pos, e * r, r)};
+}
+
+/* Each lane's entry of a table over the 65536 bfloat16 bit patterns (idx: the lanes' patterns). Scalar
+ * loads: on Zen 3 they beat vgatherdps (a loop of 4 table reads per 16 elements in cache, 1 thread: 0.62
+ * against 0.87 ns an element), and they need no AVX2 in the default clone. */
+INLINE VT FN(lookup)(const float *table, v8u32 idx)
+{
+    VT v;
+    for (int j = 0; j < W; j++) v[j] = (T)table[idx[j]];
+    return v;
+}
+
+/* The logsigmoid pair and the sigmoid pair of x: computed, or (idx non-NULL: x's bfloat16 bit patterns)
+ * read from the tables, whose entries sigmoid_core computed on the same values. */
+struct FN(sig) { VT ls, lsn, s, sn; };
+
+INLINE struct FN(sig) FN(sigmoid_parts)(VT x, const v8u32 *idx)
+{
+    const VT zero = FN(splat)(0);
+    const struct FN(sig_core) c = idx ? (struct FN(sig_core)){FN(lookup)(bf16_tables[TAB_LOG1P_EXP], *idx),
+                                                              FN(lookup)(bf16_tables[TAB_SIGMOID], *idx),
+                                                              FN(lookup)(bf16_tables[TAB_SIGMOID_NEG], *idx)}
+                                      : FN(sigmoid_core)(x);
+    return (struct FN(sig)){FN(vmin)(x, zero) - c.l, FN(vmin)(-x, zero) - c.l, c.s, c.sn};
 }
 
 /* One vector of a kind: the loss and, where wanted (want_x, want_y), the unscaled gradients. */
 struct FN(res) { VT loss, dx, dy; };
 
-INLINE struct FN(res) FN(bce_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, int want_x, int want_y)
+INLINE struct FN(res) FN(bce_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, int want_x, int want_y,
+                                   const v8u32 *idx)
 {
     (void)a;
     (void)p;
-    const VT lx = VLOG(x), l1 = VLOG1P(-x);
+    const VT lx = idx ? FN(lookup)(bf16_tables[TAB_LOG], *idx) : VLOG(x);
+    const VT l1 = idx ? FN(lookup)(bf16_tables[TAB_LOG1P_NEG], *idx) : VLOG1P(-x);
     struct FN(res) r;
     r.loss = w * ((y - 1) * FN(clamp_min)(l1, -100) - y * FN(clamp_min)(lx, -100));
     if (want_x) r.dx = w * ((x - y) / FN(clamp_min)((1 - x) * x, (T)BCE_EPSILON));
@@ -64,9 +91,10 @@ INLINE struct FN(res) FN(bce_v)(const struct binary_args *a, VT x, VT y, VT w, V
     return r;
 }
 
-INLINE struct FN(res) FN(logits_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, int want_x, int want_y)
+INLINE struct FN(res) FN(logits_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, int want_x, int want_y,
+                                   const v8u32 *idx)
 {
-    const struct FN(sig) sg = FN(sigmoid_parts)(x);
+    const struct FN(sig) sg = FN(sigmoid_parts)(x, idx);
     struct FN(res) r;
     if (a->p.ptr) {
         const VT py = p * y;
@@ -82,11 +110,11 @@ INLINE struct FN(res) FN(logits_v)(const struct binary_args *a, VT x, VT y, VT w
 }
 
 INLINE struct FN(res) FN(soft_margin_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, int want_x,
-                                        int want_y)
+                                        int want_y, const v8u32 *idx)
 {
     (void)a;
     (void)p;
-    const struct FN(sig) sg = FN(sigmoid_parts)(x);
+    const struct FN(sig) sg = FN(sigmoid_parts)(x, idx);
     struct FN(res) r;
     r.loss = w * -(y * sg.ls + (1 - y) * sg.lsn);
     if (want_x) r.dx = w * (sg.s - y);
@@ -115,11 +143,12 @@ INLINE VT FN(pow_v)(const struct binary_args *a, VT q)
     return out;
 }
 
-INLINE struct FN(res) FN(focal_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, int want_x, int want_y)
+INLINE struct FN(res) FN(focal_v)(const struct binary_args *a, VT x, VT y, VT w, VT p, int want_x, int want_y,
+                                  const v8u32 *idx)
 {
     (void)w;
     (void)p;
-    const struct FN(sig) sg = FN(sigmoid_parts)(x);
+    const struct FN(sig) sg = FN(sigmoid_parts)(x, idx);
     const T alpha = (T)a->alpha, gm = (T)a->gamma;
     const VT ny = 1 - y, ce = ny * x - sg.ls, q = sg.s * ny + sg.sn * y, q_g = FN(pow_v)(a, q);
     const VT loss = ce * q_g;
@@ -204,7 +233,7 @@ INLINE void FN(output_done)(const T *buf, const struct view *v, int64_t j0, int6
         const VT vy = full ? FN(load)(y) : FN(load_part)(y, m, 0);                                        \
         const VT vw = !w ? ones : full ? FN(load)(w) : FN(load_part)(w, m, 1);                            \
         const VT vp = !p ? ones : full ? FN(load)(p) : FN(load_part)(p, m, 1);                            \
-        const struct FN(res) r = VEC(a, vx, vy, vw, vp, gx != NULL, gy != NULL);                           \
+        const struct FN(res) r = VEC(a, vx, vy, vw, vp, gx != NULL, gy != NULL, NULL);                           \
         if (CHECK_UNIT) *bad |= (vx < 0) | (vx > 1) | (vy < 0) | (vy > 1);                                \
         if (full) {                                                                                       \
             if (loss) FN(store)(loss, r.loss);                                                            \
@@ -254,7 +283,17 @@ INLINE void FN(output_done)(const T *buf, const struct view *v, int64_t j0, int6
  * absent outputs inside (those tests cost 3-6% in cache). A block's last n % 16 elements go through the
  * float block loop above (converted in a 16-element buffer). Kernel in cache (64K elements), 1 thread,
  * the input's gradient alone, loaded machine: bfloat16 took 1.09-1.14x the float32 time per element
- * through conversion passes, 0.98-1.09x so (BCE 0.98-1.00, focal 1.03, logits 1.06, soft margin 1.09). */
+ * through conversion passes, 0.98-1.09x so (BCE 0.98-1.00, focal 1.03, logits 1.06, soft margin 1.09).
+ *
+ * Tables: a bfloat16 x has 65536 bit patterns, so the pair loops read x's functions from tables indexed
+ * by them (the low and the high half of each word) instead of computing them: log1p(exp(-|x|)),
+ * sigmoid(x) and sigmoid(-x) for the logit losses (logsigmoid(+-x) = min(+-x, 0) - the first, as the
+ * float path forms it), log x and log1p(-x) for BCE. build_tables fills each entry with the float path's
+ * own vector code on that value, in the same clone of the kernels (HOT), so every output stays the float
+ * path's value rounded once, bit for bit (tested over every bit pattern). What is left per element is
+ * loads, a few multiply-adds, the rounding and BCE's one division. 256 KiB a table, float, built on the
+ * first call that reads them (pthread_once; about 0.2 ms): 768 KiB for the logit losses, 512 KiB for
+ * BCE; a kernel touches only the entries of the values it meets (randn logits: a few thousand). */
 
 /* A vector rounded to nearest even into the low half of each word; with no_nan the NaN lanes' fix-up
  * is left out and v * 0 is added into chk instead. */
@@ -277,10 +316,13 @@ INLINE void FN(store_pairs)(uint16_t *dst, VT even, VT odd, const int no_nan, VT
     {                                                                                                     \
         const VT ones = FN(splat)(1);                                                                     \
         VT xe, xo, ye, yo;                                                                                \
+        v8u32 words;                                                                                      \
+        memcpy(&words, x, sizeof words);                                                                  \
+        const v8u32 ie = words & 0xffffu, io = words >> 16; /* the bit patterns of xe and xo */           \
         FN(bf16_pairs)(x, 0, &xe, &xo);                                                                   \
         FN(bf16_pairs)(y, 0, &ye, &yo);                                                                   \
-        const struct FN(res) r0 = VEC(a, xe, ye, ones, ones, gx != NULL, gy != NULL),                     \
-                             r1 = VEC(a, xo, yo, ones, ones, gx != NULL, gy != NULL);                     \
+        const struct FN(res) r0 = VEC(a, xe, ye, ones, ones, gx != NULL, gy != NULL, &ie),                \
+                             r1 = VEC(a, xo, yo, ones, ones, gx != NULL, gy != NULL, &io);                \
         if (CHECK_UNIT)                                                                                   \
             *bad |= (xe < 0) | (xe > 1) | (ye < 0) | (ye > 1) | (xo < 0) | (xo > 1) | (yo < 0) | (yo > 1); \
         if (loss) FN(store_pairs)(loss, r0.loss, r1.loss, no_nan, chk);                                   \
@@ -352,6 +394,26 @@ DEFINE_LOOPS(bce_block, FN(bce_v), 1)
 DEFINE_LOOPS(logits_block, FN(logits_v), 0)
 DEFINE_LOOPS(soft_margin_block, FN(soft_margin_v), 0)
 DEFINE_LOOPS(focal_block, FN(focal_v), 0)
+
+/* The entries of the bfloat16 tables (bce: TAB_LOG and TAB_LOG1P_NEG, else the three sigmoid tables): the
+ * float path's functions of x on every bit pattern, by the same clone of the kernels (HOT) as the pair
+ * loops that read them, so a table read gives the bits the float path computes. T is float. */
+HOT static void FN(build_tables)(int bce)
+{
+    for (int64_t i = 0; i < 65536; i += W) {
+        VT x;
+        for (int j = 0; j < W; j++) x[j] = (T)bf16_to_f32((uint16_t)(i + j));
+        const struct FN(sig_core) c = bce ? (struct FN(sig_core)){VLOG(x), VLOG1P(-x), x} : FN(sigmoid_core)(x);
+        float *const dst[3] = {bf16_tables[bce ? TAB_LOG : TAB_LOG1P_EXP] + i,
+                               bf16_tables[bce ? TAB_LOG1P_NEG : TAB_SIGMOID] + i,
+                               bce ? NULL : bf16_tables[TAB_SIGMOID_NEG] + i};
+        for (int j = 0; j < W; j++) {
+            dst[0][j] = (float)c.l[j];
+            dst[1][j] = (float)c.s[j];
+            if (dst[2]) dst[2][j] = (float)c.sn[j];
+        }
+    }
+}
 
 /* The pair path takes the call: T is float, input and target bfloat16, no weight or pos_weight, and each
  * per-element output (row sums, in the accumulation type, are not) bfloat16 or absent and not overlapping
