@@ -24,7 +24,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* LOSSKIT_BASELINE_ONLY: build the baseline code alone (no x86-64-v3 clone), to test on an AVX2 machine
+ * what a machine without AVX2 runs: CFLAGS=-DLOSSKIT_BASELINE_ONLY pip install --no-build-isolation . */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(LOSSKIT_BASELINE_ONLY)
 #define HOT __attribute__((target_clones("arch=x86-64-v3", "default"), unused))
 #else
 #define HOT __attribute__((unused))
