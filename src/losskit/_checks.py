@@ -17,9 +17,11 @@ from ._types import REDUCTIONS
 
 
 def tensor(name: str, value: object) -> Tensor:
-    """``value`` must be a tensor."""
+    """``value`` must be a dense (strided) tensor: the kernels index storage, which a sparse tensor lacks."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {value.layout}; convert it with .to_dense()")
     return value
 
 
