@@ -545,3 +545,55 @@ def test_bfloat16_pair_backward_with_non_finite_and_huge_grad_outputs():
         # log_softmax's rows scaled by 1e37: exp(y) sum(g) cancels against g, and the two exps' grades
         # (bfloat16 on pairs, float on float rows) show in most entries, within one step
         _within_one_bf16_step(out[0], out[1], f"log={log}", equal=0.5 if log else 0.98)
+
+
+def _every_bf16_pattern(rows):
+    """All 65536 bfloat16 bit patterns (NaNs, infinities, zeros, subnormals, negatives) as ``rows`` rows."""
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).view(rows, -1)
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int16)
+
+
+@pytest.mark.parametrize("cols", [16, 37, 4099], ids=str)
+def test_bfloat16_entropy_of_probabilities_on_pairs_is_the_float_rows_to_the_bit(cols):
+    """Contiguous bfloat16 probabilities read p log p and the gradient -(log p + 1) from tables over the
+    65536 bit patterns, built by the float rows' own expressions; the sum adds the same terms in the same
+    lanes and order. Against the same values with strided entries (float rows): entropies and gradients
+    equal bit for bit, over every bit pattern (rows of 16: whole vectors) and over probabilities with
+    zeros and non-finite entries in blocks and in the C % 8 tail."""
+    def both(p):
+        n, c = p.shape
+        out = []
+        for q in (p, _transposed(p)):
+            h, g = torch.empty(n, 1), torch.empty(n, c, 1, dtype=torch.bfloat16)
+            native_softmax.entropy_rows(q.unsqueeze(-1), h, g, logits=False)
+            h2 = torch.empty(n, 1)
+            native_softmax.entropy_rows(q.unsqueeze(-1), h2, None, logits=False)  # no gradient: its own loop
+            _identical(h, h2)
+            out.append((h, g))
+        return out
+
+    every = _every_bf16_pattern(65536 // 16) if cols == 16 else _every_bf16_pattern(16)[:, :cols]
+    p = _probs((9, cols), 1, torch.bfloat16, seed=11)
+    p[1, 5], p[2, cols - 1], p[3, 7], p[4, cols - 2], p[5, 0] = float("nan"), float("inf"), -0.5, 1e-39, 1.0
+    p[6] = 0.0
+    for x in (every, p):
+        (h, g), (h_rows, g_rows) = both(x)
+        assert torch.equal(_bits(g), _bits(g_rows))
+        _identical(h, h_rows)
+
+
+def test_bfloat16_log_softmax_backward_on_pairs_reads_exp_from_a_table():
+    """log_softmax's backward on contiguous bfloat16 rows reads exp(y) from a table over y's 65536 bit
+    patterns, built by the float rows' own exp: with grad_outputs whose row sums are exact in any order
+    (small integers), the input gradient equals the float rows' (strided entries) bit for bit over every
+    bit pattern of y, NaNs and infinities included (rows of 64: whole pair blocks); and a C % 16 tail."""
+    for y in (_every_bf16_pattern(1024), _every_bf16_pattern(16)[:, :4099]):
+        g = torch.randint(-4, 5, y.shape, generator=_gen(12)).bfloat16()
+        out = [torch.empty(*y.shape, 1, dtype=torch.bfloat16) for _ in range(2)]
+        native_softmax.softmax_backward_rows(y.unsqueeze(-1), g.unsqueeze(-1), out[0], log=True)
+        native_softmax.softmax_backward_rows(_transposed(y).unsqueeze(-1), _transposed(g).unsqueeze(-1), out[1],
+                                             log=True)
+        assert torch.equal(_bits(out[0]), _bits(out[1]))

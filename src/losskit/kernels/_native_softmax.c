@@ -49,6 +49,15 @@ struct nll_args {
     double scale;
 };
 
+/* The bfloat16 tables (see build_bf16_tables in _native_softmax_rows.h): a function of a bfloat16 value
+ * on each of its 65536 bit patterns, built on the first call that reads them. exp(y) of a saved
+ * log_softmax output (float, 256 KiB); of a probability p, p log p (as double: 512 KiB) and the entropy
+ * gradient -(log p + 1) rounded to bfloat16 (128 KiB). A kernel touches only the entries of the values
+ * it meets (a few thousand for softmax outputs). */
+static float bf16_exp_table[65536];
+static double bf16_plogp_table[65536];
+static uint16_t bf16_entropy_grad_table[65536];
+
 /* exp_array, shared by _native_rowops.h for _native.c's accuracy tests, is not used here. */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -64,6 +73,11 @@ static int rows_range(void *ctx, int64_t r0, int64_t r1)
     if (a->columns) return a->dbl ? tiles_range_f64(a, r0, r1) : tiles_range_f32(a, r0, r1);
     return a->dbl ? rows_range_f64(a, r0, r1) : rows_range_f32(a, r0, r1);
 }
+
+/* The tables of the pair path, built once (pthread_once: a call from another thread waits for them). */
+static pthread_once_t exp_table_once = PTHREAD_ONCE_INIT, entropy_tables_once = PTHREAD_ONCE_INIT;
+static void build_exp_table(void) { build_bf16_tables_f32(0); }
+static void build_entropy_tables(void) { build_bf16_tables_f32(1); }
 
 static int nll_range(void *ctx, int64_t t0, int64_t t1)
 {
@@ -129,6 +143,10 @@ static PyObject *py_rows(PyObject *self, PyObject *args)
     a.op = op;
     a.dbl = dbl;
     a.columns = (L > 1 && C <= COLUMN_MAX_C) || C < COLUMN_BELOW_C;
+    if (!dbl && !a.columns && bf16_rows_f32(&a)) {
+        if (op == OP_LOG_SOFTMAX_BACKWARD) pthread_once(&exp_table_once, build_exp_table);
+        if (op == OP_ENTROPY_PROBS) pthread_once(&entropy_tables_once, build_entropy_tables);
+    }
     const int64_t w = dbl ? 4 : 8; /* rows per tile: W of the accumulation type */
     if (!run(rows_range, &a, a.columns ? (rows + w - 1) / w : rows, nthreads, C, 0)) return NULL;
     Py_RETURN_NONE;

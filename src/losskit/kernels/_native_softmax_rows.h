@@ -16,7 +16,7 @@
  * Rows whose entries are strided (L > 1) and short rows run W at a time in column tiles instead, one row
  * per vector lane (section "column tiles" below); nll_loss writes its gradient in tiles at the end.
  * Calls whose operands are all contiguous bfloat16 rows read and write them in registers, as pairs
- * (section "contiguous bfloat16 rows"), except the entropy of probabilities.
+ * (section "contiguous bfloat16 rows").
  */
 
 #include "_native_rowops.h"
@@ -200,9 +200,7 @@ INLINE VT FN(vlog)(VT x)
 }
 
 /* log of x holding bfloat16 values (the low 16 bits of each float 0): the table log of _native_log.h
- * (log_bf16_v8f, every value and special value). Entropy of bfloat16 probabilities, one thread in
- * cache: 1.53 -> 1.33 ns/element (float32 1.29), measured with this module's earlier table log of the
- * same design. */
+ * (log_bf16_v8f, every value and special value); the entropy tables' entries (build_bf16_tables) use it. */
 INLINE VT FN(vlog_bf16)(VT x)
 {
 #if W == 8
@@ -212,6 +210,11 @@ INLINE VT FN(vlog_bf16)(VT x)
 #endif
 }
 
+/* The entropy of probabilities' terms from lp = log p: p log p and the gradient -(log p + 1), each 0
+ * where p = 0. */
+INLINE VT FN(plogp)(VT vp, VT lp) { return FN(select)(vp != 0, vp * lp, FN(splat)(0)); }
+INLINE VT FN(plogp_gin)(VT vp, VT lp) { return FN(select)(vp != 0, -(lp + 1), FN(splat)(0)); }
+
 /* Entropy of probabilities: returns -sum_c xlogy(p, p); writes g = -(log p + 1), 0 where p = 0, if g.
  * bf16: p holds bfloat16 values (vlog_bf16). */
 INLINE T FN(entropy_probs_impl)(const T *p, T *g, int64_t C, const int bf16)
@@ -220,9 +223,8 @@ INLINE T FN(entropy_probs_impl)(const T *p, T *g, int64_t C, const int bf16)
     for (int64_t c = 0; c < C; c += W) {
         const int64_t n = C - c < W ? C - c : W;
         const VT vp = FN(get)(p + c, n, 0), lp = bf16 ? FN(vlog_bf16)(vp) : FN(vlog)(vp);
-        const VI nz = vp != 0;
-        FN(acc_add)(&acc, FN(select)(nz, vp * lp, FN(splat)(0)));
-        if (g) FN(put)(g + c, n, FN(select)(nz, -(lp + 1), FN(splat)(0)));
+        FN(acc_add)(&acc, FN(plogp)(vp, lp));
+        if (g) FN(put)(g + c, n, FN(plogp_gin)(vp, lp));
     }
     return -FN(acc_total)(acc);
 }
@@ -244,8 +246,18 @@ HOT static T FN(entropy_probs)(const T *p, T *g, int64_t C, int bf16)
  * Every element goes through the expressions above; the exp is of bfloat16 grade (VEXP_BF16) for
  * softmax only, whose outputs e / s keep its 5.3e-6 relative error, and the full exp where a result
  * may cancel (log_softmax near 0 and its backward g - e^y sum g, the entropy gradient's log p + H);
- * the row sums add in pair order, so results agree with the float rows' to one bfloat16 step. e (exp(x - m)) is kept in pair order, as exp_sum_bf16 writes it; the last C % 16
- * elements are in element order. */
+ * the row sums add in pair order, so results agree with the float rows' to one bfloat16 step. e (exp(x - m))
+ * is kept in pair order, as exp_sum_bf16 writes it; the last C % 16 elements are in element order.
+ * Tables: a function of one bfloat16 value has 65536 arguments, so where an element's arithmetic is a
+ * function of a bfloat16 operand alone it is read from a table over the bit patterns (build_bf16_tables)
+ * instead of computed: exp(y) of log_softmax's backward, and p log p with the gradient -(log p + 1) of
+ * the entropy of probabilities. Each entry is the float rows' own expression on that value, computed in
+ * the same clone (HOT) as the loops that read it, so a table read gives the float rows' bits (tested
+ * over every bit pattern; the entropy of probabilities adds its terms as the float rows do and equals
+ * them bit for bit). One thread, C = 8192, ns/element computed -> tables (float32): in cache, log_softmax's
+ * backward 0.80 -> 0.55 (0.55), entropy of probabilities 1.40 -> 0.49 (1.31, through float rows); 1024
+ * rows from memory 0.78 -> 0.52 (0.76), 1.43 -> 0.48 (1.28). The log_softmax backward's table read (two
+ * loads and an insert a lane) costs about what the exp it replaces does in cache; from memory it wins. */
 
 enum { BF_SHIFT, BF_SOFTMAX_GIN, BF_LOG_SOFTMAX_GIN, BF_ENTROPY_GIN, BF_EZ, BF_GY, BF_G };
 
@@ -255,7 +267,7 @@ INLINE VT FN(bf16_op)(const int op, VT x, VT g, VT e, T k0, T k1, T k2)
     switch (op) {
     case BF_SHIFT: return FN(shifted)(x, k0, k1);
     case BF_SOFTMAX_GIN: return FN(softmax_gin)(x, g, k0);
-    case BF_LOG_SOFTMAX_GIN: return FN(log_softmax_gin)(VEXP(x), g, k0); /* g - e^y sum g may cancel */
+    case BF_LOG_SOFTMAX_GIN: return FN(log_softmax_gin)(x, g, k0); /* x: exp(y), read from bf16_exp_table */
     case BF_ENTROPY_GIN: return FN(entropy_gin)(x, e, k0, k1, k2);
     case BF_EZ: return FN(ez)(x, e, k0);
     case BF_GY: return g * x;
@@ -263,17 +275,32 @@ INLINE VT FN(bf16_op)(const int op, VT x, VT g, VT e, T k0, T k1, T k2)
     }
 }
 
+/* Lanes [0, n) of a bfloat16 table's entries at the bit patterns xb[0], xb[step], ... (lanes from n on:
+ * the entry of pattern 0). Scalar loads of the patterns and of the entries (extracting the patterns
+ * from a vector cost two instructions a lane; vgatherdps is slower on Zen 3, see _native_binary.h's
+ * lookup, and needs AVX2). */
+INLINE VT FN(lookup)(const float *table, const uint16_t *xb, int step, int64_t n)
+{
+    VT v;
+    for (int j = 0; j < W; j++) v[j] = table[j < n ? xb[j * step] : 0];
+    return v;
+}
+
 /* The operands of block [c, c + 16) (pairs; lanes of e in pair order), or of the tail vector [c, c + n)
  * when n < 16, lanes from n on 0 (so that they add 0 to bf16_sum's sums). Operands an op does not read
- * stay 0. */
+ * stay 0. BF_LOG_SOFTMAX_GIN's x is exp(y), read from bf16_exp_table (tail lanes from n on: exp(0)). */
 INLINE void FN(bf16_operands)(const int op, const uint16_t *xb, const uint16_t *gb, const T *e, int64_t c, int64_t n,
                               VT x[2], VT g[2], VT ev[2])
 {
     const int use_x = op != BF_G, use_g = op == BF_SOFTMAX_GIN || op == BF_LOG_SOFTMAX_GIN || op >= BF_GY,
-              use_e = op == BF_ENTROPY_GIN || op == BF_EZ;
+              use_e = op == BF_ENTROPY_GIN || op == BF_EZ, exp_x = op == BF_LOG_SOFTMAX_GIN;
     x[0] = x[1] = g[0] = g[1] = ev[0] = ev[1] = FN(splat)(0);
+    if (exp_x && n == 16) { /* the even and the odd elements */
+        x[0] = FN(lookup)(bf16_exp_table, xb + c, 2, W);
+        x[1] = FN(lookup)(bf16_exp_table, xb + c + 1, 2, W);
+    } else if (exp_x) x[0] = FN(lookup)(bf16_exp_table, xb + c, 1, n);
     if (n == 16) {
-        if (use_x) FN(bf16_pairs)(xb, c, &x[0], &x[1]);
+        if (use_x && !exp_x) FN(bf16_pairs)(xb, c, &x[0], &x[1]);
         if (use_g) FN(bf16_pairs)(gb, c, &g[0], &g[1]);
         if (use_e) {
             ev[0] = FN(load)(e + c);
@@ -281,7 +308,7 @@ INLINE void FN(bf16_operands)(const int op, const uint16_t *xb, const uint16_t *
         }
         return;
     }
-    if (use_x) x[0] = FN(bf16_part)(xb, c, n, 0);
+    if (use_x && !exp_x) x[0] = FN(bf16_part)(xb, c, n, 0);
     if (use_g) g[0] = FN(bf16_part)(gb, c, n, 0);
     if (use_e) ev[0] = FN(get)(e + c, n, 0);
 }
@@ -360,6 +387,63 @@ HOT static void FN(bf16_map)(int op, const uint16_t *xb, const uint16_t *gb, con
     if (no_nan) FN(bf16_map_ops)(op, xb, gb, e, ob, C, k0, k1, k2, 1);
     else FN(bf16_map_ops)(op, xb, gb, e, ob, C, k0, k1, k2, 0);
 }
+
+/* Entropy of a contiguous bfloat16 row of probabilities pb (gradient into gb unless NULL), each
+ * element's p log p (as double) and gradient read from the tables: the terms of entropy_probs_impl
+ * (bf16), added in the same double lanes and order (lane k: the elements c = k mod W), so the entropy and
+ * the gradient are the float rows' to the bit. The float rows' fill lanes past C add +0, which changes no
+ * lane (a lane starting at +0 is never -0). Scalar: a double lane per element position, no vector built. */
+INLINE T FN(entropy_probs_bf16_impl)(const uint16_t *pb, uint16_t *gb, int64_t C, const int grad)
+{
+    double lane[W] = {0};
+    int64_t c = 0;
+    for (; c + W <= C; c += W)
+        for (int j = 0; j < W; j += 2) { /* a word: elements j (low half) and j + 1 (high half) */
+            uint32_t w;
+            memcpy(&w, pb + c + j, sizeof w);
+            lane[j] += bf16_plogp_table[w & 0xffff];
+            lane[j + 1] += bf16_plogp_table[w >> 16];
+            if (grad) {
+                const uint32_t g = bf16_entropy_grad_table[w & 0xffff] | (uint32_t)bf16_entropy_grad_table[w >> 16] << 16;
+                memcpy(gb + c + j, &g, sizeof g);
+            }
+        }
+    for (int j = 0; c + j < C; j++) {
+        const uint16_t i = pb[c + j];
+        lane[j] += bf16_plogp_table[i];
+        if (grad) gb[c + j] = bf16_entropy_grad_table[i];
+    }
+    const FN(acc_t) acc = {{lane[0], lane[1], lane[2], lane[3]}, {lane[4], lane[5], lane[6], lane[7]}};
+    return -FN(acc_total)(acc);
+}
+
+HOT static T FN(entropy_probs_bf16)(const uint16_t *pb, uint16_t *gb, int64_t C)
+{
+    return gb ? FN(entropy_probs_bf16_impl)(pb, gb, C, 1) : FN(entropy_probs_bf16_impl)(pb, NULL, C, 0);
+}
+
+/* The bfloat16 tables' entries (entropy: bf16_plogp_table and bf16_entropy_grad_table, else
+ * bf16_exp_table): the float rows' own expressions on every bit pattern (VEXP of log_softmax_grad;
+ * plogp and plogp_gin of vlog_bf16, the gradient rounded as store_row rounds it), in the same clone of
+ * the kernels (HOT) as the loops that read them, so a table read gives the bits the float rows compute. */
+HOT static void FN(build_bf16_tables)(int entropy)
+{
+    for (int64_t i = 0; i < 65536; i += W) {
+        VT x;
+        for (int j = 0; j < W; j++) x[j] = bf16_to_f32((uint16_t)(i + j));
+        if (!entropy) {
+            FN(store)(bf16_exp_table + i, VEXP(x));
+            continue;
+        }
+        const VT lp = FN(vlog_bf16)(x);
+        const v8u32 g = bf16_round8_words((v8f)FN(plogp_gin)(x, lp), 0);
+        const VT t = FN(plogp)(x, lp);
+        for (int j = 0; j < W; j++) {
+            bf16_plogp_table[i + j] = t[j];
+            bf16_entropy_grad_table[i + j] = (uint16_t)g[j];
+        }
+    }
+}
 #endif
 
 /* ---- one row of each operation ------------------------------------------------------------------------- */
@@ -400,20 +484,18 @@ static T FN(entropy_logits_row)(const T *x, T *e, T *g, int64_t C)
 
 #if W == 8
 /* Whether the call's rows run on pairs (bf16_row): every operand a contiguous bfloat16 row (entries 1
- * apart). Other layouts, mixed dtypes and entropy of probabilities convert rows into float scratch (the
- * log measured slower fed by pairs than on float rows, one thread in cache: 1.38 against 1.33 ns/element
- * with vlog_bf16, 1.71 against 1.53 with vlog; float32 1.29). */
+ * apart). Other layouts and mixed dtypes convert rows into float scratch. */
 static int FN(bf16_rows)(const struct rows_args *a)
 {
     const int backward = a->op == OP_SOFTMAX_BACKWARD || a->op == OP_LOG_SOFTMAX_BACKWARD;
-    return a->op != OP_ENTROPY_PROBS && a->x.dtype == DT_BF16 && a->x.sc == 1 &&
-           (!backward || (a->g.dtype == DT_BF16 && a->g.sc == 1)) &&
-           ((a->op == OP_ENTROPY_LOGITS && !a->out.ptr) || (a->out.dtype == DT_BF16 && a->out.sc == 1));
+    const int entropy = a->op == OP_ENTROPY_LOGITS || a->op == OP_ENTROPY_PROBS;
+    return a->x.dtype == DT_BF16 && a->x.sc == 1 && (!backward || (a->g.dtype == DT_BF16 && a->g.sc == 1)) &&
+           ((entropy && !a->out.ptr) || (a->out.dtype == DT_BF16 && a->out.sc == 1));
 }
 
 /* Row r of a call whose operands are contiguous bfloat16 rows: the row functions above on pairs; e: C
  * floats of scratch; next (next_bytes): the next row of x, prefetched during the exp pass (or NULL).
- * Returns the entropy for OP_ENTROPY_LOGITS. */
+ * Returns the entropy for OP_ENTROPY_LOGITS and OP_ENTROPY_PROBS. */
 static T FN(bf16_row)(const struct rows_args *a, int64_t r, T *e, const void *next, int64_t next_bytes)
 {
     const int64_t C = a->C, L = a->L;
@@ -443,6 +525,7 @@ static T FN(bf16_row)(const struct rows_args *a, int64_t r, T *e, const void *ne
     case OP_LOG_SOFTMAX_BACKWARD:
         FN(bf16_map)(BF_LOG_SOFTMAX_GIN, xb, gb, NULL, ob, C, FN(bf16_sum)(BF_G, NULL, gb, NULL, C, 0), 0, 0, 0);
         return 0;
+    case OP_ENTROPY_PROBS: return FN(entropy_probs_bf16)(xb, ob, C);
     default: { /* OP_ENTROPY_LOGITS */
         const T m = FN(row_max_bf16)(xb, C);
         const T s = FN(exp_sum_bf16)(xb, C, m, e, NULL, next, next_bytes, 0);
@@ -579,13 +662,11 @@ HOT static void FN(entropy_logits_tile)(const T *x, T *e, T *g, int64_t C, T *hv
 /* entropy_probs, one row per lane, H into hv. */
 HOT static void FN(entropy_probs_tile)(const T *p, T *g, int64_t C, T *hv)
 {
-    const VT zero = FN(splat)(0);
-    VT acc = zero;
+    VT acc = FN(splat)(0);
     for (int64_t c = 0; c < C; c++) {
         const VT vp = FN(col)(p, c), lp = FN(vlog)(vp);
-        const VI nz = vp != 0;
-        acc += FN(select)(nz, vp * lp, zero);
-        if (g) FN(store)(g + c * W, FN(select)(nz, -(lp + 1), zero));
+        acc += FN(plogp)(vp, lp);
+        if (g) FN(store)(g + c * W, FN(plogp_gin)(vp, lp));
     }
     FN(store)(hv, -acc);
 }
@@ -646,7 +727,7 @@ static int FN(rows_range)(const struct rows_args *a, int64_t r0, int64_t r1)
         for (int64_t r = r0; r < r1; r++) {
             const void *next = r + 1 < r1 ? (const uint16_t *)a->x.ptr + row_offset(&a->x, r + 1, L) : NULL;
             const T v = FN(bf16_row)(a, r, s0, next, 2 * C);
-            if (a->op == OP_ENTROPY_LOGITS) h[r] = v;
+            if (a->op == OP_ENTROPY_LOGITS || a->op == OP_ENTROPY_PROBS) h[r] = v;
         }
         free(scratch);
         return 0;

@@ -20,7 +20,11 @@ threads. Operands are ``(N, C, L)`` tensors of any strides
 float32/float64/bfloat16/float16 are read and written as they are, and computed in float32 (float64 for
 float64); when every operand is a contiguous bfloat16 row (the reduced dim innermost), rows are read and
 written in registers as even/odd pairs with an exp of bfloat16 grade, and agree with the float rows' to
-one bfloat16 step (entropy of bfloat16 probabilities takes its log from a table of the 128 mantissas).
+one bfloat16 step. There, the entropy of probabilities (p log p and its gradient) and log_softmax's
+backward (exp of the saved output) read each element's function of its one bfloat16 operand from tables
+over the 65536 bit patterns, filled by the float rows' own code: each entry is the float rows' value to
+the bit (the entropy of probabilities equals the float rows' bit for bit; log_softmax's backward still
+sums grad_output in pair order).
 Outputs must be contiguous; :func:`losskit.kernels.native.empty` allocates them.
 
 Safety: every operand handed to C is checked here (CPU device, dtype, shape, contiguity of outputs,
