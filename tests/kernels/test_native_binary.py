@@ -160,9 +160,9 @@ def test_low_precision_no_worse_than_torch(dtype, loss, weighted):
             assert_no_worse_than(a, b, c, msg=f"{loss} {reduction}")
 
 
-def _bf16_call(loss, x, t, *, row_len=0, scale=0.25, want_loss=True):
+def _bf16_call(loss, x, t, *, row_len=0, scale=0.25, want_loss=True, constants=()):
     """native_binary.binary on x, t (their dtype) with both gradients and, unless row_len, the per-element
-    loss: ``(total, out, gx, gy)``."""
+    loss: ``(total, out, gx, gy)``; ``constants``: the kernel's (weight, pos_weight) operands."""
     n = x.numel()
     gx, gy = torch.empty_like(x), torch.empty_like(t)
     out = None
@@ -170,7 +170,8 @@ def _bf16_call(loss, x, t, *, row_len=0, scale=0.25, want_loss=True):
         out = torch.zeros(n // row_len, dtype=torch.float32)
     elif want_loss:
         out = torch.empty_like(x)
-    total = native_binary.binary(loss, x, t, gx, gy, out, [], row_len=row_len, scale=scale, acc=torch.float32,
+    total = native_binary.binary(loss, x, t, gx, gy, out, list(constants), row_len=row_len, scale=scale,
+                                 acc=torch.float32,
                                  alpha=0.25, gamma=2.0, threads=1)
     return total, out, gx, gy
 
@@ -205,22 +206,27 @@ def test_bfloat16_pairs_round_the_float32_path(loss, n):
             _assert_bf16_rounds(a, b)
 
 
-@pytest.mark.parametrize("loss", LOSSES)
-def test_bfloat16_tables_cover_every_bit_pattern(loss):
-    # The pair path reads the functions of x (log1p(exp(-|x|)) and the sigmoid pair; BCE's log x and
-    # log1p(-x)) from tables over x's 65536 bfloat16 bit patterns: every pattern (BCE: those in [0, 1], and
-    # the NaNs), at even and odd positions, against targets 0, 1 and one in between, rounds the float32
-    # path's value, bit for bit, a zero's sign aside (soft margin's per-element loss is -0 on the pair path
+@pytest.mark.parametrize(("loss", "weighted"), [(loss, False) for loss in LOSSES] +
+                         [(loss, True) for loss in LOSSES if loss != "focal"])  # focal takes no weight
+def test_bfloat16_tables_cover_every_bit_pattern(loss, weighted):
+    # A bfloat16 x's functions (log1p(exp(-|x|)) and the sigmoid pair; BCE's log x and log1p(-x)) are read
+    # from tables over its 65536 bit patterns, on the pair path and (weighted: a weight, and pos_weight for
+    # the logits, of period 7) on the float block path: every pattern (BCE: those in [0, 1], and the NaNs),
+    # at even and odd positions, against targets 0, 1 and one in between, rounds the float32 path's value,
+    # bit for bit, a zero's sign aside (soft margin's per-element loss is -0 on the pair path
     # where the float path gives +0, as before the tables: there the weight is the constant 1, and
     # w * -(...) compiles differently; the row sums that multilabel_soft_margin_loss uses add it as 0)
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     x = bits.view(torch.bfloat16)
     if loss == "bce":
         x = x[x.isnan() | ((x >= 0) & (x <= 1))]
+    w = torch.linspace(0.5, 2.0, 7)
+    constants = [(w, 0, 1), (w.flip(0), 3, 1)][:2 if loss == "logits" else 1 if loss != "focal" else 0]
     for y_value, shift in ((0.0, 0), (1.0, 1), (0.3, 0), (0.3, 1)):  # shift: each pattern at the other parity
         xs = x.roll(shift)
         t = torch.full_like(xs, y_value)
-        low, ref = _bf16_call(loss, xs, t), _bf16_call(loss, xs.float(), t.float())
+        kw = {"constants": constants} if weighted else {}
+        low, ref = _bf16_call(loss, xs, t, **kw), _bf16_call(loss, xs.float(), t.float(), **kw)
         for a, b in zip(low[1:], ref[1:]):
             _assert_bf16_rounds(a + 0, (b.to(torch.bfloat16) + 0).float())  # -0 + 0 is +0
 

@@ -37,7 +37,7 @@ struct binary_args {
 };
 
 /* The bfloat16 tables (see "bfloat16 operands in pairs" in _native_binary.h): a function of x on each of
- * the 65536 bfloat16 bit patterns, as float, 256 KiB each; built on the first call that reads them. */
+ * the 65536 bfloat16 bit patterns, as float, 256 KiB each; built on the first call with a bfloat16 input. */
 enum { TAB_LOG1P_EXP, TAB_SIGMOID, TAB_SIGMOID_NEG, TAB_LOG, TAB_LOG1P_NEG, N_TABLES };
 static float bf16_tables[N_TABLES][65536];
 
@@ -145,7 +145,7 @@ static PyObject *py_binary(PyObject *self, PyObject *args)
         return PyErr_NoMemory();
     int err;
     Py_BEGIN_ALLOW_THREADS
-    if (!dbl && pairs_apply_f32(&a)) pthread_once(a.kind == KIND_BCE ? &bce_tables_once : &sigmoid_tables_once,
+    if (!dbl && a.x.dtype == DT_BF16) pthread_once(a.kind == KIND_BCE ? &bce_tables_once : &sigmoid_tables_once,
                                                   a.kind == KIND_BCE ? build_bce_tables : build_sigmoid_tables);
     err = parallel_for(binary_range, &a, items, nthreads);
     Py_END_ALLOW_THREADS

@@ -21,8 +21,8 @@
  * buffers (x, y, w, p, loss, two gradients) take 28 KiB of stack per thread and stay in L1/L2. Per
  * element: one exp (of -|x|) and one log1p for the logit losses, one log and one log1p for BCE (the
  * vector functions of _native_common.h and _native_log.h), one division; the focal loss with a
- * non-integer gamma one more log and exp for q^gamma. The bfloat16 pair path reads those functions of x
- * from tables over x's 65536 bit patterns instead (see "bfloat16 operands in pairs").
+ * non-integer gamma one more log and exp for q^gamma. A bfloat16 x's functions are read from tables over
+ * its 65536 bit patterns instead (see "bfloat16 operands in pairs").
  */
 
 #include "_native_rowops.h"
@@ -223,9 +223,9 @@ INLINE void FN(output_done)(const T *buf, const struct view *v, int64_t j0, int6
  * returns the block's loss sum; sets *bad when an x or y lies outside [0, 1] (CHECK_UNIT: BCE). Full
  * vectors, then one partial vector whose padded lanes (x 1/2, y 0, w p 1: in every loss's domain) are
  * neither stored nor summed; NAME##_step is inlined into both with m constant in the first. */
-#define DEFINE_BLOCK_LOOP(NAME, VEC, CHECK_UNIT)                                                         \
-    INLINE void FN(NAME##_step)(const struct binary_args *a, int64_t m, const T *x, const T *y, const T *w,  \
-                                const T *p, T *loss, T *gx, T *gy, VT sc, VT *sum, VI *bad)               \
+#define DEFINE_BLOCK_LOOP(NAME, VEC, CHECK_UNIT)                                                          \
+    INLINE void FN(NAME##_step)(const struct binary_args *a, int64_t m, const T *x, const T *y, const T *w,\
+                                const T *p, T *loss, T *gx, T *gy, VT sc, VT *sum, VI *bad, const int tab)\
     {                                                                                                     \
         const int full = m == W;                                                                          \
         const VT ones = FN(splat)(1);                                                                     \
@@ -233,7 +233,10 @@ INLINE void FN(output_done)(const T *buf, const struct view *v, int64_t j0, int6
         const VT vy = full ? FN(load)(y) : FN(load_part)(y, m, 0);                                        \
         const VT vw = !w ? ones : full ? FN(load)(w) : FN(load_part)(w, m, 1);                            \
         const VT vp = !p ? ones : full ? FN(load)(p) : FN(load_part)(p, m, 1);                            \
-        const struct FN(res) r = VEC(a, vx, vy, vw, vp, gx != NULL, gy != NULL, NULL);                           \
+        v8u32 bits; /* tab: x holds bfloat16 values, whose bit patterns are the high halves */            \
+        memcpy(&bits, &vx, sizeof bits);                                                                  \
+        bits >>= 16;                                                                                      \
+        const struct FN(res) r = VEC(a, vx, vy, vw, vp, gx != NULL, gy != NULL, tab ? &bits : NULL);      \
         if (CHECK_UNIT) *bad |= (vx < 0) | (vx > 1) | (vy < 0) | (vy > 1);                                \
         if (full) {                                                                                       \
             if (loss) FN(store)(loss, r.loss);                                                            \
@@ -247,26 +250,35 @@ INLINE void FN(output_done)(const T *buf, const struct view *v, int64_t j0, int6
             *sum += FN(select)(FN(first_lanes)(m), r.loss, FN(splat)(0));                                 \
         }                                                                                                 \
     }                                                                                                     \
-    HOT static double FN(NAME)(const struct binary_args *a, int64_t n, const T *x, const T *y, const T *w, \
-                               const T *p, T *loss, T *gx, T *gy, int *bad)                               \
+    INLINE double FN(NAME##_loop)(const struct binary_args *a, int64_t n, const T *x, const T *y, const T *w,\
+                                  const T *p, T *loss, T *gx, T *gy, int *bad, const int tab)             \
     {                                                                                                     \
         const VT sc = FN(splat)((T)a->scale);                                                             \
         VT sum = FN(splat)(0);                                                                            \
         VI out_of_range = (VI){0};                                                                        \
         int64_t j = 0;                                                                                    \
         for (; j + W <= n; j += W)                                                                        \
-            FN(NAME##_step)(a, W, x + j, y + j, w ? w + j : NULL, p ? p + j : NULL, loss ? loss + j : NULL,  \
-                            gx ? gx + j : NULL, gy ? gy + j : NULL, sc, &sum, &out_of_range);             \
+            FN(NAME##_step)(a, W, x + j, y + j, w ? w + j : NULL, p ? p + j : NULL, loss ? loss + j : NULL,\
+                            gx ? gx + j : NULL, gy ? gy + j : NULL, sc, &sum, &out_of_range, tab);        \
         if (j < n)                                                                                        \
             FN(NAME##_step)(a, n - j, x + j, y + j, w ? w + j : NULL, p ? p + j : NULL,                   \
                             loss ? loss + j : NULL, gx ? gx + j : NULL, gy ? gy + j : NULL, sc, &sum,     \
-                            &out_of_range);                                                               \
+                            &out_of_range, tab);                                                          \
         double total = 0;                                                                                 \
         for (int j = 0; j < W; j++) {                                                                     \
             total += sum[j];                                                                              \
             *bad |= out_of_range[j] != 0;                                                                 \
         }                                                                                                 \
         return total;                                                                                     \
+    }                                                                                                     \
+    /* x's functions from the bfloat16 tables when x is stored as bfloat16 (T float; the values in x are  \
+     * then bfloat16 values, converted exactly), else computed */                                         \
+    HOT static double FN(NAME)(const struct binary_args *a, int64_t n, const T *x, const T *y, const T *w,\
+                               const T *p, T *loss, T *gx, T *gy, int *bad)                               \
+    {                                                                                                     \
+        if (sizeof(T) == 4 && a->x.dtype == DT_BF16)                                                      \
+            return FN(NAME##_loop)(a, n, x, y, w, p, loss, gx, gy, bad, 1);                               \
+        return FN(NAME##_loop)(a, n, x, y, w, p, loss, gx, gy, bad, 0);                                   \
     }
 
 /* ---- bfloat16 operands in pairs (T = float) -----------------------------------------------------------
@@ -286,7 +298,8 @@ INLINE void FN(output_done)(const T *buf, const struct view *v, int64_t j0, int6
  * through conversion passes, 0.98-1.09x so (BCE 0.98-1.00, focal 1.03, logits 1.06, soft margin 1.09).
  *
  * Tables: a bfloat16 x has 65536 bit patterns, so the pair loops read x's functions from tables indexed
- * by them (the low and the high half of each word) instead of computing them: log1p(exp(-|x|)),
+ * by them (the low and the high half of each word) instead of computing them, and so does the block loop
+ * when x is stored as bfloat16 (with a weight, say: the converted values' high halves): log1p(exp(-|x|)),
  * sigmoid(x) and sigmoid(-x) for the logit losses (logsigmoid(+-x) = min(+-x, 0) - the first, as the
  * float path forms it), log x and log1p(-x) for BCE. build_tables fills each entry with the float path's
  * own vector code on that value, in the same clone of the kernels (HOT), so every output stays the float

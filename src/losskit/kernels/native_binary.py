@@ -10,7 +10,9 @@ each gradient (and the unreduced loss) written once, in the storage dtype (float
 weight or pos_weight, converted to float in cache; bfloat16 otherwise in registers, 16 elements as 8 words
 read and written in pairs, see ``_native_binary.h``). Per element one exp and one log1p (logit losses) or
 one log and one log1p (BCE), the vector functions of ``_native_common.h`` and ``_native_log.h`` (log: < 1
-ulp, log1p: < 1.5 ulp, exp: < 1.1 ulp, measured). Loss sums: per-lane sums over a block, blocks added in
+ulp, log1p: < 1.5 ulp, exp: < 1.1 ulp, measured); for a bfloat16 input, a read of tables over its 65536
+bit patterns that hold those functions' float results (1.25 MiB, built on the first bfloat16 call), so
+bfloat16 results are the float path's rounded once, bit for bit. Loss sums: per-lane sums over a block, blocks added in
 double in block order, so the result does not depend on the thread count.
 
 :func:`binary` checks every operand it hands to C (CPU, dtype, contiguity, element counts; a broadcast
