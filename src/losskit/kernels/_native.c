@@ -24,6 +24,13 @@ struct xent_args {
     double label_smoothing, gamma, scale, weight_sum;
 };
 
+/* A contiguous bfloat16 row (class stride 1): the row kernels read and write it in pairs. */
+INLINE int is_bf16_row(const struct view *v) { return v->dtype == DT_BF16 && v->sc == 1; }
+
+/* The cases of the probability-target passes (_native_rows.h): bfloat16 pairs, class weights (float
+ * rows), label smoothing. */
+enum { PROB_PAIRS = 1, PROB_WEIGHTS = 2, PROB_SMOOTH = 4 };
+
 
 /* ---- the row kernels, once per accumulation type ---------------------------------------------------- */
 

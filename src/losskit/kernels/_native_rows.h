@@ -19,45 +19,21 @@
 
 #include "_native_rowops.h"
 
-/* Probability targets: returns sum_c w[c] t'[c] over the row, t' = keep t + add (smoothed). */
-HOT static T FN(weighted_target_sum)(const T *t, int64_t C, const T *w, T keep, T add)
-{
-    T s = 0;
-    for (int64_t c = 0; c < C; c++) s += (w ? w[c] : 1) * (keep * t[c] + add);
-    return s;
-}
-
-/* Probability targets, after pass 2 left e = exp(x - m) in g: returns the loss
- * sum_c w t' (-logp) and writes g = a e - S w t' and tg = S keep w (-logp), -logp = log s - (x - m);
- * tg may be t. */
-HOT static T FN(grad_prob)(const T *x, const T *t, T *g, T *tg, int64_t C, const T *w, T m, T log_s, T keep,
-                           T add, T a, T S)
-{
-    T loss = 0;
-    for (int64_t c = 0; c < C; c++) {
-        const T wc = w ? w[c] : 1, wt = wc * (keep * t[c] + add), nlogp = log_s - (x[c] - m);
-        loss += wt * nlogp;
-        if (tg) tg[c] = S * keep * wc * nlogp;
-        if (g) g[c] = a * g[c] - S * wt;
-    }
-    return loss;
-}
-
-/* One row. x (and t) are contiguous rows in T, or x is NULL and xb the row in bfloat16 (T = float, index
- * targets, no class weights: the pair-order passes of _native_rowops.h); g (and tg) contiguous outputs
- * or NULL, g is never x, tg may be t; with xb, g is scratch in pair order and the gradient goes to the
- * bfloat16 row gb; next is the next row to prefetch, or NULL. Returns the loss. Passes: max;
- * e = exp(x - max) and its sum s (e kept in g); then g = (alpha scale / s) e - ..., on the row while it
- * is in cache. One exp per element. */
-static T FN(xent_row)(const struct xent_args *a, const T *x, const uint16_t *xb, int64_t y, const T *t, T *g,
-                      uint16_t *gb, T *tg, const void *next)
+/* One row with a class index y. x is a contiguous row in T, or x is NULL and xb the row in bfloat16
+ * (T = float, no class weights: the pair-order passes of _native_rowops.h); g a contiguous output or
+ * NULL, never x; with xb, g is scratch in pair order and the gradient goes to the bfloat16 row gb; next
+ * is the next row to prefetch, or NULL. Returns the loss. Passes: max; e = exp(x - max) and its sum s
+ * (e kept in g); then g = (alpha scale / s) e - ..., on the row while it is in cache. One exp per
+ * element. */
+static T FN(xent_row)(const struct xent_args *a, const T *x, const uint16_t *xb, int64_t y, T *g, uint16_t *gb,
+                      const void *next)
 {
     const int64_t C = a->C;
     const T *w = (const T *)a->weight;
     const T ls = (T)a->label_smoothing, scale = (T)a->scale;
-    const int smooth = ls != 0 && !t;
+    const int smooth = ls != 0;
     const T m = xb ? FN(row_max_bf16)(xb, C) : FN(row_max)(x, C);
-    const T x_y = t || y == a->ignore_index ? 0 : xb ? (T)bf16_to_f32(xb[y]) : x[y];
+    const T x_y = y == a->ignore_index ? 0 : xb ? (T)bf16_to_f32(xb[y]) : x[y];
     const int64_t next_bytes = next ? C * dtype_size(a->x.dtype) : 0;
     T wx = 0;
     /* the exp of bfloat16 grade without smoothing only: with it, gradients p_c - ls/C can cancel */
@@ -65,11 +41,6 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, const uint16_t *xb,
                    : FN(exp_sum_next)(x, C, m, g, w, smooth ? &wx : NULL, next, next_bytes);
     const T log_s = (T)LOG_SCALAR(s);
 
-    if (t) {
-        const T keep = 1 - ls, add = ls / (T)C;
-        const T wt_sum = FN(weighted_target_sum)(t, C, w, keep, add);
-        return FN(grad_prob)(x, t, g, tg, C, w, m, log_s, keep, add, scale * wt_sum / s, scale);
-    }
     if (y == a->ignore_index) {
         /* loss 0; gradient 0 * softmax, so NaN where the row has a NaN (torch's log_softmax backward) */
         if (gb) FN(affine_bf16)(gb, g, C, 0 / s, 0, 0);
@@ -109,6 +80,254 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, const uint16_t *xb,
     return loss;
 }
 
+/* ---- probability targets -------------------------------------------------------------------------------
+ * Pass 1 finds the max m and sums wt = w (keep t + add) (w = 1 when absent), reading x and t from
+ * memory side by side; pass 2 stores e = exp(x - m) and sums it and wt (x - m); the loss is
+ * log(s) sum wt - sum wt (x - m), and pass 3 writes g = scale ((sum wt / s) e - wt) and
+ * tg = scale keep w (log s - (x - m)). Each sum is kept per residue of c modulo 2W (two vectors per
+ * block of 2W elements), the residues added in the order 0, 1, ..., 2W - 1, then the last C % 2W
+ * elements one by one in element order. Float rows hold residues 0..W-1 in the first vector of a block
+ * and W..2W-1 in the second; contiguous bfloat16 rows (T = float, 2W = 16) are read as pairs, whose
+ * vectors hold the even and the odd residues (e then kept in pair order, see _native_rowops.h). Either
+ * way each sum is the same float operations on the same values in the same order, so a bfloat16 row's
+ * loss and gradients are the float path's on its values, the gradients rounded once (bit for bit).
+ * The gradient p - t cancels where p ~ t: the full exp, never the bfloat16 grade.
+ * Each pass is inlined into one copy per case (pairs; float rows without and with class weights; with
+ * and without label smoothing), its options constants: no test in the loops, and few enough live
+ * vectors that the sums stay in registers. */
+
+/* The row's pointers and constants: x or (pairs) xb; t or tb; gradients g or gb (g then scratch for
+ * e in pair order), tg or tgb, absent ones NULL; next and next_t: the next rows of x and t to prefetch
+ * (next_bytes each), or NULL. */
+struct FN(prob_row) {
+    const T *x, *t, *w;
+    const uint16_t *xb, *tb;
+    T *g, *tg;
+    uint16_t *gb, *tgb;
+    const void *next, *next_t;
+    int64_t C, next_bytes;
+    T keep, add;
+};
+
+/* Block [c, c + 2W) of a row as its two vectors: a float row's halves, or a bfloat16 row's pairs. */
+INLINE void FN(block)(const T *x, const uint16_t *xb, int64_t c, VT *lo, VT *hi, const int pairs)
+{
+    if (pairs) {
+        FN(bf16_pairs)(xb, c, lo, hi);
+    } else {
+        *lo = FN(load)(x + c);
+        *hi = FN(load)(x + c + W);
+    }
+}
+
+/* Lanes [0, n) of the row from c in element order (x or the bfloat16 xb), the rest fill. */
+INLINE VT FN(part)(const T *x, const uint16_t *xb, int64_t c, int64_t n, T fill, const int pairs)
+{
+    return pairs ? FN(bf16_part)(xb, c, n, fill) : FN(load_part)(x + c, n, fill);
+}
+
+/* The residues 0, 1, ..., 2W - 1 of a sum's two vectors added in order (see above). */
+INLINE T FN(residue_sum)(VT lo, VT hi, const int pairs)
+{
+    T s = 0;
+    for (int r = 0; r < 2 * W; r++) s += pairs ? (r & 1 ? hi : lo)[r >> 1] : (r < W ? lo : hi)[r % W];
+    return s;
+}
+
+/* wt = w (keep t + add) on lanes [c, c + n) in element order (keep t + add where w is absent: pairs;
+ * t itself without smoothing: keep = 1, add = 0). */
+INLINE VT FN(target_weight)(VT t, VT vkeep, VT vadd, const T *w, int64_t c, int64_t n, const int opts)
+{
+    const VT wt = opts & PROB_SMOOTH ? vkeep * t + vadd : t;
+    if (!(opts & PROB_WEIGHTS)) return wt;
+    return (n == W ? FN(load)(w + c) : FN(load_part)(w + c, n, 0)) * wt;
+}
+
+/* Pass 1: returns the max of x and adds sum wt to *wt_sum. */
+INLINE T FN(prob_max_impl)(const struct FN(prob_row) *r, T *wt_sum, const int opts)
+{
+    const int pairs = opts & PROB_PAIRS;
+    const int64_t C = r->C;
+    const T *x = r->x, *t = r->t, *w = r->w;
+    const uint16_t *xb = r->xb, *tb = r->tb;
+    const VT vkeep = FN(splat)(r->keep), vadd = FN(splat)(r->add);
+    VT m0 = FN(splat)(-INFINITY), m1 = m0, sw0 = FN(splat)(0), sw1 = sw0, x0, x1, t0, t1;
+    int64_t c = 0;
+    for (; c + 2 * W <= C; c += 2 * W) {
+        FN(block)(x, xb, c, &x0, &x1, pairs);
+        FN(block)(t, tb, c, &t0, &t1, pairs);
+        m0 = FN(vmax)(m0, x0);
+        m1 = FN(vmax)(m1, x1);
+        sw0 += FN(target_weight)(t0, vkeep, vadd, w, c, W, opts);
+        sw1 += FN(target_weight)(t1, vkeep, vadd, w, c + W, W, opts);
+    }
+    T sw = FN(residue_sum)(sw0, sw1, pairs);
+    for (; c < C; c += W) {
+        const int64_t n = C - c < W ? C - c : W;
+        m0 = FN(vmax)(m0, FN(part)(x, xb, c, n, -INFINITY, pairs));
+        const VT wv = FN(target_weight)(FN(part)(t, tb, c, n, 0, pairs), vkeep, vadd, w, c, n, opts);
+        for (int64_t j = 0; j < n; j++) sw += wv[j];
+    }
+    *wt_sum = sw;
+    return FN(hmax)(FN(vmax)(m0, m1));
+}
+
+/* Pass 2: stores e (into r->g if given) and returns s; sum wt (x - m) into *wtd. */
+INLINE T FN(prob_exp_impl)(const struct FN(prob_row) *r, T m, T *wtd, const int opts)
+{
+    const int pairs = opts & PROB_PAIRS;
+    const int64_t C = r->C, esize = pairs ? 2 : (int64_t)sizeof(T); /* bytes of an element of x and t */
+    const char *next = r->next, *next_t = r->next_t;
+    const int64_t next_bytes = r->next_bytes;
+    const T *x = r->x, *t = r->t, *w = r->w;
+    const uint16_t *xb = r->xb, *tb = r->tb;
+    T *e = r->g;
+    const VT vm = FN(splat)(m), vkeep = FN(splat)(r->keep), vadd = FN(splat)(r->add);
+    VT se0 = FN(splat)(0), se1 = se0, sd0 = se0, sd1 = se0, x0, x1, t0, t1;
+    int64_t c = 0;
+    for (; c + 2 * W <= C; c += 2 * W) {
+        /* the next rows of x and t (as in exp_sum_impl): in L2 when pass 1 reads them */
+        if (c * esize < next_bytes) {
+            __builtin_prefetch(next + c * esize, 0, 2);
+            __builtin_prefetch(next_t + c * esize, 0, 2);
+        }
+        FN(block)(x, xb, c, &x0, &x1, pairs);
+        FN(block)(t, tb, c, &t0, &t1, pairs);
+        const VT d0 = x0 - vm, d1 = x1 - vm, e0 = VEXP(d0), e1 = VEXP(d1);
+        if (e) {
+            FN(store)(e + c, e0);
+            FN(store)(e + c + W, e1);
+        }
+        se0 += e0;
+        se1 += e1;
+        sd0 += FN(target_weight)(t0, vkeep, vadd, w, c, W, opts) * d0;
+        sd1 += FN(target_weight)(t1, vkeep, vadd, w, c + W, W, opts) * d1;
+    }
+    T s = FN(residue_sum)(se0, se1, pairs), sd = FN(residue_sum)(sd0, sd1, pairs);
+    for (; c < C; c += W) {
+        const int64_t n = C - c < W ? C - c : W;
+        const VT d = FN(part)(x, xb, c, n, -INFINITY, pairs) - vm, ev = VEXP(d);
+        const VT wd = FN(target_weight)(FN(part)(t, tb, c, n, 0, pairs), vkeep, vadd, w, c, n, opts) * d;
+        if (e) FN(store_part)(e + c, n, ev);
+        for (int64_t j = 0; j < n; j++) {
+            s += ev[j];
+            sd += wd[j];
+        }
+    }
+    *wtd = sd;
+    return s;
+}
+
+/* Pass 3's arithmetic on one vector of elements [c, c + n) (element order, or a pair-order half): the
+ * gradient scale (b e - wt), b = sum wt / s, and the target's gradient sk w (log s - d), sk = scale keep.
+ * Without class weights each has one product that an add or subtract could absorb (b e: p - t, fused
+ * where the clone has FMA, is p - t rounded once), so the compiler contracts it alike on float rows
+ * and on pairs; a e - scale wt had two, and the two paths' copies did not pick the same one. */
+INLINE VT FN(prob_grad_v)(VT e, VT wt, VT vb, VT vscale) { return vscale * (vb * e - wt); }
+
+INLINE VT FN(prob_tgrad_v)(VT d, VT vsk, VT vlog_s, const T *w, int64_t c, int64_t n, const int opts)
+{
+    const VT f = opts & PROB_WEIGHTS ? vsk * (n == W ? FN(load)(w + c) : FN(load_part)(w + c, n, 0)) : vsk;
+    return f * (vlog_s - d);
+}
+
+/* Outputs of a block stored: a float row's two halves at p + c, or (pairs) rounded to bfloat16 in
+ * registers and written in element order as even | odd << 16 words; no_nan: none is NaN (see
+ * xent_prob_row), and the rounding leaves out its NaN fix-up. */
+INLINE void FN(prob_store)(T *p, uint16_t *pb, int64_t c, VT lo, VT hi, const int no_nan, const int pairs)
+{
+    if (pairs) {
+        const v8u32 words = bf16_round8_words((v8f)lo, no_nan) | (bf16_round8_words((v8f)hi, no_nan) << 16);
+        memcpy(pb + c, &words, sizeof words);
+    } else {
+        FN(store)(p + c, lo);
+        FN(store)(p + c + W, hi);
+    }
+}
+
+/* Lanes [0, n) of a vector stored in element order at p + c, or at pb + c rounded to bfloat16. */
+INLINE void FN(prob_store_part)(T *p, uint16_t *pb, int64_t c, int64_t n, VT v, const int no_nan, const int pairs)
+{
+    if (pairs) {
+        const v8u32 words = bf16_round8_words((v8f)v, no_nan);
+        for (int64_t j = 0; j < n; j++) pb[c + j] = (uint16_t)words[j];
+    } else {
+        FN(store_part)(p + c, n, v);
+    }
+}
+
+/* Pass 3 (see above), on the row in cache; g may be the e of pass 2 (in place), tg may be t. */
+INLINE void FN(prob_grad_impl)(const struct FN(prob_row) *r, T m, T b, T scale, T log_s, const int no_nan,
+                               const int opts)
+{
+    const int pairs = opts & PROB_PAIRS;
+    const int64_t C = r->C;
+    const T *x = r->x, *t = r->t, *w = r->w, *e = r->g;
+    const uint16_t *xb = r->xb, *tb = r->tb;
+    T *g = r->g, *tg = r->tg;
+    uint16_t *gb = r->gb, *tgb = r->tgb;
+    const int want_g = g || gb, want_tg = tg || tgb;
+    const VT vm = FN(splat)(m), vkeep = FN(splat)(r->keep), vadd = FN(splat)(r->add), vb = FN(splat)(b),
+             vscale = FN(splat)(scale), vsk = FN(splat)(scale * r->keep), vlog_s = FN(splat)(log_s);
+    VT t0, t1, x0, x1;
+    int64_t c = 0;
+    for (; c + 2 * W <= C; c += 2 * W) {
+        FN(block)(t, tb, c, &t0, &t1, pairs);
+        if (want_g)
+            FN(prob_store)(g, gb, c,
+                           FN(prob_grad_v)(FN(load)(e + c), FN(target_weight)(t0, vkeep, vadd, w, c, W, opts), vb, vscale),
+                           FN(prob_grad_v)(FN(load)(e + c + W), FN(target_weight)(t1, vkeep, vadd, w, c + W, W, opts), vb,
+                                           vscale),
+                           no_nan, pairs);
+        if (want_tg) {
+            FN(block)(x, xb, c, &x0, &x1, pairs);
+            FN(prob_store)(tg, tgb, c, FN(prob_tgrad_v)(x0 - vm, vsk, vlog_s, w, c, W, opts),
+                           FN(prob_tgrad_v)(x1 - vm, vsk, vlog_s, w, c + W, W, opts), no_nan, pairs);
+        }
+    }
+    for (; c < C; c += W) {
+        const int64_t n = C - c < W ? C - c : W;
+        const VT wt = FN(target_weight)(FN(part)(t, tb, c, n, 0, pairs), vkeep, vadd, w, c, n, opts);
+        if (want_g)
+            FN(prob_store_part)(g, gb, c, n, FN(prob_grad_v)(FN(load_part)(e + c, n, 0), wt, vb, vscale), no_nan, pairs);
+        if (want_tg)
+            FN(prob_store_part)(tg, tgb, c, n, FN(prob_tgrad_v)(FN(part)(x, xb, c, n, 0, pairs) - vm, vsk, vlog_s, w, c, n, opts),
+                                no_nan, pairs);
+    }
+}
+
+/* One row with a probability target, its three passes inlined with options opts (see above); returns
+ * its loss. */
+INLINE T FN(prob_row_impl)(const struct xent_args *a, const struct FN(prob_row) *r, const int opts)
+{
+    const T scale = (T)a->scale;
+    T wt_sum, wtd;
+    const T m = FN(prob_max_impl)(r, &wt_sum, opts);
+    const T s = FN(prob_exp_impl)(r, m, &wtd, opts), log_s = (T)LOG_SCALAR(s), b = wt_sum / s;
+    if (r->g || r->gb || r->tg || r->tgb) {
+        /* s is NaN when some e is (a NaN logit, or a row of -inf), else in [1, C]; every wt is finite
+         * when their sum is. Then every e is in [0, 1] and no gradient is NaN: scale (b e - wt) has
+         * finite factors, and scale keep (log s - (x - m)) is +inf at x = -inf, NaN only times 0. */
+        const T sk = scale * r->keep;
+        const int no_nan = (opts & PROB_PAIRS) && s == s && isfinite(wt_sum) && isfinite(b) && isfinite(scale) &&
+                           (!r->tgb || (sk != 0 && isfinite(sk)));
+        if (no_nan) FN(prob_grad_impl)(r, m, b, scale, log_s, 1, opts);
+        else FN(prob_grad_impl)(r, m, b, scale, log_s, 0, opts);
+    }
+    /* sum wt (log s - (x - m)): both terms >= 0 for targets >= 0, no cancellation */
+    return log_s * wt_sum - wtd;
+}
+
+/* One row with a probability target: r->xb set for pairs (T = float), else float rows. */
+HOT static T FN(xent_prob_row)(const struct xent_args *a, const struct FN(prob_row) *r)
+{
+    const int smooth = r->keep != 1 || r->add != 0;
+    if (DTYPE_OF_T == DT_F32 && r->xb)
+        return smooth ? FN(prob_row_impl)(a, r, PROB_PAIRS | PROB_SMOOTH) : FN(prob_row_impl)(a, r, PROB_PAIRS);
+    if (r->w) return FN(prob_row_impl)(a, r, PROB_WEIGHTS | PROB_SMOOTH);
+    return smooth ? FN(prob_row_impl)(a, r, PROB_SMOOTH) : FN(prob_row_impl)(a, r, 0);
+}
+
 /* Rows [r0, r1) of one call: load (or point at) each row, run it, store the outputs. */
 static int FN(xent_range)(const struct xent_args *a, int64_t r0, int64_t r1)
 {
@@ -116,19 +335,21 @@ static int FN(xent_range)(const struct xent_args *a, int64_t r0, int64_t r1)
     const int prob = a->t.ptr != NULL;
     const int x_direct = a->x.dtype == DTYPE_OF_T && a->x.sc == 1;
     const int g_direct = a->g.dtype == DTYPE_OF_T && a->g.sc == 1;
-    /* Contiguous bfloat16 rows with index targets and no class weights are read, and their gradients
-     * written, in bfloat16 by the pair-order passes (no float copy of the row made or stored back). */
-    const int pairs = DTYPE_OF_T == DT_F32 && !prob && !a->weight && a->x.dtype == DT_BF16 && a->x.sc == 1 &&
-                      (!a->g.ptr || (a->g.dtype == DT_BF16 && a->g.sc == 1));
+    /* Contiguous bfloat16 rows without class weights, and their contiguous bfloat16 targets (probability
+     * targets), are read, and their gradients written, in bfloat16 by the pair-order passes (no float
+     * copy of a row made or stored back). */
+    const int pairs = DTYPE_OF_T == DT_F32 && !a->weight && is_bf16_row(&a->x) && (!a->g.ptr || is_bf16_row(&a->g)) &&
+                      (!prob || (is_bf16_row(&a->t) && (!a->tg.ptr || is_bf16_row(&a->tg))));
     const int t_direct = a->t.dtype == DTYPE_OF_T && a->t.sc == 1;
     const int tg_direct = a->tg.dtype == DTYPE_OF_T && a->tg.sc == 1;
     /* Scratch rows (C * sizeof(T) each, in cache beside the row): x and t converted to T where they
-     * are not contiguous rows of T, and the gradients formed there before they are stored. */
+     * are not contiguous rows of T, and the gradients formed there before they are stored (with pairs,
+     * e in pair order). */
     T *xs = NULL, *gs = NULL, *ts = NULL;
     int err = 0;
     if ((!x_direct && !pairs && !(xs = malloc((size_t)C * sizeof(T)))) ||
         (a->g.ptr && !g_direct && !(gs = malloc((size_t)C * sizeof(T)))) ||
-        (prob && (!t_direct || (a->tg.ptr && !tg_direct)) && !(ts = malloc((size_t)C * sizeof(T)))))
+        (prob && !pairs && (!t_direct || (a->tg.ptr && !tg_direct)) && !(ts = malloc((size_t)C * sizeof(T)))))
         err = ERR_NOMEM;
     T *loss = (T *)a->loss;
     for (int64_t r = r0; r < r1 && !err; r++) {
@@ -142,25 +363,39 @@ static int FN(xent_range)(const struct xent_args *a, int64_t r0, int64_t r1)
         uint16_t *gb = NULL;
         if (a->g.ptr) g = g_direct ? (T *)a->g.ptr + row_offset(&a->g, r, a->L) : gs;
         if (a->g.ptr && pairs) gb = (uint16_t *)a->g.ptr + row_offset(&a->g, r, a->L);
-        const T *t = NULL;
-        T *tg = NULL;
-        if (prob) {
-            /* tg is formed in place of t (each t[c] is read before tg[c] is written) */
-            if (t_direct) t = (const T *)a->t.ptr + row_offset(&a->t, r, a->L);
-            if (!t_direct || (a->tg.ptr && !tg_direct)) {
-                if (t_direct) memcpy(ts, t, (size_t)C * sizeof(T));
-                else FN(load_row)(ts, &a->t, r, a->L, C);
-                t = ts;
-            }
-            if (a->tg.ptr) tg = tg_direct ? (T *)a->tg.ptr + row_offset(&a->tg, r, a->L) : ts;
-        }
         /* the next row, where its elements are contiguous, is prefetched during this row's exp pass */
         const void *next = a->x.sc == 1 && r + 1 < r1
                                ? (const char *)a->x.ptr + row_offset(&a->x, r + 1, a->L) * dtype_size(a->x.dtype)
                                : NULL;
-        loss[r] = FN(xent_row)(a, x, xb, y, t, g, gb, tg, next);
+        if (!prob) {
+            loss[r] = FN(xent_row)(a, x, xb, y, g, gb, next);
+            if (g && !g_direct && !gb) FN(store_row)(&a->g, r, a->L, C, g);
+            continue;
+        }
+        struct FN(prob_row) row = {.x = x, .w = (const T *)a->weight, .xb = xb, .g = g, .gb = gb, .C = C,
+                                   .keep = 1 - (T)a->label_smoothing, .add = (T)a->label_smoothing / (T)C};
+        /* the next rows of x and t, where both are contiguous in one dtype, are prefetched in pass 2 */
+        if (next && a->t.sc == 1 && a->t.dtype == a->x.dtype) {
+            row.next = next;
+            row.next_t = (const char *)a->t.ptr + row_offset(&a->t, r + 1, a->L) * dtype_size(a->t.dtype);
+            row.next_bytes = C * dtype_size(a->x.dtype);
+        }
+        if (pairs) {
+            row.tb = (const uint16_t *)a->t.ptr + row_offset(&a->t, r, a->L);
+            if (a->tg.ptr) row.tgb = (uint16_t *)a->tg.ptr + row_offset(&a->tg, r, a->L);
+        } else {
+            /* tg is formed in place of t (each t[c] is read before tg[c] is written) */
+            if (t_direct) row.t = (const T *)a->t.ptr + row_offset(&a->t, r, a->L);
+            if (!t_direct || (a->tg.ptr && !tg_direct)) {
+                if (t_direct) memcpy(ts, row.t, (size_t)C * sizeof(T));
+                else FN(load_row)(ts, &a->t, r, a->L, C);
+                row.t = ts;
+            }
+            if (a->tg.ptr) row.tg = tg_direct ? (T *)a->tg.ptr + row_offset(&a->tg, r, a->L) : ts;
+        }
+        loss[r] = FN(xent_prob_row)(a, &row);
         if (g && !g_direct && !gb) FN(store_row)(&a->g, r, a->L, C, g);
-        if (tg && !tg_direct) FN(store_row)(&a->tg, r, a->L, C, tg);
+        if (row.tg && !tg_direct) FN(store_row)(&a->tg, r, a->L, C, row.tg);
     }
     free(xs);
     free(gs);
