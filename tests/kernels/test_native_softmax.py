@@ -597,3 +597,23 @@ def test_bfloat16_log_softmax_backward_on_pairs_reads_exp_from_a_table():
         native_softmax.softmax_backward_rows(_transposed(y).unsqueeze(-1), _transposed(g).unsqueeze(-1), out[1],
                                              log=True)
         assert torch.equal(_bits(out[0]), _bits(out[1]))
+
+
+def test_bfloat16_log_softmax_sums_exp_from_a_double_table():
+    """log_softmax's forward on contiguous bfloat16 rows sums exp(x) read from a table of every bit
+    pattern's exp in double, times exp(-max), when the row's sum lies in [2^-960, 2^1000] (logits within
+    about +-660), else computes the exps as before. Rows on both sides of those bounds, with -inf entries,
+    NaN and +inf (C = 301: blocks of 32 and a tail; C = 16): the outputs and gradients are torch's to the
+    bit (the sum rounded to bfloat16, as ATen rounds it), and NaNs and infinities are the float rows'."""
+    for c in (301, 16):
+        x = _randn((12, c), torch.float64, seed=13)
+        x += torch.tensor([-1e4, -700.0, -665.0, -640.0, -30.0, 0.0, 30.0, 640.0, 665.0, 700.0, 1e4, 0.0])[:, None]
+        x[4, [0, c - 1]] = -float("inf")
+        x[11, 3] = float("nan") if c == 301 else float("inf")
+        x = x.bfloat16()
+        ours = _results(LF.log_softmax, x, dim=-1, impl="compiled")
+        for a, b in zip(ours, _results(F.log_softmax, x, dim=-1)):
+            _identical(a, b)
+        rows = torch.empty(12, c, 1, dtype=torch.bfloat16)
+        native_softmax.softmax_rows(_transposed(x).unsqueeze(-1), rows, log=True)
+        _within_one_bf16_step(ours[0], rows.squeeze(-1), f"C={c}")

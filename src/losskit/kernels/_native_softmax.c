@@ -50,12 +50,12 @@ struct nll_args {
 };
 
 /* The bfloat16 tables (see build_bf16_tables in _native_softmax_rows.h): a function of a bfloat16 value
- * on each of its 65536 bit patterns, built on the first call that reads them. exp(y) of a saved
- * log_softmax output (float, 256 KiB); of a probability p, p log p (as double: 512 KiB) and the entropy
- * gradient -(log p + 1) rounded to bfloat16 (128 KiB). A kernel touches only the entries of the values
- * it meets (a few thousand for softmax outputs). */
+ * on each of its 65536 bit patterns, built on the first call that reads them. For log_softmax (forward
+ * and backward): exp(y) as float (256 KiB) and as double (512 KiB); of a probability p, p log p (as
+ * double: 512 KiB) and the entropy gradient -(log p + 1) rounded to bfloat16 (128 KiB). A kernel touches
+ * only the entries of the values it meets (a few thousand for randn logits or softmax outputs). */
 static float bf16_exp_table[65536];
-static double bf16_plogp_table[65536];
+static double bf16_exp_double_table[65536], bf16_plogp_table[65536];
 static uint16_t bf16_entropy_grad_table[65536];
 
 /* exp_array, shared by _native_rowops.h for _native.c's accuracy tests, is not used here. */
@@ -144,7 +144,7 @@ static PyObject *py_rows(PyObject *self, PyObject *args)
     a.dbl = dbl;
     a.columns = (L > 1 && C <= COLUMN_MAX_C) || C < COLUMN_BELOW_C;
     if (!dbl && !a.columns && bf16_rows_f32(&a)) {
-        if (op == OP_LOG_SOFTMAX_BACKWARD) pthread_once(&exp_table_once, build_exp_table);
+        if (op == OP_LOG_SOFTMAX || op == OP_LOG_SOFTMAX_BACKWARD) pthread_once(&exp_table_once, build_exp_table);
         if (op == OP_ENTROPY_PROBS) pthread_once(&entropy_tables_once, build_entropy_tables);
     }
     const int64_t w = dbl ? 4 : 8; /* rows per tile: W of the accumulation type */

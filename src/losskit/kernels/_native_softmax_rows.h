@@ -254,10 +254,14 @@ HOT static T FN(entropy_probs)(const T *p, T *g, int64_t C, int bf16)
  * the entropy of probabilities. Each entry is the float rows' own expression on that value, computed in
  * the same clone (HOT) as the loops that read it, so a table read gives the float rows' bits (tested
  * over every bit pattern; the entropy of probabilities adds its terms as the float rows do and equals
- * them bit for bit). One thread, C = 8192, ns/element computed -> tables (float32): in cache, log_softmax's
- * backward 0.80 -> 0.55 (0.55), entropy of probabilities 1.40 -> 0.49 (1.31, through float rows); 1024
- * rows from memory 0.78 -> 0.52 (0.76), 1.43 -> 0.48 (1.28). The log_softmax backward's table read (two
- * loads and an insert a lane) costs about what the exp it replaces does in cache; from memory it wins. */
+ * them bit for bit). log_softmax's forward sum, sum exp(x - m) = exp(-m) sum exp(x), reads exp(x) in
+ * double from a table too (exp_sum_table: more accurate than the float exps, so not their bits; rounded
+ * to bfloat16 as ATen rounds it, the output stays torch's to the bit, tested). One thread, C = 8192,
+ * ns/element computed -> tables (float32), loaded machine: in cache, log_softmax forward 0.64 -> 0.47
+ * (0.55), its backward 0.80 -> 0.55 (0.55), entropy of probabilities 1.40 -> 0.49 (1.31, through float
+ * rows); 1024 rows from memory 0.73 -> 0.47 (0.85), 0.78 -> 0.54 (0.80), 1.43 -> 0.48 (1.28). The
+ * backward's table read (two loads and an insert a lane) costs about what the exp it replaces does in
+ * cache; from memory it wins. */
 
 enum { BF_SHIFT, BF_SOFTMAX_GIN, BF_LOG_SOFTMAX_GIN, BF_ENTROPY_GIN, BF_EZ, BF_GY, BF_G };
 
@@ -422,6 +426,29 @@ HOT static T FN(entropy_probs_bf16)(const uint16_t *pb, uint16_t *gb, int64_t C)
     return gb ? FN(entropy_probs_bf16_impl)(pb, gb, C, 1) : FN(entropy_probs_bf16_impl)(pb, NULL, C, 0);
 }
 
+/* log_softmax's sum on a bfloat16 row, sum_c exp(x_c - m) = exp(-m) sum_c exp(x_c), each exp(x_c) read
+ * from bf16_exp_double_table (exp of every bit pattern, in double) and added in double (8 lanes): no
+ * exp per element. NaN when the row's sum is not within [2^-960, 2^1000] (a NaN or +inf entry, only -inf,
+ * logits past about +-660; the caller then takes exp_sum_bf16): inside, every term lost to underflow is
+ * below 2^-62 of the sum, exp(-m) is finite and normal, and the result has a double's accuracy (the
+ * float exps' sum: float rounding) before it is rounded to T. */
+HOT static T FN(exp_sum_table)(const uint16_t *xb, int64_t C, T m, const void *next, int64_t next_bytes)
+{
+    double lane[8] = {0};
+    int64_t c = 0;
+    for (; c + 32 <= C; c += 32) {
+        if (next && 2 * c < next_bytes) __builtin_prefetch((const char *)next + 2 * c, 0, 2); /* 64 bytes */
+        for (int k = 0; k < 32; k += 8) { /* the patterns four to a 64-bit load: fewer loads than one each */
+            uint64_t w[2];
+            memcpy(w, xb + c + k, sizeof w);
+            for (int j = 0; j < 8; j++) lane[j] += bf16_exp_double_table[(uint16_t)(w[j >> 2] >> (16 * (j & 3)))];
+        }
+    }
+    for (int j = 0; c < C; c++, j = (j + 1) & 7) lane[j] += bf16_exp_double_table[xb[c]];
+    const double sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    return sum >= 0x1p-960 && sum <= 0x1p1000 ? (T)(sum * exp(-(double)m)) : NAN;
+}
+
 /* The bfloat16 tables' entries (entropy: bf16_plogp_table and bf16_entropy_grad_table, else
  * bf16_exp_table): the float rows' own expressions on every bit pattern (VEXP of log_softmax_grad;
  * plogp and plogp_gin of vlog_bf16, the gradient rounded as store_row rounds it), in the same clone of
@@ -433,6 +460,7 @@ HOT static void FN(build_bf16_tables)(int entropy)
         for (int j = 0; j < W; j++) x[j] = bf16_to_f32((uint16_t)(i + j));
         if (!entropy) {
             FN(store)(bf16_exp_table + i, VEXP(x));
+            for (int j = 0; j < W; j++) bf16_exp_double_table[i + j] = exp((double)x[j]);
             continue;
         }
         const VT lp = FN(vlog_bf16)(x);
@@ -507,7 +535,8 @@ static T FN(bf16_row)(const struct rows_args *a, int64_t r, T *e, const void *ne
     case OP_LOG_SOFTMAX: {
         const T m = FN(row_max_bf16)(xb, C);
         const int is_log = a->op == OP_LOG_SOFTMAX, rd = FN(round_dt)(a);
-        const T s = FN(exp_sum_bf16)(xb, C, m, is_log ? NULL : e, NULL, next, next_bytes, !is_log);
+        T s = is_log ? FN(exp_sum_table)(xb, C, m, next, next_bytes) : NAN;
+        if (s != s) s = FN(exp_sum_bf16)(xb, C, m, is_log ? NULL : e, NULL, next, next_bytes, !is_log);
         /* s is NaN when the row holds a NaN, +inf, or only -inf: otherwise no result is NaN */
         if (is_log)
             FN(bf16_map)(BF_SHIFT, xb, NULL, NULL, ob, C, m, FN(round_to)((T)LOG_SCALAR(FN(round_to)(s, rd)), rd), 0,

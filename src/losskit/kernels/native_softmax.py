@@ -24,7 +24,8 @@ one bfloat16 step. There, the entropy of probabilities (p log p and its gradient
 backward (exp of the saved output) read each element's function of its one bfloat16 operand from tables
 over the 65536 bit patterns, filled by the float rows' own code: each entry is the float rows' value to
 the bit (the entropy of probabilities equals the float rows' bit for bit; log_softmax's backward still
-sums grad_output in pair order).
+sums grad_output in pair order). log_softmax's forward sums ``exp(x)`` from a table in double, times
+``exp(-max)`` (logits within about +-660; else the exps are computed), and stays torch's to the bit.
 Outputs must be contiguous; :func:`losskit.kernels.native.empty` allocates them.
 
 Safety: every operand handed to C is checked here (CPU device, dtype, shape, contiguity of outputs,
