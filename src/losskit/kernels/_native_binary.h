@@ -50,16 +50,6 @@ INLINE struct FN(sig_core) FN(sigmoid_core)(VT x)
     return (struct FN(sig_core)){l, FN(select)(pos, r, e * r), FN(select)(pos, e * r, r)};
 }
 
-/* Each lane's entry of a table over the 65536 bfloat16 bit patterns (idx: the lanes' patterns). Scalar
- * loads: on Zen 3 they beat vgatherdps (a loop of 4 table reads per 16 elements in cache, 1 thread: 0.62
- * against 0.87 ns an element), and they need no AVX2 in the default clone. */
-INLINE VT FN(lookup)(const float *table, v8u32 idx)
-{
-    VT v;
-    for (int j = 0; j < W; j++) v[j] = (T)table[idx[j]];
-    return v;
-}
-
 /* The logsigmoid pair and the sigmoid pair of x: computed, or (idx non-NULL: x's bfloat16 bit patterns)
  * read from the tables, whose entries sigmoid_core computed on the same values. */
 struct FN(sig) { VT ls, lsn, s, sn; };
@@ -67,10 +57,10 @@ struct FN(sig) { VT ls, lsn, s, sn; };
 INLINE struct FN(sig) FN(sigmoid_parts)(VT x, const v8u32 *idx)
 {
     const VT zero = FN(splat)(0);
-    const struct FN(sig_core) c = idx ? (struct FN(sig_core)){FN(lookup)(bf16_tables[TAB_LOG1P_EXP], *idx),
-                                                              FN(lookup)(bf16_tables[TAB_SIGMOID], *idx),
-                                                              FN(lookup)(bf16_tables[TAB_SIGMOID_NEG], *idx)}
-                                      : FN(sigmoid_core)(x);
+    const struct FN(sig_core) c = !idx ? FN(sigmoid_core)(x)
+                                       : (struct FN(sig_core)){FN(table_lanes)(bf16_tables[TAB_LOG1P_EXP], *idx),
+                                                               FN(table_lanes)(bf16_tables[TAB_SIGMOID], *idx),
+                                                               FN(table_lanes)(bf16_tables[TAB_SIGMOID_NEG], *idx)};
     return (struct FN(sig)){FN(vmin)(x, zero) - c.l, FN(vmin)(-x, zero) - c.l, c.s, c.sn};
 }
 
@@ -82,8 +72,8 @@ INLINE struct FN(res) FN(bce_v)(const struct binary_args *a, VT x, VT y, VT w, V
 {
     (void)a;
     (void)p;
-    const VT lx = idx ? FN(lookup)(bf16_tables[TAB_LOG], *idx) : VLOG(x);
-    const VT l1 = idx ? FN(lookup)(bf16_tables[TAB_LOG1P_NEG], *idx) : VLOG1P(-x);
+    const VT lx = idx ? FN(table_lanes)(bf16_tables[TAB_LOG], *idx) : VLOG(x);
+    const VT l1 = idx ? FN(table_lanes)(bf16_tables[TAB_LOG1P_NEG], *idx) : VLOG1P(-x);
     struct FN(res) r;
     r.loss = w * ((y - 1) * FN(clamp_min)(l1, -100) - y * FN(clamp_min)(lx, -100));
     if (want_x) r.dx = w * ((x - y) / FN(clamp_min)((1 - x) * x, (T)BCE_EPSILON));

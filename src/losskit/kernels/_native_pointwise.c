@@ -41,8 +41,17 @@ struct pw_args {
     double *sums; /* (ceil(n / BLOCK),) loss sum of each block: the total is independent of the split */
 };
 
+/* kl_div's functions of a bfloat16 target y, on each of its 65536 bit patterns, as the float path computes
+ * them (build_tables in _native_pointwise.h): log y and exp y, 256 KiB each, built on the first kl_div
+ * call with a bfloat16 target. */
+enum { TAB_LOG, TAB_EXP, N_TABLES };
+static float bf16_tables[N_TABLES][65536];
+
 #define TEMPLATE "_native_pointwise.h"
 #include "_native_instantiate.h"
+
+static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
+static void build_tables(void) { build_tables_f32(); }
 
 static int f32_range(void *ctx, int64_t b0, int64_t b1) { return pointwise_blocks_f32(ctx, b0, b1); }
 static int f64_range(void *ctx, int64_t b0, int64_t b1) { return pointwise_blocks_f64(ctx, b0, b1); }
@@ -97,6 +106,7 @@ static PyObject *py_pointwise(PyObject *self, PyObject *args)
     if (!(a.sums = malloc((size_t)blocks * sizeof(double)))) return PyErr_NoMemory();
     double total = 0;
     Py_BEGIN_ALLOW_THREADS
+    if (a.kind != K_MSE && a.y.dtype == DT_BF16 && a.uniform == DT_BF16) pthread_once(&tables_once, build_tables);
     parallel_for(dbl ? f64_range : f32_range, &a, blocks, nthreads);
     for (int64_t b = 0; b < blocks; b++) total += a.sums[b];
     Py_END_ALLOW_THREADS
@@ -115,8 +125,4 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__native_pointwise(void)
-{
-    init_bf16_log_table();
-    return PyModule_Create(&module);
-}
+PyMODINIT_FUNC PyInit__native_pointwise(void) { return PyModule_Create(&module); }

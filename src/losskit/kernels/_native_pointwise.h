@@ -14,9 +14,9 @@
  * common case), the vectors are loaded and stored in that dtype, bfloat16/float16 converted in
  * registers (float16 one lane at a time with F16C: GCC 12 does not convert _Float16 vectors whole; an
  * integer bit-manipulation version of the 8-lane conversion measured slower). bfloat16 goes 16 elements
- * at a time as (even, odd) vectors of FN(bf16_pairs), written back by FN(store_pairs), and kl_div's log of
- * a bfloat16 target comes from a table (log_bf16_v8f): 1 thread, in cache, per element, float32 1.11 ns,
- * bfloat16 1.64 -> 0.98 ns (kl_div, input gradient); mse 0.15 ns, bfloat16 0.50 -> 0.20 ns. Otherwise
+ * at a time as (even, odd) vectors of FN(bf16_pairs), written back by FN(store_pairs), and kl_div's log y
+ * and exp y of a bfloat16 target come from tables over its bit patterns holding the float path's values
+ * (build_tables), so bfloat16 results are the float path's rounded once, bit for bit. Otherwise
  * (an integer target, mixed floating dtypes, a NaN scale) a block of each operand is converted into T
  * scratch arrays on the stack (BLOCK * sizeof(T) each, in L1), computed there and converted out.
  */
@@ -117,14 +117,27 @@ INLINE VT FN(exp_any)(VT v)
     return e;
 }
 
-/* log y for the kl_div target y stored as dt (a constant in every inlined copy). */
-INLINE VT FN(log_target)(const int dt, VT y)
-{
+/* f(y) for the kl_div target y stored as dt (a constant in every inlined copy): computed (f), or for a
+ * bfloat16 y read from the table of its bit patterns (the high halves of y's floats), whose entries
+ * build_tables computed with f on the same values, so the bits are the float path's. */
 #if W == 8
-    if (dt == DT_BF16) return log_bf16_v8f(y);
+#define PW_OF_TARGET(dt, y, TABLE, f) ((dt) == DT_BF16 ? FN(table_lanes)(bf16_tables[TABLE], (v8u32)(y) >> 16) : f(y))
+#else
+#define PW_OF_TARGET(dt, y, TABLE, f) f(y)
 #endif
-    (void)dt;
-    return VLOG(y);
+
+/* Every entry of the bfloat16 tables: log y and exp y, as kl_div's float path computes them. T is float. */
+HOT static void FN(build_tables)(void)
+{
+    for (int64_t i = 0; i < 65536; i += W) {
+        VT y;
+        for (int j = 0; j < W; j++) y[j] = (T)bf16_to_f32((uint16_t)(i + j));
+        const VT lg = VLOG(y), e = FN(exp_any)(y);
+        for (int j = 0; j < W; j++) {
+            bf16_tables[TAB_LOG][i + j] = (float)lg[j];
+            bf16_tables[TAB_EXP][i + j] = (float)e[j];
+        }
+    }
 }
 
 /* The loss l and the gradients gx, gy of one vector, operands stored as dt; kind and dt are constants in
@@ -137,7 +150,7 @@ INLINE void FN(op)(const int kind, const int dt, VT x, VT y, VT w, VT s, VT *l, 
         *gx = g;
         *gy = -g;
     } else if (kind == K_KL_PROB) {
-        const VT zero = FN(splat)(0), lg = FN(log_target)(dt, y);
+        const VT zero = FN(splat)(0), lg = PW_OF_TARGET(dt, y, TAB_LOG, VLOG);
         const VI absent = y == zero;
         /* xlogy(y, y): 0 at y == 0; NaN for a NaN or negative y, as torch */
         *l = FN(select)(absent, zero, y * lg) - y * x;
@@ -145,12 +158,13 @@ INLINE void FN(op)(const int kind, const int dt, VT x, VT y, VT w, VT s, VT *l, 
         /* torch's autograd: xlogy's t / t term is NaN at y == 0 and y == inf */
         *gy = FN(select)(absent | (y == INFINITY), FN(splat)(NAN), lg + 1 - x) * s;
     } else {
-        const VT e = FN(exp_any)(y), l_ = e * (y - x);
+        const VT e = PW_OF_TARGET(dt, y, TAB_EXP, FN(exp_any)), l_ = e * (y - x);
         *l = l_;
         *gx = -e * s;
         *gy = (l_ + e) * s;
     }
 }
+#undef PW_OF_TARGET
 
 /* 16 results (the even elements' vector, the odd ones') written as bfloat16 from element i, rounded to
  * nearest even: 8 words lo | (hi << 16), the pair order of FN(bf16_pairs) undone with no shuffle.

