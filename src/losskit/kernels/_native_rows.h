@@ -143,71 +143,100 @@ INLINE VT FN(target_weight)(VT t, VT vkeep, VT vadd, const T *w, int64_t c, int6
     return (n == W ? FN(load)(w + c) : FN(load_part)(w + c, n, 0)) * wt;
 }
 
-/* Pass 1: returns the max of x and adds sum wt to *wt_sum. */
+/* One block of pass 1 at c: the max of x into (*m0, *m1) and the sum of wt into (*s0, *s1). */
+INLINE void FN(prob_max_block)(const struct FN(prob_row) *r, int64_t c, VT vkeep, VT vadd, VT *m0, VT *m1, VT *s0,
+                               VT *s1, const int opts)
+{
+    const int pairs = opts & PROB_PAIRS;
+    VT x0, x1, t0, t1;
+    FN(block)(r->x, r->xb, c, &x0, &x1, pairs);
+    FN(block)(r->t, r->tb, c, &t0, &t1, pairs);
+    *m0 = FN(vmax)(*m0, x0);
+    *m1 = FN(vmax)(*m1, x1);
+    *s0 += FN(target_weight)(t0, vkeep, vadd, r->w, c, W, opts);
+    *s1 += FN(target_weight)(t1, vkeep, vadd, r->w, c + W, W, opts);
+}
+
+/* Pass 1: returns the max of x and writes sum wt to *wt_sum. Two blocks at a time into two sets of
+ * vectors (the max and the sum are each a chain of dependent operations: two chains hide their
+ * latency), the sets added block-wise (sum), whatever the layout, before the residues. */
 INLINE T FN(prob_max_impl)(const struct FN(prob_row) *r, T *wt_sum, const int opts)
 {
     const int pairs = opts & PROB_PAIRS;
     const int64_t C = r->C;
-    const T *x = r->x, *t = r->t, *w = r->w;
-    const uint16_t *xb = r->xb, *tb = r->tb;
     const VT vkeep = FN(splat)(r->keep), vadd = FN(splat)(r->add);
-    VT m0 = FN(splat)(-INFINITY), m1 = m0, sw0 = FN(splat)(0), sw1 = sw0, x0, x1, t0, t1;
+    VT m0 = FN(splat)(-INFINITY), m1 = m0, m2 = m0, m3 = m0, s0 = FN(splat)(0), s1 = s0, s2 = s0, s3 = s0;
     int64_t c = 0;
-    for (; c + 2 * W <= C; c += 2 * W) {
-        FN(block)(x, xb, c, &x0, &x1, pairs);
-        FN(block)(t, tb, c, &t0, &t1, pairs);
-        m0 = FN(vmax)(m0, x0);
-        m1 = FN(vmax)(m1, x1);
-        sw0 += FN(target_weight)(t0, vkeep, vadd, w, c, W, opts);
-        sw1 += FN(target_weight)(t1, vkeep, vadd, w, c + W, W, opts);
+    for (; c + 4 * W <= C; c += 4 * W) {
+        FN(prob_max_block)(r, c, vkeep, vadd, &m0, &m1, &s0, &s1, opts);
+        FN(prob_max_block)(r, c + 2 * W, vkeep, vadd, &m2, &m3, &s2, &s3, opts);
     }
-    T sw = FN(residue_sum)(sw0, sw1, pairs);
+    if (c + 2 * W <= C) {
+        FN(prob_max_block)(r, c, vkeep, vadd, &m0, &m1, &s0, &s1, opts);
+        c += 2 * W;
+    }
+    T sw = FN(residue_sum)(s0 + s2, s1 + s3, pairs);
     for (; c < C; c += W) {
         const int64_t n = C - c < W ? C - c : W;
-        m0 = FN(vmax)(m0, FN(part)(x, xb, c, n, -INFINITY, pairs));
-        const VT wv = FN(target_weight)(FN(part)(t, tb, c, n, 0, pairs), vkeep, vadd, w, c, n, opts);
+        m0 = FN(vmax)(m0, FN(part)(r->x, r->xb, c, n, -INFINITY, pairs));
+        const VT wv = FN(target_weight)(FN(part)(r->t, r->tb, c, n, 0, pairs), vkeep, vadd, r->w, c, n, opts);
         for (int64_t j = 0; j < n; j++) sw += wv[j];
     }
     *wt_sum = sw;
-    return FN(hmax)(FN(vmax)(m0, m1));
+    return FN(hmax)(FN(vmax)(FN(vmax)(m0, m2), FN(vmax)(m1, m3)));
 }
 
-/* Pass 2: stores e (into r->g if given) and returns s; sum wt (x - m) into *wtd. */
+/* One block of pass 2 at c: e stored (if e), its sum into (*se0, *se1), sum wt (x - m) into (*sd0, *sd1). */
+INLINE void FN(prob_exp_block)(const struct FN(prob_row) *r, int64_t c, T *e, VT vm, VT vkeep, VT vadd, VT *se0,
+                               VT *se1, VT *sd0, VT *sd1, const int opts)
+{
+    const int pairs = opts & PROB_PAIRS;
+    VT x0, x1, t0, t1;
+    FN(block)(r->x, r->xb, c, &x0, &x1, pairs);
+    FN(block)(r->t, r->tb, c, &t0, &t1, pairs);
+    const VT d0 = x0 - vm, d1 = x1 - vm, e0 = VEXP(d0), e1 = VEXP(d1);
+    if (e) {
+        FN(store)(e + c, e0);
+        FN(store)(e + c + W, e1);
+    }
+    *se0 += e0;
+    *se1 += e1;
+    *sd0 += FN(target_weight)(t0, vkeep, vadd, r->w, c, W, opts) * d0;
+    *sd1 += FN(target_weight)(t1, vkeep, vadd, r->w, c + W, W, opts) * d1;
+}
+
+/* Pass 2: stores e (into r->g if given) and returns s; sum wt (x - m) into *wtd. Two blocks at a time
+ * (the same sums in the same order as one at a time), the next rows of x and t prefetched a line at a
+ * time (as in exp_sum_impl): in L2 when pass 1 reads them. */
 INLINE T FN(prob_exp_impl)(const struct FN(prob_row) *r, T m, T *wtd, const int opts)
 {
     const int pairs = opts & PROB_PAIRS;
     const int64_t C = r->C, esize = pairs ? 2 : (int64_t)sizeof(T); /* bytes of an element of x and t */
     const char *next = r->next, *next_t = r->next_t;
     const int64_t next_bytes = r->next_bytes;
-    const T *x = r->x, *t = r->t, *w = r->w;
-    const uint16_t *xb = r->xb, *tb = r->tb;
     T *e = r->g;
     const VT vm = FN(splat)(m), vkeep = FN(splat)(r->keep), vadd = FN(splat)(r->add);
-    VT se0 = FN(splat)(0), se1 = se0, sd0 = se0, sd1 = se0, x0, x1, t0, t1;
+    VT se0 = FN(splat)(0), se1 = se0, sd0 = se0, sd1 = se0;
     int64_t c = 0;
-    for (; c + 2 * W <= C; c += 2 * W) {
-        /* the next rows of x and t (as in exp_sum_impl): in L2 when pass 1 reads them */
+    for (; c + 4 * W <= C; c += 4 * W) {
         if (c * esize < next_bytes) {
-            __builtin_prefetch(next + c * esize, 0, 2);
-            __builtin_prefetch(next_t + c * esize, 0, 2);
+            for (int64_t o = 0; o < 4 * W * esize; o += 64) {
+                __builtin_prefetch(next + c * esize + o, 0, 2);
+                __builtin_prefetch(next_t + c * esize + o, 0, 2);
+            }
         }
-        FN(block)(x, xb, c, &x0, &x1, pairs);
-        FN(block)(t, tb, c, &t0, &t1, pairs);
-        const VT d0 = x0 - vm, d1 = x1 - vm, e0 = VEXP(d0), e1 = VEXP(d1);
-        if (e) {
-            FN(store)(e + c, e0);
-            FN(store)(e + c + W, e1);
-        }
-        se0 += e0;
-        se1 += e1;
-        sd0 += FN(target_weight)(t0, vkeep, vadd, w, c, W, opts) * d0;
-        sd1 += FN(target_weight)(t1, vkeep, vadd, w, c + W, W, opts) * d1;
+        FN(prob_exp_block)(r, c, e, vm, vkeep, vadd, &se0, &se1, &sd0, &sd1, opts);
+        FN(prob_exp_block)(r, c + 2 * W, e, vm, vkeep, vadd, &se0, &se1, &sd0, &sd1, opts);
+    }
+    if (c + 2 * W <= C) {
+        FN(prob_exp_block)(r, c, e, vm, vkeep, vadd, &se0, &se1, &sd0, &sd1, opts);
+        c += 2 * W;
     }
     T s = FN(residue_sum)(se0, se1, pairs), sd = FN(residue_sum)(sd0, sd1, pairs);
     for (; c < C; c += W) {
         const int64_t n = C - c < W ? C - c : W;
-        const VT d = FN(part)(x, xb, c, n, -INFINITY, pairs) - vm, ev = VEXP(d);
-        const VT wd = FN(target_weight)(FN(part)(t, tb, c, n, 0, pairs), vkeep, vadd, w, c, n, opts) * d;
+        const VT d = FN(part)(r->x, r->xb, c, n, -INFINITY, pairs) - vm, ev = VEXP(d);
+        const VT wd = FN(target_weight)(FN(part)(r->t, r->tb, c, n, 0, pairs), vkeep, vadd, r->w, c, n, opts) * d;
         if (e) FN(store_part)(e + c, n, ev);
         for (int64_t j = 0; j < n; j++) {
             s += ev[j];
@@ -298,8 +327,10 @@ INLINE void FN(prob_grad_impl)(const struct FN(prob_row) *r, T m, T b, T scale, 
 
 /* One row with a probability target, its three passes inlined with options opts (see above); returns
  * its loss. */
-INLINE T FN(prob_row_impl)(const struct xent_args *a, const struct FN(prob_row) *r, const int opts)
+INLINE T FN(prob_row_impl)(const struct xent_args *a, const struct FN(prob_row) *row, const int opts)
 {
+    /* a copy that no store of the passes can alias: its pointers stay in registers through the loops */
+    const struct FN(prob_row) local = *row, *r = &local;
     const T scale = (T)a->scale;
     T wt_sum, wtd;
     const T m = FN(prob_max_impl)(r, &wt_sum, opts);
