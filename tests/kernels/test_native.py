@@ -142,10 +142,10 @@ def _grad(x, t, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_gradient_is_the_float32_one_rounded_to_nearest_even(dtype):
-    # A low-precision row with probability targets is widened to float32, computed as a float32 row,
-    # and its gradient rounded to nearest even when stored (the vector conversion, and its scalar tail:
-    # C = 301 is not a multiple of 8); so it equals torch's rounding of the float32 input's gradient, bit
-    # for bit, NaN where NaN.
+    # A low-precision row with probability targets is computed as a float32 row (float16: widened, and
+    # its gradient rounded to nearest even when stored; bfloat16: read and written in pairs, its sums
+    # made in the float32 path's order, see the next test), so its gradient equals torch's rounding of
+    # the float32 input's gradient, bit for bit, NaN where NaN (C = 301 is not a multiple of 8 or 16).
     x = torch.randn(16, 301, generator=_gen(3)).to(dtype)
     x[3, 7] = float("nan")
     t = torch.randn(16, 301, generator=_gen(4)).softmax(1).to(dtype)
@@ -171,6 +171,69 @@ def test_bfloat16_rows_read_and_written_in_pairs(kw, c):
     low, wide = low[ok], wide[ok]
     assert ((low - wide).abs() <= torch.finfo(torch.bfloat16).eps * wide.abs()).all()
     assert (low == wide).float().mean() > 0.99
+
+
+def _prob_rows(n, c, seed):
+    """bfloat16 logits and probability targets with NaN/inf entries at even and odd positions and in the
+    last C % 16 (each in a row of its own, rows 1-8), a target row with zeros and a negative entry."""
+    x = (torch.randn(n, c, generator=_gen(seed)) * 3).bfloat16()
+    t = torch.randn(n, c, generator=_gen(seed + 1)).softmax(1).bfloat16()
+    specials = [(x, 1, 0, float("nan")), (x, 2, c - 1, float("inf")), (x, 3, c // 2, float("-inf")),
+                (t, 4, c - 1, float("nan")), (t, 5, c // 3, float("inf")), (t, 6, 0, float("-inf")),
+                (t, 7, c // 2, -0.25)]
+    for tensor, row, col, value in specials:
+        tensor[row, col] = value
+    x[8] = float("-inf")  # a row of -inf: every e is NaN
+    t[9, : c // 2] = 0
+    return x, t
+
+
+def _loss_and_grads(x, t, **kw):
+    x, t = x.clone().requires_grad_(), t.clone().requires_grad_()
+    loss = LF.cross_entropy(x, t, impl="compiled", **kw)
+    loss.sum().backward()
+    return loss.detach(), x.grad, t.grad
+
+
+def _same(a, b, msg):
+    assert a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()), msg
+    assert torch.equal(a.nan_to_num(), b.nan_to_num()), msg
+
+
+@pytest.mark.parametrize("kw", [{"reduction": "none"}, {"label_smoothing": 0.2}, {"reduction": "sum", "weight": True}],
+                         ids=str)
+@pytest.mark.parametrize("c", [1, 2, 15, 16, 17, 31, 32, 33, 47, 307, 4099], ids=str)
+def test_bfloat16_probability_targets_in_pairs_equal_the_float32_path_rounded(kw, c):
+    # Contiguous bfloat16 x and t (no class weights) are read and written in pairs, their sums kept per
+    # residue of c mod 16 as the float32 path keeps them: the loss, the input's and the target's
+    # gradients are the float32 path's on the same values, rounded once to bfloat16, bit for bit, NaN
+    # where NaN (C from 1 over the multiples of 16 and their neighbours to primes; with class weights,
+    # both go through float rows). Rows 1-9 hold NaN/inf logits and targets, zeros and a negative target.
+    n = 12
+    x, t = _prob_rows(n, c, seed=c)
+    if kw.get("weight") is True:
+        kw = {**kw, "weight": torch.rand(c, generator=_gen(7)).bfloat16()}
+    wide_kw = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    low = _loss_and_grads(x, t, **kw)
+    wide = _loss_and_grads(x.float(), t.float(), **wide_kw)
+    for name, a, b in zip(("loss", "d/dinput", "d/dtarget"), low, wide):
+        _same(a, b.bfloat16(), f"{name}, C = {c}")
+    if c >= 10:
+        assert low[1][0].isfinite().all() and low[1][1].isnan().all() and low[1][4].isnan().all()
+
+
+def test_bfloat16_probability_target_pairs_split_over_threads_without_changing_a_bit():
+    x, t = _prob_rows(40, 301, seed=3)
+    outs = []
+    for threads in (1, 2, 3):
+        loss, grad, tgrad = torch.empty(40, 1), torch.empty(40, 301, 1, dtype=torch.bfloat16), \
+            torch.empty(40, 301, 1, dtype=torch.bfloat16)
+        native.xent_rows(x.unsqueeze(-1), t.unsqueeze(-1), grad, tgrad, None, loss, ignore_index=-100,
+                         label_smoothing=0.1, gamma=0.0, scale=0.25, threads=threads)
+        outs.append((loss, grad, tgrad))
+    for out in outs[1:]:
+        for a, b in zip(out, outs[0]):
+            _same(a, b, "threads")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -394,11 +457,13 @@ _PROBE = textwrap.dedent("""
     xb = torch.randn(n, c, generator=g).bfloat16().requires_grad_()
     y = torch.randint(0, c, (n,), generator=g)
     p = torch.randn(n, c, generator=g).softmax(1).requires_grad_()
+    pb = p.detach().bfloat16().requires_grad_()
     w = torch.rand(c, generator=g)
     calls = {
         "index": lambda: LF.cross_entropy(x, y, w, label_smoothing=0.1, impl="compiled"),
         "bf16": lambda: LF.cross_entropy(xb, y, impl="compiled"),
         "prob": lambda: LF.cross_entropy(x, p, impl="compiled"),
+        "bf16_prob": lambda: LF.cross_entropy(xb, pb, impl="compiled"),
         "focal": lambda: LF.focal_loss(x, y, impl="compiled"),
     }
 """)
@@ -410,7 +475,7 @@ def test_only_the_gradients_are_input_sized():
     # Beyond the gradients: per thread, scratch rows of C floats (64 KiB each), plus per-row vectors and
     # the allocator's rounding; 2 MiB is ample and far below one input-sized tensor (16 MiB).
     slack = 2 << 20
-    budget = {"index": grad, "bf16": grad // 2, "prob": 2 * grad, "focal": grad}
+    budget = {"index": grad, "bf16": grad // 2, "prob": 2 * grad, "bf16_prob": grad, "focal": grad}
     for name, allowed in budget.items():
         assert peaks[name] <= allowed + slack, (name, peaks[name] / 2**20)
 
