@@ -83,18 +83,20 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, const uint16_t *xb,
 /* ---- probability targets -------------------------------------------------------------------------------
  * Pass 1 finds the max m and sums wt = w (keep t + add) (w = 1 when absent), reading x and t from
  * memory side by side; pass 2 stores e = exp(x - m) and sums it and wt (x - m); the loss is
- * log(s) sum wt - sum wt (x - m), and pass 3 writes g = scale ((sum wt / s) e - wt) and
- * tg = scale keep w (log s - (x - m)). Each sum is kept per residue of c modulo 2W (two vectors per
- * block of 2W elements), the residues added in the order 0, 1, ..., 2W - 1, then the last C % 2W
- * elements one by one in element order. Float rows hold residues 0..W-1 in the first vector of a block
- * and W..2W-1 in the second; contiguous bfloat16 rows (T = float, 2W = 16) are read as pairs, whose
- * vectors hold the even and the odd residues (e then kept in pair order, see _native_rowops.h). Either
- * way each sum is the same float operations on the same values in the same order, so a bfloat16 row's
- * loss and gradients are the float path's on its values, the gradients rounded once (bit for bit).
- * The gradient p - t cancels where p ~ t: the full exp, never the bfloat16 grade.
- * Each pass is inlined into one copy per case (pairs; float rows without and with class weights; with
- * and without label smoothing), its options constants: no test in the loops, and few enough live
- * vectors that the sums stay in registers. */
+ * log(s) sum wt - sum wt (x - m) (two terms >= 0 for targets >= 0), and pass 3 writes
+ * g = scale ((sum wt / s) e - wt) and tg = scale keep w (log s - (x - m)). Each sum is kept per residue
+ * of c modulo 2W (two vectors per block of 2W elements; pass 1 keeps two such pairs, for alternate
+ * blocks, added vector-wise at the end), the residues added in the order 0, 1, ..., 2W - 1, then the
+ * last C % 2W elements one by one in element order. Float rows hold residues 0..W-1 in the first
+ * vector of a block and W..2W-1 in the second; contiguous bfloat16 rows (T = float, 2W = 16) are read
+ * as pairs, whose vectors hold the even and the odd residues (e then kept in pair order, see
+ * _native_rowops.h). Either way each sum is the same float operations on the same values in the same
+ * order, so a bfloat16 row's loss and gradients are the float path's on its values, the gradients
+ * rounded once (bit for bit, tested). The gradient p - t cancels where p ~ t: the full exp, never the
+ * bfloat16 grade. Each pass is inlined into one copy per case (pairs; float rows without and with class
+ * weights; with and without label smoothing), its options constants: no test in the loops.
+ * Per element, 1 thread, 1024x8192 from memory (loaded machine): float32 2.3 -> 0.7-0.8 ns (it had two
+ * scalar loops whose serial add chains cost about 4 cycles an element), bfloat16 2.75 -> 0.63 ns. */
 
 /* The row's pointers and constants: x or (pairs) xb; t or tb; gradients g or gb (g then scratch for
  * e in pair order), tg or tgb, absent ones NULL; next and next_t: the next rows of x and t to prefetch
