@@ -217,6 +217,7 @@ INLINE T FN(prob_exp_impl)(const struct FN(prob_row) *r, T m, T *wtd, const int 
     const char *next = r->next, *next_t = r->next_t;
     const int64_t next_bytes = r->next_bytes;
     T *e = r->g;
+    const uint16_t *gb = r->gb;
     const VT vm = FN(splat)(m), vkeep = FN(splat)(r->keep), vadd = FN(splat)(r->add);
     VT se0 = FN(splat)(0), se1 = se0, sd0 = se0, sd1 = se0;
     int64_t c = 0;
@@ -227,6 +228,8 @@ INLINE T FN(prob_exp_impl)(const struct FN(prob_row) *r, T m, T *wtd, const int 
                 __builtin_prefetch(next_t + c * esize + o, 0, 2);
             }
         }
+        /* pairs: this row's bfloat16 gradient, first written by pass 3 (a float row's is e, written here) */
+        if (pairs && gb) __builtin_prefetch(gb + c, 1, 2);
         FN(prob_exp_block)(r, c, e, vm, vkeep, vadd, &se0, &se1, &sd0, &sd1, opts);
         FN(prob_exp_block)(r, c + 2 * W, e, vm, vkeep, vadd, &se0, &se1, &sd0, &sd1, opts);
     }
