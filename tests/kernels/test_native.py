@@ -175,7 +175,7 @@ def test_bfloat16_rows_read_and_written_in_pairs(kw, c):
 
 def _prob_rows(n, c, seed):
     """bfloat16 logits and probability targets with NaN/inf entries at even and odd positions and in the
-    last C % 16 (each in a row of its own, rows 1-8), a target row with zeros and a negative entry."""
+    last C % 16 (each in a row of its own, rows 1-7), a row of -inf logits (8), a target row with zeros (9)."""
     x = (torch.randn(n, c, generator=_gen(seed)) * 3).bfloat16()
     t = torch.randn(n, c, generator=_gen(seed + 1)).softmax(1).bfloat16()
     specials = [(x, 1, 0, float("nan")), (x, 2, c - 1, float("inf")), (x, 3, c // 2, float("-inf")),
@@ -204,11 +204,11 @@ def _same(a, b, msg):
                          ids=str)
 @pytest.mark.parametrize("c", [1, 2, 15, 16, 17, 31, 32, 33, 47, 307, 4099], ids=str)
 def test_bfloat16_probability_targets_in_pairs_equal_the_float32_path_rounded(kw, c):
-    # Contiguous bfloat16 x and t (no class weights) are read and written in pairs, their sums kept per
-    # residue of c mod 16 as the float32 path keeps them: the loss, the input's and the target's
-    # gradients are the float32 path's on the same values, rounded once to bfloat16, bit for bit, NaN
-    # where NaN (C from 1 over the multiples of 16 and their neighbours to primes; with class weights,
-    # both go through float rows). Rows 1-9 hold NaN/inf logits and targets, zeros and a negative target.
+    # Contiguous bfloat16 x and t are read and written in pairs (class weights copied in pair order),
+    # their sums kept per residue of c mod 16 as the float32 path keeps them: the loss, the input's and
+    # the target's gradients are the float32 path's on the same values, rounded once to bfloat16, bit for
+    # bit, NaN where NaN (C from 1 over the multiples of 16 and their neighbours to primes). Rows 1-9 hold
+    # NaN/inf logits and targets, zeros and a negative target.
     n = 12
     x, t = _prob_rows(n, c, seed=c)
     if kw.get("weight") is True:

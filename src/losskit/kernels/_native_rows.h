@@ -93,8 +93,8 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, const uint16_t *xb,
  * _native_rowops.h). Either way each sum is the same float operations on the same values in the same
  * order, so a bfloat16 row's loss and gradients are the float path's on its values, the gradients
  * rounded once (bit for bit, tested). The gradient p - t cancels where p ~ t: the full exp, never the
- * bfloat16 grade. Each pass is inlined into one copy per case (pairs; float rows without and with class
- * weights; with and without label smoothing), its options constants: no test in the loops.
+ * bfloat16 grade. Each pass is inlined into one copy per case (pairs or float rows; class weights, then
+ * with smoothing; label smoothing; neither), its options constants: no test in the loops.
  * Per element, 1 thread, 1024x8192 from memory (loaded machine): float32 2.3 -> 0.7-0.8 ns (it had two
  * scalar loops whose serial add chains cost about 4 cycles an element), bfloat16 2.75 -> 0.63 ns. */
 
@@ -136,8 +136,8 @@ INLINE T FN(residue_sum)(VT lo, VT hi, const int pairs)
     return s;
 }
 
-/* wt = w (keep t + add) on lanes [c, c + n) in element order (keep t + add where w is absent: pairs;
- * t itself without smoothing: keep = 1, add = 0). */
+/* wt = w (keep t + add) on lanes [c, c + n) of the row's layout (with pairs, w is in pair order too;
+ * keep t + add without class weights, t itself without smoothing either: keep = 1, add = 0). */
 INLINE VT FN(target_weight)(VT t, VT vkeep, VT vadd, const T *w, int64_t c, int64_t n, const int opts)
 {
     const VT wt = opts & PROB_SMOOTH ? vkeep * t + vadd : t;
@@ -358,8 +358,10 @@ INLINE T FN(prob_row_impl)(const struct xent_args *a, const struct FN(prob_row) 
 HOT static T FN(xent_prob_row)(const struct xent_args *a, const struct FN(prob_row) *r)
 {
     const int smooth = r->keep != 1 || r->add != 0;
-    if (DTYPE_OF_T == DT_F32 && r->xb)
+    if (DTYPE_OF_T == DT_F32 && r->xb) {
+        if (r->w) return FN(prob_row_impl)(a, r, PROB_PAIRS | PROB_WEIGHTS | PROB_SMOOTH);
         return smooth ? FN(prob_row_impl)(a, r, PROB_PAIRS | PROB_SMOOTH) : FN(prob_row_impl)(a, r, PROB_PAIRS);
+    }
     if (r->w) return FN(prob_row_impl)(a, r, PROB_WEIGHTS | PROB_SMOOTH);
     return smooth ? FN(prob_row_impl)(a, r, PROB_SMOOTH) : FN(prob_row_impl)(a, r, 0);
 }
@@ -371,22 +373,27 @@ static int FN(xent_range)(const struct xent_args *a, int64_t r0, int64_t r1)
     const int prob = a->t.ptr != NULL;
     const int x_direct = a->x.dtype == DTYPE_OF_T && a->x.sc == 1;
     const int g_direct = a->g.dtype == DTYPE_OF_T && a->g.sc == 1;
-    /* Contiguous bfloat16 rows without class weights, and their contiguous bfloat16 targets (probability
-     * targets), are read, and their gradients written, in bfloat16 by the pair-order passes (no float
-     * copy of a row made or stored back). */
-    const int pairs = DTYPE_OF_T == DT_F32 && !a->weight && is_bf16_row(&a->x) && (!a->g.ptr || is_bf16_row(&a->g)) &&
-                      (!prob || (is_bf16_row(&a->t) && (!a->tg.ptr || is_bf16_row(&a->tg))));
+    /* Contiguous bfloat16 rows with index targets and no class weights, or with contiguous bfloat16
+     * probability targets, are read, and their gradients written, in bfloat16 by the pair-order passes
+     * (no float copy of a row made or stored back); probability targets' class weights are copied in
+     * pair order (wp: C floats), as their passes read them beside t. */
+    const int pairs = DTYPE_OF_T == DT_F32 && is_bf16_row(&a->x) && (!a->g.ptr || is_bf16_row(&a->g)) &&
+                      (prob ? is_bf16_row(&a->t) && (!a->tg.ptr || is_bf16_row(&a->tg)) : !a->weight);
     const int t_direct = a->t.dtype == DTYPE_OF_T && a->t.sc == 1;
     const int tg_direct = a->tg.dtype == DTYPE_OF_T && a->tg.sc == 1;
     /* Scratch rows (C * sizeof(T) each, in cache beside the row): x and t converted to T where they
      * are not contiguous rows of T, and the gradients formed there before they are stored (with pairs,
      * e in pair order). */
-    T *xs = NULL, *gs = NULL, *ts = NULL;
+    T *xs = NULL, *gs = NULL, *ts = NULL, *wp = NULL;
+    const T *w = (const T *)a->weight;
     int err = 0;
     if ((!x_direct && !pairs && !(xs = malloc((size_t)C * sizeof(T)))) ||
         (a->g.ptr && !g_direct && !(gs = malloc((size_t)C * sizeof(T)))) ||
-        (prob && !pairs && (!t_direct || (a->tg.ptr && !tg_direct)) && !(ts = malloc((size_t)C * sizeof(T)))))
+        (prob && !pairs && (!t_direct || (a->tg.ptr && !tg_direct)) && !(ts = malloc((size_t)C * sizeof(T)))) ||
+        (prob && pairs && w && !(wp = malloc((size_t)C * sizeof(T)))))
         err = ERR_NOMEM;
+    if (wp)
+        for (int64_t c = 0; c < C; c++) wp[FN(pair_index)(c, C)] = w[c];
     T *loss = (T *)a->loss;
     for (int64_t r = r0; r < r1 && !err; r++) {
         const int64_t y = prob ? 0 : a->target[r];
@@ -408,7 +415,7 @@ static int FN(xent_range)(const struct xent_args *a, int64_t r0, int64_t r1)
             if (g && !g_direct && !gb) FN(store_row)(&a->g, r, a->L, C, g);
             continue;
         }
-        struct FN(prob_row) row = {.x = x, .w = (const T *)a->weight, .xb = xb, .g = g, .gb = gb, .C = C,
+        struct FN(prob_row) row = {.x = x, .w = wp ? wp : w, .xb = xb, .g = g, .gb = gb, .C = C,
                                    .keep = 1 - (T)a->label_smoothing, .add = (T)a->label_smoothing / (T)C};
         /* the next rows of x and t, where both are contiguous in one dtype, are prefetched in pass 2 */
         if (next && a->t.sc == 1 && a->t.dtype == a->x.dtype) {
@@ -436,5 +443,6 @@ static int FN(xent_range)(const struct xent_args *a, int64_t r0, int64_t r1)
     free(xs);
     free(gs);
     free(ts);
+    free(wp);
     return err;
 }

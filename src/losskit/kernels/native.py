@@ -12,10 +12,10 @@ from memory once and its gradient written once: pass 1 finds the max, pass 2 (on
 the next row being prefetched meanwhile) writes ``e = exp(x - max)`` into the gradient row and sums it,
 pass 3 turns ``e`` into the gradient in place; one exp per element (at most 1.013 ulp float32, 0.99 ulp
 float64, measured; see ``_native_common.h`` and the tests). Rows are handed to
-``torch.get_num_threads()`` threads in chunks from a shared counter. Contiguous bfloat16 rows without
-class weights (and their bfloat16 probability targets) are read and written in pairs of elements per
-32-bit word (``_native_rowops.h``, ``_native_rows.h``), with probability targets bit for bit the float32
-path's results rounded once; other bfloat16 and float16 rows are converted in cache.
+``torch.get_num_threads()`` threads in chunks from a shared counter. Contiguous bfloat16 rows (index
+targets without class weights, or contiguous bfloat16 probability targets) are read and written in pairs
+of elements per 32-bit word (``_native_rowops.h``, ``_native_rows.h``), probability targets' results bit
+for bit the float32 path's rounded once; other bfloat16 and float16 rows are converted in cache.
 
 Why a C extension: see the README's "Kernels" section and ``benchmarks/engine_costs.py``, which
 measures it against torch.compile and numba (speed, first call with a cold and a warm cache, import,
