@@ -343,10 +343,11 @@ INLINE T FN(prob_row_impl)(const struct xent_args *a, const struct FN(prob_row) 
     if (r->g || r->gb || r->tg || r->tgb) {
         /* s is NaN when some e is (a NaN logit, or a row of -inf), else in [1, C]; every wt is finite
          * when their sum is. Then every e is in [0, 1] and no gradient is NaN: scale (b e - wt) has
-         * finite factors, and scale keep (log s - (x - m)) is +inf at x = -inf, NaN only times 0. */
+         * finite factors, and scale keep w (log s - (x - m)) is +inf at x = -inf, NaN only times 0 (a
+         * zero scale keep, or a zero class weight: then the target's gradient keeps the fix-up). */
         const T sk = scale * r->keep;
         const int no_nan = (opts & PROB_PAIRS) && s == s && isfinite(wt_sum) && isfinite(b) && isfinite(scale) &&
-                           (!r->tgb || (sk != 0 && isfinite(sk)));
+                           (!r->tgb || (sk != 0 && isfinite(sk) && !r->w));
         if (no_nan) FN(prob_grad_impl)(r, m, b, scale, log_s, 1, opts);
         else FN(prob_grad_impl)(r, m, b, scale, log_s, 0, opts);
     }
