@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .kernels import native_pointwise
+
 
 def _scale_(grad: Tensor, grad_output: Tensor, expand_dim: int | None) -> Tensor:
     """``grad *= grad_output`` in place (out of place while torch.compile traces), broadcasting
@@ -34,12 +36,16 @@ def _scale_(grad: Tensor, grad_output: Tensor, expand_dim: int | None) -> Tensor
         # tensor (which AOTAutograd cannot partition when the gradient is a view) and plans the buffer
         # itself. No data-dependent shortcut either: it would break the graph.
         return grad * _broadcastable(grad_output, grad, expand_dim)
-    if grad_output.dim() == 0:
-        # The common case is loss.backward() on a scalar: grad_output is exactly 1 and the pass over the
-        # gradient can be skipped. Reading the value synchronises an accelerator, so only on CPU.
-        if grad_output.device.type == "cpu" and bool(grad_output == 1):
+    if grad_output.device.type == "cpu" and all(stride == 0 for stride in grad_output.stride()):
+        # The common case is loss.backward() on a scalar (or on a sum of a per-row loss: a broadcast
+        # scalar): grad_output is exactly 1 and the pass over the gradient can be skipped. Reading the
+        # value synchronises an accelerator, so only on CPU.
+        if bool(grad_output.reshape(-1)[:1] == 1) if grad_output.numel() else True:
             return grad
-    return grad.mul_(_broadcastable(grad_output, grad, expand_dim))
+    go = _broadcastable(grad_output, grad, expand_dim)
+    if native_pointwise.scale_(grad, go):  # CPU: one C pass, bit for bit mul_'s
+        return grad
+    return grad.mul_(go)
 
 
 def _broadcastable(grad_output: Tensor, grad: Tensor, expand_dim: int | None) -> Tensor:

@@ -419,3 +419,64 @@ def test_extension_rejects_bad_arguments():
         ext.pointwise(3, False, 4, op, op, none, none, none, none, 1.0, 1)
     with pytest.raises(ValueError, match="invalid"):
         ext.pointwise(KL_PROB, False, 4, op, none, none, none, none, none, 1.0, 1)
+
+
+# --- a gradient times grad_output (the backward of losskit's precomputed gradients) -------------------
+
+def _bits_equal(a, b):
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return bool(((a.view(ints) == b.view(ints)) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("shape", "go_shape"), [
+    ((300, 333), (300, 1)),            # a per-row loss: runs of one scalar (B == 1), rows not a multiple of 8
+    ((300, 333), ()),                  # a scalar
+    ((300, 333), (300, 333)),          # the full shape: runs along all of it
+    ((300, 333), (333,)),              # leading dims broadcast
+    ((30, 17, 301), (30, 1, 301)),     # the class dim in the middle: runs of 301 with s alongside
+    ((5, 7, 11, 13, 17), (5, 1, 1, 13, 17)),
+    ((2, 1, 40000), (2, 1, 1)),        # a size-1 dim either side of the block
+])
+def test_scale_is_mul_bit_for_bit(dtype, shape, go_shape):
+    """native_pointwise.scale_ takes the call and gives mul_'s bits (products in float for bfloat16 and
+    float16, rounded once), NaN and infinities included, over several chunks and their tails."""
+    g = 3 * torch.randn(shape, generator=_gen(1)).to(dtype)
+    go = torch.randn(go_shape, generator=_gen(2)).to(dtype)
+    g.view(-1)[::97] = float("nan")
+    g.view(-1)[1::89] = float("inf")
+    if go.numel() > 1:
+        go.view(-1)[::7] = float("nan")
+        go.view(-1)[3::11] = 0.0
+    ours = g.clone()
+    assert native_pointwise.scale_(ours, go)
+    assert _bits_equal(ours, g.clone().mul_(go))
+
+
+def test_scale_reads_a_broadcast_grad_output_in_place():
+    # An expanded (stride-0) grad_output counts as broadcast, and a strided one is copied only when small
+    g = torch.randn(256, 512, generator=_gen(3))
+    for go in (torch.randn(256, generator=_gen(4))[:, None].expand(256, 512), torch.randn(512, 256).t()[:, :1],
+               torch.randn(256, 1, generator=_gen(5)).expand(256, 512)):
+        ours = g.clone()
+        assert native_pointwise.scale_(ours, go)
+        assert _bits_equal(ours, g.clone().mul_(go))
+
+
+@pytest.mark.parametrize("case", ["small", "cuda-like dtype mix", "two blocks", "not contiguous", "not broadcastable",
+                                  "big strided grad_output"])
+def test_scale_declines_what_it_does_not_take(case):
+    """scale_ returns False and leaves the gradient untouched; the caller then runs mul_."""
+    g = torch.randn(64, 2048)
+    go = {"small": None, "cuda-like dtype mix": torch.randn(64, 1, dtype=torch.float64),
+          "two blocks": None, "not contiguous": torch.randn(64, 1), "not broadcastable": torch.randn(3, 1),
+          "big strided grad_output": torch.randn(2048, 64).t()}[case]
+    if case == "small":
+        g, go = torch.randn(8, 100), torch.randn(8, 1)
+    elif case == "two blocks":
+        g, go = torch.randn(30, 17, 301), torch.randn(17, 1)
+    elif case == "not contiguous":
+        g = torch.randn(2048, 64).t()
+    before = g.clone()
+    assert not native_pointwise.scale_(g, go)
+    assert torch.equal(g, before)

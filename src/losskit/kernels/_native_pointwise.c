@@ -41,6 +41,16 @@ struct pw_args {
     double *sums; /* (ceil(n / BLOCK),) loss sum of each block: the total is independent of the split */
 };
 
+/* A gradient times grad_output (scale_range in _native_pointwise.h): g (A, C, B) *= s (A, B), both
+ * contiguous and stored as dt; items of SCALE_CHUNK elements (64 KiB of float) shared over threads. */
+struct scale_args {
+    void *g;
+    const void *s;
+    int dt;
+    int64_t A, C, B, n;
+};
+enum { SCALE_CHUNK = 16384 };
+
 /* kl_div's functions of a bfloat16 target y, on each of its 65536 bit patterns, as the float path computes
  * them (build_tables in _native_pointwise.h): log y and exp y, 256 KiB each, built on the first kl_div
  * call with a bfloat16 target. */
@@ -54,6 +64,8 @@ static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 static void build_tables(void) { build_tables_f32(); }
 
 static int f32_range(void *ctx, int64_t b0, int64_t b1) { return pointwise_blocks_f32(ctx, b0, b1); }
+static int scale_f32_range(void *ctx, int64_t k0, int64_t k1) { return scale_range_f32(ctx, k0, k1); }
+static int scale_f64_range(void *ctx, int64_t k0, int64_t k1) { return scale_range_f64(ctx, k0, k1); }
 static int f64_range(void *ctx, int64_t b0, int64_t b1) { return pointwise_blocks_f64(ctx, b0, b1); }
 
 /* ---- Python binding --------------------------------------------------------------------------------- */
@@ -114,8 +126,40 @@ static PyObject *py_pointwise(PyObject *self, PyObject *args)
     return PyFloat_FromDouble(total);
 }
 
+static const char scale_doc[] =
+    "scale(g_ptr, s_ptr, dtype_code, A, C, B, nthreads)\n\n"
+    "g[a, c, b] *= s[a, b] in place: g (A, C, B) and s (A, B) contiguous, both of the floating dtype code.\n"
+    "See losskit/kernels/native_pointwise.py (scale_), which validates the operands.";
+
+static PyObject *py_scale(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long g, s;
+    long long A, C, B;
+    int nthreads;
+    struct scale_args a = {0};
+    if (!PyArg_ParseTuple(args, "KKiLLLi", &g, &s, &a.dt, &A, &C, &B, &nthreads)) return NULL;
+    if (a.dt < DT_F32 || a.dt > DT_F16 || A < 0 || C < 0 || B < 0 || (A && C && B && (!g || !s)) ||
+        (C && B && A > INT64_MAX / C / B)) {
+        PyErr_SetString(PyExc_ValueError, "losskit._native_pointwise.scale: invalid dtype, sizes or pointers");
+        return NULL;
+    }
+    a.g = (void *)(uintptr_t)g;
+    a.s = (const void *)(uintptr_t)s;
+    a.A = A;
+    a.C = C;
+    a.B = B;
+    a.n = A * C * B;
+    const int64_t items = (a.n + SCALE_CHUNK - 1) / SCALE_CHUNK;
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(a.dt == DT_F64 ? scale_f64_range : scale_f32_range, &a, items, nthreads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"pointwise", py_pointwise, METH_VARARGS, pointwise_doc},
+    {"scale", py_scale, METH_VARARGS, scale_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -285,3 +285,54 @@ HOT static int FN(pointwise_blocks)(const struct pw_args *a, int64_t b0, int64_t
     }
     return 0;
 }
+
+/* ---- a gradient times grad_output ------------------------------------------------------------------
+ * g (A, C, B) contiguous, s (A, B) contiguous, both stored as dt: g[a, c, b] *= s[a, b], each product
+ * formed in T from the two stored values and rounded once to dt, as torch's mul_ does (for bfloat16 and
+ * float16 it multiplies in float). B == 1: runs along c of one s (a scalar); else runs along b with s
+ * alongside. Items are SCALE_CHUNK elements of the flat index: the split does not change any result. */
+INLINE void FN(scale_run)(void *g, const int dt, int64_t i, int64_t m, const void *s, int64_t si, const int scalar)
+{
+    T one[1];
+    FN(get)(one, s, dt, si, 1);
+    const VT vs = FN(splat)(one[0]);
+    int64_t j = 0;
+    for (; j + W <= m; j += W)
+        FN(vstore)(g, dt, i + j, FN(vload)(g, dt, i + j) * (scalar ? vs : FN(vload)(s, dt, si + j)));
+    if (j < m) {
+        T bg[W], bs[W];
+        FN(get)(bg, g, dt, i + j, m - j);
+        if (!scalar) FN(get)(bs, s, dt, si + j, m - j);
+        for (int64_t k = 0; k < m - j; k++) bg[k] *= scalar ? one[0] : bs[k];
+        FN(put)(g, dt, i + j, bg, m - j);
+    }
+}
+
+INLINE void FN(scale_chunk)(const struct scale_args *a, const int dt, int64_t i0, int64_t i1)
+{
+    const int64_t cb = a->C * a->B;
+    for (int64_t i = i0; i < i1;) {
+        const int64_t row = i / cb, r = i % cb, left = i1 - i;
+        int64_t m;
+        if (a->B == 1) {
+            m = a->C - r < left ? a->C - r : left;
+            FN(scale_run)(a->g, dt, i, m, a->s, row, 1);
+        } else {
+            const int64_t b = r % a->B;
+            m = a->B - b < left ? a->B - b : left;
+            FN(scale_run)(a->g, dt, i, m, a->s, row * a->B + b, 0);
+        }
+        i += m;
+    }
+}
+
+HOT static int FN(scale_range)(const struct scale_args *a, int64_t k0, int64_t k1)
+{
+    const int64_t i0 = k0 * SCALE_CHUNK, i1 = k1 * SCALE_CHUNK < a->n ? k1 * SCALE_CHUNK : a->n;
+    if (a->dt == DTYPE_OF_T) FN(scale_chunk)(a, DTYPE_OF_T, i0, i1);
+#if W == 8
+    else if (a->dt == DT_BF16) FN(scale_chunk)(a, DT_BF16, i0, i1);
+    else if (a->dt == DT_F16) FN(scale_chunk)(a, DT_F16, i0, i1);
+#endif
+    return 0;
+}

@@ -21,6 +21,7 @@ the C binding checks the kind, sizes and dtype codes again and only indexes ``[0
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -128,3 +129,44 @@ def runner(impl: object, kind: int, *tensors: Tensor | None) -> Runner | None:
             raise ValueError(f"impl='compiled' does not take {', '.join(unsupported)}; use impl='torch'")
         return None
     return functools.partial(_run, kind)
+
+
+#: Below this many elements torch's ``mul_`` is as quick as a C call from Python.
+_SCALE_MIN_ELEMENTS = 1 << 16
+
+
+def scale_(grad: Tensor, grad_output: Tensor) -> bool:
+    """``grad.mul_(grad_output)`` in C, when it takes the call; returns whether it did (else the caller
+    runs ``mul_``).
+
+    It takes a contiguous CPU ``grad`` of at least ``_SCALE_MIN_ELEMENTS`` elements and a ``grad_output``
+    of the same floating dtype that broadcasts to it along one consecutive block of dims (a per-row loss
+    against a (N, C) gradient, say: the class dim; or none, or all), reading ``grad_output`` in place
+    (a broadcast scalar is read once; stride-0 dims count as broadcast). Each product is formed as
+    torch's ``mul_`` forms it (in float for bfloat16 and float16) and rounded once: the same bits, in one
+    read and one write of ``grad`` split over threads, where torch's broadcasting ``mul_`` of a bfloat16
+    gradient took 7.8 ms for 8M elements here.
+    """
+    if (grad.device.type != "cpu" or grad_output.device != grad.device or grad.dtype not in _FLOATING
+            or grad_output.dtype != grad.dtype or not grad.is_contiguous() or grad.numel() < _SCALE_MIN_ELEMENTS
+            or not native.available(EXTENSION) or grad_output.dim() > grad.dim()):
+        return False
+    try:
+        go = grad_output.expand(grad.shape)
+    except RuntimeError:
+        return False  # not broadcastable: mul_ raises torch's error
+    # (A, C, B): the dims before the broadcast block (stride 0 in go; dims of size 1 go either way), the
+    # block, the dims after
+    dims = [k for k, (size, stride) in enumerate(zip(grad.shape, go.stride())) if stride == 0 and size != 1]
+    if dims and dims != list(range(dims[0], dims[-1] + 1)):
+        return False  # two broadcast blocks: not one (A, C, B) pattern
+    lo, hi = (dims[0], dims[-1] + 1) if dims else (0, 0)
+    s = go[tuple(0 if lo <= k < hi else slice(None) for k in range(grad.dim()))]  # (P..., S...), a view
+    if not s.is_contiguous():
+        if s.numel() * 4 > grad.numel():
+            return False  # a copy of grad_output would be a sizeable share of the gradient: mul_
+        s = s.contiguous()
+    a, c = math.prod(grad.shape[:lo]), math.prod(grad.shape[lo:hi])
+    native.module(EXTENSION).scale(grad.data_ptr(), s.data_ptr(), _FLOATING[grad.dtype], a, c,
+                                   math.prod(grad.shape[hi:]), native.threads_for(grad.numel()))
+    return True
