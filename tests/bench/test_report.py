@@ -7,7 +7,7 @@ import torch
 
 from losskit.bench import verdicts
 from losskit.bench._cases import BY_NAME, EAGER, FAMILY_TARGETS, LOSSKIT
-from losskit.bench._run import COMPILED, ROOFLINE, Result, Unit
+from losskit.bench._run import COMPILED, LOSSKIT_FLOAT32, ROOFLINE, Result, Unit, run_unit
 
 
 def _result(name, size, dtype, **ms):
@@ -44,10 +44,24 @@ def test_family_geometric_mean_over_all_its_cases(speedups):
     assert not [x for x in verdicts(results[1:]) if "family" in x]  # a case missing: no verdict
 
 
-def test_bfloat16_judged_per_element_against_float32():
+@pytest.mark.parametrize("twin_ms, met", [(10.0, False), (15.0, True)])
+def test_bfloat16_judged_per_element_against_its_interleaved_float32_twin(twin_ms, met):
+    # the ratio comes from the bfloat16 unit's own float32 twin (timed interleaved), not from the float32
+    # unit of the same case, which ran at another time (its 5 ms would say met)
     size = (1024, 8192)
-    f32 = _result("mse_loss", size, torch.float32, **{LOSSKIT: 10.0, EAGER: 20.0})
-    bf16 = _result("mse_loss", size, torch.bfloat16, **{LOSSKIT: 12.0, EAGER: 30.0})
+    f32 = _result("mse_loss", size, torch.float32, **{LOSSKIT: 5.0, EAGER: 20.0})
+    bf16 = _result("mse_loss", size, torch.bfloat16, **{LOSSKIT: 12.0, EAGER: 30.0, LOSSKIT_FLOAT32: twin_ms})
     (line,) = verdicts([f32, bf16])
-    assert "1.20x the float32 time per element (target <= 1x: NOT met)" in line
-    assert not verdicts([bf16])  # nothing to compare with
+    assert f"{12 / twin_ms:.2f}x the float32 time per element (target <= 1x: {'met' if met else 'NOT met'})" in line
+    assert verdicts([bf16]) == [line]  # the float32 unit is not needed
+    assert not verdicts([_result("mse_loss", size, torch.bfloat16, **{LOSSKIT: 12.0, EAGER: 30.0})])
+
+
+def test_a_bfloat16_unit_times_its_float32_twin():
+    # run_unit adds losskit on float32 inputs of the same case and size to a bfloat16 unit's timed rounds
+    unit = Unit(BY_NAME["mse_loss"], (8, 16), torch.bfloat16)
+    r = run_unit(unit, reps=3, budget=0, compile_reference=False, bandwidth=1e10, probe=None, phase=lambda p: None)
+    assert LOSSKIT_FLOAT32 in r.ms and r.ms[LOSSKIT_FLOAT32] > 0 and r.reps == 3
+    r32 = run_unit(Unit(BY_NAME["mse_loss"], (8, 16), torch.float32), reps=3, budget=0, compile_reference=False,
+                   bandwidth=1e10, probe=None, phase=lambda p: None)
+    assert LOSSKIT_FLOAT32 not in r32.ms

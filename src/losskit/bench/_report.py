@@ -10,7 +10,7 @@ import torch
 
 from ._cases import EAGER, FAMILY_TARGETS, LOSSKIT, dtype_name
 from ._measure import LOW_PRECISION
-from ._run import COMPILED, ROOFLINE, Result
+from ._run import COMPILED, LOSSKIT_FLOAT32, ROOFLINE, Result
 from ._sizes import format_size
 
 MIB = 1 << 20
@@ -123,7 +123,7 @@ def _verdict(what: str, value: float, op: str, limit: float) -> str:
 def verdicts(results: list[Result]) -> list[str]:
     """One line per acceptance target that this run measured: the cases' own targets, the family
     targets (FAMILY_TARGETS) when every case of a family ran at its size, and bfloat16 against float32
-    per element for every case and size the run measured in both."""
+    per element for every bfloat16 unit (from its interleaved float32 twin, ``LOSSKIT_FLOAT32``)."""
     lines = []
     for r in results:
         for target in r.unit.case.targets:
@@ -157,9 +157,8 @@ def verdicts(results: list[Result]) -> list[str]:
                      + _verdict(f"geometric mean {geomean:.2f}x faster than {EAGER}", geomean, ">=",
                                 family.min_geomean) + f" ({each})")
     for (name, size, dtype), r in measured.items():
-        base = measured.get((name, size, torch.float32))
-        if dtype == torch.bfloat16 and base is not None:
-            ratio = r.ms[LOSSKIT] / base.ms[LOSSKIT]  # same size: the per-element ratio
+        if dtype == torch.bfloat16 and LOSSKIT_FLOAT32 in r.ms:
+            ratio = r.ms[LOSSKIT] / r.ms[LOSSKIT_FLOAT32]  # same size, timed interleaved: per element
             lines.append(f"acceptance {name} {format_size(size)} bfloat16: "
                          + _verdict(f"{ratio:.2f}x the float32 time per element", ratio, "<=", 1.0))
     return lines

@@ -23,6 +23,10 @@ from ._sizes import Size
 
 COMPILED = "torch.compile"
 ROOFLINE = "roofline"
+#: A bfloat16 unit also times losskit on float32 copies of its inputs, interleaved with the others, so
+#: that its bfloat16-against-float32 ratio per element comes from one run, as the other ratios do (units
+#: run one after another, while the machine's load and memory state drift).
+LOSSKIT_FLOAT32 = "losskit float32"
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,18 @@ def impls_of(unit: Unit, compile_reference: bool) -> dict[str, Impl]:
         impls[COMPILED] = torch.compile(case.reference)
     impls.update(case.baselines)
     return impls
+
+
+def _float32_twin(losskit: Impl, unit: Unit) -> Impl:
+    """losskit on float32 inputs of the unit's case and size (the float32 unit's values), timed as one
+    more implementation of a bfloat16 unit (``own_inputs``: ``seconds`` frees their gradients untimed)."""
+    inputs32 = unit.case.make(unit.size, torch.float32, torch.Generator().manual_seed(0))
+
+    def twin(_inputs: Inputs) -> None:
+        call(losskit, inputs32)
+
+    twin.own_inputs = inputs32  # type: ignore[attr-defined]
+    return twin
 
 
 def _ideal_bytes(inputs: Inputs) -> int:
@@ -132,6 +148,8 @@ def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, b
         return result
     inputs = unit.case.make(unit.size, unit.dtype, torch.Generator().manual_seed(0))
     result.grad_bytes = sum(t.nbytes for t in differentiated(inputs))
+    if unit.dtype == torch.bfloat16:
+        impls[LOSSKIT_FLOAT32] = _float32_twin(impls[LOSSKIT], unit)
 
     phase("warm-up")
     _warm_up(result, impls, inputs)
@@ -143,7 +161,7 @@ def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, b
         # The parent's inputs stay allocated meanwhile: the child builds its own.
         result.peak, result.memory_error = probe.measure({
             "case": unit.case.name, "size": list(unit.size), "dtype": dtype_name(unit.dtype),
-            "impls": list(impls), "compile": compile_reference})
+            "impls": [name for name in impls if name != LOSSKIT_FLOAT32], "compile": compile_reference})
 
     phase("timing")
     medians, result.reps = round_robin(impls, inputs, reps, budget)
