@@ -174,6 +174,25 @@ def test_attach_expand_dim_broadcasts_grad_output_over_the_class_dim():
     assert_close(x.grad, grad_out.unsqueeze(1).expand(2, 3, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("grad_output", ["ones, broadcast", "2.5, broadcast", "random", "random, transposed"])
+def test_backward_scaling_of_a_large_gradient(dtype, grad_output):
+    # A gradient of 64K elements or more is scaled by the C pass (native_pointwise.scale_), and a broadcast
+    # scalar 1 (the backward of a per-row loss's .sum()) skips the pass: either way mul_'s result, bit for bit
+    n, c, length = 64, 1031, 3
+    expected_grad = torch.randn(n, c, length, dtype=torch.float32).to(dtype)
+    go = {"ones, broadcast": torch.ones(()).to(dtype).expand(n, length),
+          "2.5, broadcast": torch.full((), 2.5).to(dtype).expand(n, length),
+          "random": torch.randn(n, length).to(dtype),
+          "random, transposed": torch.randn(length, n).to(dtype).t()}[grad_output]
+    x = torch.zeros(n, c, length, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        loss = torch.zeros(n, length, dtype=dtype)
+    attach(loss, (x,), (expected_grad.clone(),), expand_dim=1).backward(go)
+    assert torch.equal(x.grad.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       expected_grad.mul(go.unsqueeze(1)).view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
 def test_needs_grad():
     a, b = torch.zeros(1, requires_grad=True), torch.zeros(1)
     assert needs_grad(a, b, None) == (True, False, False)

@@ -40,7 +40,7 @@ def _scale_(grad: Tensor, grad_output: Tensor, expand_dim: int | None) -> Tensor
         # The common case is loss.backward() on a scalar (or on a sum of a per-row loss: a broadcast
         # scalar): grad_output is exactly 1 and the pass over the gradient can be skipped. Reading the
         # value synchronises an accelerator, so only on CPU.
-        if bool(grad_output.reshape(-1)[:1] == 1) if grad_output.numel() else True:
+        if grad_output.numel() > 0 and bool(grad_output[(0,) * grad_output.dim()] == 1):
             return grad
     go = _broadcastable(grad_output, grad, expand_dim)
     if native_pointwise.scale_(grad, go):  # CPU: one C pass, bit for bit mul_'s
