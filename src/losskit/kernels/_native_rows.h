@@ -309,9 +309,10 @@ INLINE void FN(prob_grad_impl)(const struct FN(prob_row) *r, T m, T b, T scale, 
         FN(block)(t, tb, c, &t0, &t1, pairs);
         if (want_g)
             FN(prob_store)(g, gb, c,
-                           FN(prob_grad_v)(FN(load)(e + c), FN(target_weight)(t0, vkeep, vadd, w, c, W, opts), vb, vscale),
-                           FN(prob_grad_v)(FN(load)(e + c + W), FN(target_weight)(t1, vkeep, vadd, w, c + W, W, opts), vb,
+                           FN(prob_grad_v)(FN(load)(e + c), FN(target_weight)(t0, vkeep, vadd, w, c, W, opts), vb,
                                            vscale),
+                           FN(prob_grad_v)(FN(load)(e + c + W), FN(target_weight)(t1, vkeep, vadd, w, c + W, W, opts),
+                                           vb, vscale),
                            no_nan, pairs);
         if (want_tg) {
             FN(block)(x, xb, c, &x0, &x1, pairs);
@@ -323,9 +324,11 @@ INLINE void FN(prob_grad_impl)(const struct FN(prob_row) *r, T m, T b, T scale, 
         const int64_t n = C - c < W ? C - c : W;
         const VT wt = FN(target_weight)(FN(part)(t, tb, c, n, 0, pairs), vkeep, vadd, w, c, n, opts);
         if (want_g)
-            FN(prob_store_part)(g, gb, c, n, FN(prob_grad_v)(FN(load_part)(e + c, n, 0), wt, vb, vscale), no_nan, pairs);
+            FN(prob_store_part)(g, gb, c, n, FN(prob_grad_v)(FN(load_part)(e + c, n, 0), wt, vb, vscale), no_nan,
+                                pairs);
         if (want_tg)
-            FN(prob_store_part)(tg, tgb, c, n, FN(prob_tgrad_v)(FN(part)(x, xb, c, n, 0, pairs) - vm, vsk, vlog_s, w, c, n, opts),
+            FN(prob_store_part)(tg, tgb, c, n,
+                                FN(prob_tgrad_v)(FN(part)(x, xb, c, n, 0, pairs) - vm, vsk, vlog_s, w, c, n, opts),
                                 no_nan, pairs);
     }
 }

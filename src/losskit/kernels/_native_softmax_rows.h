@@ -408,7 +408,8 @@ INLINE T FN(entropy_probs_bf16_impl)(const uint16_t *pb, uint16_t *gb, int64_t C
             lane[j] += bf16_plogp_table[w & 0xffff];
             lane[j + 1] += bf16_plogp_table[w >> 16];
             if (grad) {
-                const uint32_t g = bf16_entropy_grad_table[w & 0xffff] | (uint32_t)bf16_entropy_grad_table[w >> 16] << 16;
+                const uint32_t g =
+                    bf16_entropy_grad_table[w & 0xffff] | (uint32_t)bf16_entropy_grad_table[w >> 16] << 16;
                 memcpy(gb + c + j, &g, sizeof g);
             }
         }
