@@ -144,8 +144,10 @@ def scale_(grad: Tensor, grad_output: Tensor) -> bool:
     against a (N, C) gradient, say: the class dim; or none, or all), reading ``grad_output`` in place
     (a broadcast scalar is read once; stride-0 dims count as broadcast). Each product is formed as
     torch's ``mul_`` forms it (in float for bfloat16 and float16) and rounded once: the same bits, in one
-    read and one write of ``grad`` split over threads, where torch's broadcasting ``mul_`` of a bfloat16
-    gradient took 7.8 ms for 8M elements here.
+    read and one write of ``grad`` split over threads. On a 1024x8192 gradient just written by a kernel
+    (the backward's situation), times a per-row grad_output, this machine: torch's ``mul_`` 5.2 ms
+    (float32) and 5.4 ms (bfloat16), this pass 2.3 and 4.3 ms (repeated on one tensor, ``mul_`` is the
+    faster: 0.9 against 1.3 ms).
     """
     if (grad.device.type != "cpu" or grad_output.device != grad.device or grad.dtype not in _FLOATING
             or grad_output.dtype != grad.dtype or not grad.is_contiguous() or grad.numel() < _SCALE_MIN_ELEMENTS
