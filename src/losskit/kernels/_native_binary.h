@@ -213,6 +213,18 @@ INLINE void FN(output_done)(const T *buf, const struct view *v, int64_t j0, int6
  * returns the block's loss sum; sets *bad when an x or y lies outside [0, 1] (CHECK_UNIT: BCE). Full
  * vectors, then one partial vector whose padded lanes (x 1/2, y 0, w p 1: in every loss's domain) are
  * neither stored nor summed; NAME##_step is inlined into both with m constant in the first. */
+/* A block's loss sum: its per-lane sums added in double, in lane order; a lane that met an x or y
+ * outside [0, 1] (BCE) sets *bad. */
+INLINE double FN(lane_total)(VT sum, VI out_of_range, int *bad)
+{
+    double total = 0;
+    for (int j = 0; j < W; j++) {
+        total += sum[j];
+        *bad |= out_of_range[j] != 0;
+    }
+    return total;
+}
+
 #define DEFINE_BLOCK_LOOP(NAME, VEC, CHECK_UNIT)                                                          \
     INLINE void FN(NAME##_step)(const struct binary_args *a, int64_t m, const T *x, const T *y, const T *w,\
                                 const T *p, T *loss, T *gx, T *gy, VT sc, VT *sum, VI *bad, const int tab)\
@@ -254,12 +266,7 @@ INLINE void FN(output_done)(const T *buf, const struct view *v, int64_t j0, int6
             FN(NAME##_step)(a, n - j, x + j, y + j, w ? w + j : NULL, p ? p + j : NULL,                   \
                             loss ? loss + j : NULL, gx ? gx + j : NULL, gy ? gy + j : NULL, sc, &sum,     \
                             &out_of_range, tab);                                                          \
-        double total = 0;                                                                                 \
-        for (int j = 0; j < W; j++) {                                                                     \
-            total += sum[j];                                                                              \
-            *bad |= out_of_range[j] != 0;                                                                 \
-        }                                                                                                 \
-        return total;                                                                                     \
+        return FN(lane_total)(sum, out_of_range, bad);                                                    \
     }                                                                                                     \
     /* x's functions from the bfloat16 tables when x is stored as bfloat16 (T float; the values in x are  \
      * then bfloat16 values, converted exactly), else computed */                                         \
@@ -344,12 +351,7 @@ INLINE void FN(store_pairs)(uint16_t *dst, VT even, VT odd, const int no_nan, VT
         for (int64_t j = 0; j + 16 <= n; j += 16)                                                         \
             FN(NAME##_pair_step)(a, x + j, y + j, loss ? loss + j : NULL, gx ? gx + j : NULL,             \
                                  gy ? gy + j : NULL, sc, &sum, &out_of_range, no_nan, chk);               \
-        double total = 0;                                                                                 \
-        for (int k = 0; k < W; k++) {                                                                     \
-            total += sum[k];                                                                              \
-            *bad |= out_of_range[k] != 0;                                                                 \
-        }                                                                                                 \
-        return total;                                                                                     \
+        return FN(lane_total)(sum, out_of_range, bad);                                                    \
     }                                                                                                     \
     /* A block of n elements; the tail of a block, and of a row, through pair_tail (defined below, before \
      * the macro's uses). */                                                                              \
