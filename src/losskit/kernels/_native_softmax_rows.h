@@ -244,7 +244,7 @@ HOT static T FN(entropy_probs)(const T *p, T *g, int64_t C, int bf16)
  * entropy of logits 1.03 -> 0.88 (0.83); 1024 rows from memory: 0.86 -> 0.50 (0.68), 0.80 -> 0.39
  * (0.77), 0.97 -> 0.74 (0.79), 1.14 -> 0.83 (0.98).
  * Every element goes through the expressions above; the exp is of bfloat16 grade (VEXP_BF16) for
- * softmax only, whose outputs e / s keep its 5.3e-6 relative error, and the full exp where a result
+ * softmax only, whose outputs e / s keep its 4.0e-6 relative error, and the full exp where a result
  * may cancel (log_softmax near 0 and its backward g - e^y sum g, the entropy gradient's log p + H);
  * the row sums add in pair order, so results agree with the float rows' to one bfloat16 step. e (exp(x - m))
  * is kept in pair order, as exp_sum_bf16 writes it; the last C % 16 elements are in element order.
