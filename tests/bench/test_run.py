@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from losskit.bench import BY_NAME, Unit, table
-from losskit.bench._measure import MIN_REPS, round_robin
+from losskit.bench import _measure
+from losskit.bench._measure import MIN_REPS, last_level_cache_bytes, round_robin
 from losskit.bench._run import ROOFLINE, run_unit
 
 
@@ -37,6 +38,21 @@ def test_the_budget_cuts_repetitions_down_to_a_floor(reps, budget, expected):
     medians, done = round_robin({"a": lambda inputs: calls.append("a"), "b": lambda inputs: calls.append("b")},
                                 {}, reps, budget)
     assert done == expected and len(calls) == 2 * expected and set(medians) == {"a", "b"}
+
+
+def test_every_timed_call_follows_a_cache_eviction(monkeypatch):
+    events = []
+    monkeypatch.setattr(_measure, "evict_caches", lambda: events.append("evict"))
+    round_robin({"a": lambda inputs: events.append("a"), "b": lambda inputs: events.append("b")}, {}, 2, 0)
+    assert events == ["evict", "a", "evict", "b", "evict", "b", "evict", "a"]
+
+
+def test_the_eviction_buffer_is_sized_from_the_largest_cache_sysfs_reports(tmp_path):
+    for index, size in (("index0", "32K"), ("index2", "512K"), ("index3", "32768K"), ("index4", "garbled")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(root=str(tmp_path)) == 32 << 20
+    assert last_level_cache_bytes(default=123, root=str(tmp_path / "missing")) == 123
 
 
 def test_a_raising_baseline_is_reported_and_left_out():

@@ -39,11 +39,11 @@ def call(impl: Impl, inputs: Inputs) -> tuple[object, list[Tensor | None]]:
     return out, [t.grad for t in differentiated(inputs)]
 
 
-def last_level_cache_bytes(default: int = 32 << 20) -> int:
-    """The largest CPU cache's size as Linux reports it (``/sys/devices/system/cpu/cpu0/cache``), else
+def last_level_cache_bytes(default: int = 32 << 20, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The largest CPU cache's size as Linux reports it (``root/index*/size``, e.g. ``32768K``), else
     ``default``. (``os.sysconf`` reports 256 MiB of L3 on this VM, sysfs and lscpu 32 MiB.)"""
     sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+    for path in glob.glob(f"{root}/index*/size"):
         try:
             with open(path) as f:
                 text = f.read().strip()
