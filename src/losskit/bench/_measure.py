@@ -53,15 +53,20 @@ def last_level_cache_bytes(default: int = 32 << 20, root: str = "/sys/devices/sy
     return max(sizes, default=default)
 
 
-_evict_buffer: list[Tensor] = []
+_evict_buffer: list = []
 
 
 def evict_caches() -> None:
     """Read a buffer of twice the last-level cache's size (made once, at most 512 MiB), so the caches hold
-    it and none of the operands of the call that follows."""
+    it and none of the operands of the call that follows. The read is numpy's single-threaded max, not a
+    torch op: after a parallel torch op its OpenMP workers spin for a while (on this VM, losskit's
+    cross_entropy 4096x32768 took 4-6 ms longer right after a torch sum, and not with
+    OMP_WAIT_POLICY=PASSIVE), which would favour the implementations that run on those workers."""
     if not _evict_buffer:
-        _evict_buffer.append(torch.ones(min(2 * last_level_cache_bytes(), 512 << 20) // 4))
-    _evict_buffer[0].sum().item()
+        import numpy  # the bench extra's matplotlib requires it
+
+        _evict_buffer.append(numpy.ones(min(2 * last_level_cache_bytes(), 512 << 20) // 4, dtype=numpy.float32))
+    _evict_buffer[0].max()
 
 
 def seconds(impl: Impl, inputs: Inputs) -> float:
