@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from losskit.bench import BY_NAME, Unit, table
 from losskit.bench import _measure
 from losskit.bench._measure import MIN_REPS, last_level_cache_bytes, round_robin
+from losskit.bench import _run
 from losskit.bench._run import ROOFLINE, run_unit
 
 
@@ -38,6 +40,33 @@ def test_the_budget_cuts_repetitions_down_to_a_floor(reps, budget, expected):
     medians, done = round_robin({"a": lambda inputs: calls.append("a"), "b": lambda inputs: calls.append("b")},
                                 {}, reps, budget)
     assert done == expected and len(calls) == 2 * expected and set(medians) == {"a", "b"}
+
+
+def test_the_roofline_is_a_copy_of_the_moved_bytes_timed_in_the_same_rounds(monkeypatch):
+    asked, calls = [], []
+
+    def slow_copy(nbytes):
+        asked.append(nbytes)
+        return lambda inputs: calls.append(time.sleep(0.002))
+    monkeypatch.setattr(_run, "_copy_of", slow_copy)
+    result = measure()
+    # read the (8, 16) float32 input and the 8 int64 targets, write the (8, 16) float32 gradient
+    assert asked == [8 * 16 * 4 + 8 * 8 + 8 * 16 * 4] and len(calls) == result.reps == 2
+    assert 2.0 <= result.ms[ROOFLINE] < 50  # the copy's median, not the 1 GB/s bandwidth's 0.0011 ms
+
+
+def test_without_memory_for_the_copy_the_roofline_uses_the_start_bandwidth(monkeypatch):
+    def no_memory(nbytes):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(_run, "_copy_of", no_memory)
+    assert measure().ms[ROOFLINE] == pytest.approx((8 * 16 * 4 * 2 + 8 * 8) / 1e9 * 1e3)
+
+
+def test_the_copy_reads_half_the_bytes_and_writes_the_other_half():
+    copy = _run._copy_of(4096)
+    copy.dst.zero_()
+    copy({})
+    assert copy.src.nbytes == copy.dst.nbytes == 2048 and torch.equal(copy.dst, copy.src)
 
 
 def test_every_timed_call_follows_a_cache_eviction(monkeypatch):
