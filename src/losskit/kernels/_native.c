@@ -234,6 +234,7 @@ static PyObject *py_set_block_cache(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"xent", py_xent, METH_VARARGS, xent_doc},
+    SET_OPENMP_METHOD,
 #ifdef HAVE_BLOCKS
     {"block", py_block, METH_VARARGS, "block(nbytes): a Block of nbytes for a kernel's output (see _native.c)."},
     {"set_block_cache", py_set_block_cache, METH_VARARGS,

@@ -178,6 +178,7 @@ static PyObject *py_log(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"binary", py_binary, METH_VARARGS, binary_doc},
+    SET_OPENMP_METHOD,
     {"log", py_log, METH_VARARGS,
      "log(data_ptr, n, double, plus1): the kernels' vector log (log1p if plus1), in place (tests)."},
     {NULL, NULL, 0, NULL},

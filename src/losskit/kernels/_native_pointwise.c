@@ -159,6 +159,7 @@ static PyObject *py_scale(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"pointwise", py_pointwise, METH_VARARGS, pointwise_doc},
+    SET_OPENMP_METHOD,
     {"scale", py_scale, METH_VARARGS, scale_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -195,6 +195,7 @@ static PyObject *py_nll(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"rows", py_rows, METH_VARARGS, rows_doc},
+    SET_OPENMP_METHOD,
     {"nll", py_nll, METH_VARARGS, nll_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -12,7 +12,9 @@ from memory once and its gradient written once: pass 1 finds the max, pass 2 (on
 the next row being prefetched meanwhile) writes ``e = exp(x - max)`` into the gradient row and sums it,
 pass 3 turns ``e`` into the gradient in place; one exp per element (at most 1.013 ulp float32, 0.99 ulp
 float64, measured; see ``_native_common.h`` and the tests). Rows are handed to
-``torch.get_num_threads()`` threads in chunks from a shared counter. Contiguous bfloat16 rows (index
+``torch.get_num_threads()`` threads in chunks from a shared counter: the workers of the OpenMP runtime
+torch runs on, where it is found loaded (:func:`openmp_runtime`), else threads of the extension's own.
+Contiguous bfloat16 rows (index
 targets without class weights, or contiguous bfloat16 probability targets) are read and written in pairs
 of elements per 32-bit word (``_native_rowops.h``, ``_native_rows.h``), probability targets' results bit
 for bit the float32 path's rounded once; other bfloat16 and float16 rows are converted in cache.
@@ -28,9 +30,12 @@ loss before the call and again by the kernel before any indexing. Errors come ba
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import math
 import os
+import re
+import sys
 from types import ModuleType
 
 import torch
@@ -59,7 +64,50 @@ def load(name: str = XENT) -> ModuleType | ImportError:
         else:
             if name == XENT and hasattr(_loaded[name], "set_block_cache"):
                 _loaded[name].set_block_cache(_buffer_cache)
+            if hasattr(_loaded[name], "set_openmp"):
+                _loaded[name].set_openmp(openmp_runtime()[1])
     return _loaded[name]
+
+
+_openmp: list[tuple[str, int]] = []
+
+
+def openmp_runtime() -> tuple[str, int]:
+    """``(path, address of GOMP_parallel)`` of the OpenMP runtime torch's ops run on, or ``("", 0)``.
+
+    The kernels' threads are then that runtime's team (``_native_common.h``, ``parallel_for``): the
+    workers torch's own parallel ops use, which spin for a while after each of them waiting for more
+    work, so that threads of the extension's own would share cores with them. Found on Linux, when
+    torch's parallel backend is OpenMP, as the ``libgomp``/``libiomp5``/``libomp`` mapped into the process
+    from torch's own directory (or the only one mapped), opened with ``RTLD_NOLOAD`` (the loaded copy,
+    never a second one). ``LOSSKIT_OPENMP=0`` keeps threads of the extension's own."""
+    if not _openmp:
+        _openmp.append(_find_openmp())
+    return _openmp[0]
+
+
+def _find_openmp() -> tuple[str, int]:
+    if os.environ.get("LOSSKIT_OPENMP", "1") == "0" or not sys.platform.startswith("linux"):
+        return "", 0
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return "", 0
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "", 0
+    found = sorted({line.split()[-1] for line in maps.splitlines()
+                    if re.search(r"/lib(gomp|iomp5|omp)\b[^/]*\.so[^/]*$", line)})
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    candidates = [path for path in found if path.startswith(torch_dir)] or (found if len(found) == 1 else [])
+    if not candidates:
+        return "", 0
+    try:
+        library = ctypes.CDLL(candidates[0], mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+        address = ctypes.cast(library.GOMP_parallel, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return "", 0
+    return (candidates[0], address) if address else ("", 0)
 
 
 def module(name: str = XENT) -> ModuleType:
