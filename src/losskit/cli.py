@@ -175,8 +175,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                                compile_reference=args.compile, progress=progress)
 
     print(table(results))
-    print(f"copy bandwidth at the start: {bandwidth / 1e9:.1f} GB/s (each case's roofline is a copy timed in its "
-          "own rounds)")
+    print(f"copy bandwidth at the start: {bandwidth / 1e9:.1f} GB/s (each case's roofline uses the bandwidth of a "
+          "copy timed in its own rounds)")
     if memory_error:
         print(f"peak memory not measured: {memory_error}")
     for line in [*verdicts(results), *(f"skipped {s}" for s in skipped)]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -42,17 +41,24 @@ def test_the_budget_cuts_repetitions_down_to_a_floor(reps, budget, expected):
     assert done == expected and len(calls) == 2 * expected and set(medians) == {"a", "b"}
 
 
-def test_the_roofline_is_a_copy_of_the_moved_bytes_timed_in_the_same_rounds(monkeypatch):
-    asked, calls = [], []
+def test_the_roofline_uses_the_bandwidth_of_a_copy_timed_in_the_same_rounds(monkeypatch):
+    asked, timed = [], []
 
-    def slow_copy(nbytes):
+    def fake_copy(nbytes):
         asked.append(nbytes)
-        return lambda inputs: calls.append(time.sleep(0.002))
-    monkeypatch.setattr(_run, "_copy_of", slow_copy)
+        return "the copy"
+
+    def fake_round_robin(impls, inputs, reps, budget):
+        timed.append(impls[ROOFLINE])
+        return {**{name: 0.001 for name in impls}, ROOFLINE: 0.04}, reps
+    monkeypatch.setattr(_run, "_copy_of", fake_copy)
+    monkeypatch.setattr(_run, "round_robin", fake_round_robin)
     result = measure()
-    # read the (8, 16) float32 input and the 8 int64 targets, write the (8, 16) float32 gradient
-    assert asked == [8 * 16 * 4 + 8 * 8 + 8 * 16 * 4] and len(calls) == result.reps == 2
-    assert 2.0 <= result.ms[ROOFLINE] < 50  # the copy's median, not the 1 GB/s bandwidth's 0.0011 ms
+    assert asked == [2 * _run.COPY_BYTES] and timed == ["the copy"]
+    # read the (8, 16) float32 input and the 8 int64 targets, write the (8, 16) float32 gradient, at
+    # 2 * COPY_BYTES per 0.04 s (not at the 1 GB/s passed in as the start's bandwidth)
+    moved = 8 * 16 * 4 + 8 * 8 + 8 * 16 * 4
+    assert result.ms[ROOFLINE] == pytest.approx(moved / (2 * _run.COPY_BYTES / 0.04) * 1e3)
 
 
 def test_without_memory_for_the_copy_the_roofline_uses_the_start_bandwidth(monkeypatch):

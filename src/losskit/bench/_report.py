@@ -67,9 +67,9 @@ _LEFT = 4  # case, size, dtype and impl are left-aligned, the numbers right-alig
 LEGEND = "\n".join([
     "ms: median forward+backward time. speed-up: this row's ms / losskit's ms (how many times faster losskit is).",
     "peak MiB: peak resident memory above the inputs, loss and gradients included. peak/grad: peak / gradient size.",
-    "mem ratio: losskit's peak / this row's peak. roofline: the time to copy the bytes a fused kernel must move",
-    "(read the inputs, write the gradients: a copy of half as many bytes), timed in the same rounds; a floor for",
-    "memory-bound losses (linear_cross_entropy is compute-bound: see its matmul floor).",
+    "mem ratio: losskit's peak / this row's peak. roofline: the bytes a fused kernel must move (read the inputs,",
+    "write the gradients) at the copy bandwidth measured in the same rounds (a 256 MiB copy timed among the",
+    "implementations); a floor for memory-bound losses (linear_cross_entropy is compute-bound: see its matmul floor).",
 ])
 
 

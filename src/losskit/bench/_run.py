@@ -100,11 +100,17 @@ def _ideal_bytes(inputs: Inputs) -> int:
     return sum(t.nbytes for t in inputs.values()) + sum(t.nbytes for t in written)
 
 
+#: The copy timed in every unit's rounds: read this many bytes and write as many, as ``copy_bandwidth``
+#: does at the start (beyond any cache, large enough that the copy runs at its steady rate).
+COPY_BYTES = 256 << 20
+
+
 def _copy_of(nbytes: int) -> Impl:
     """``dst.copy_(src)`` of float32 buffers holding ``nbytes`` in all (read ``nbytes / 2``, write as
-    many): timed beside the implementations, it is the roofline of a kernel that moves ``nbytes``,
-    measured in the same rounds, so the roofline ratio comes from one run like the other ratios (the
-    copy bandwidth measured once at the start drifted from 27 to 34 GB/s between runs on this VM)."""
+    many). Timed beside the implementations (``COPY_BYTES`` each way), it gives the copy bandwidth of
+    the unit's own rounds, so the roofline ratio comes from one run like the other ratios: the bandwidth
+    measured once at the start moved from 23 to 34 GB/s between runs on this VM, independently of the
+    kernels' times."""
     src = torch.ones(max(1, nbytes // 8))
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch: page faults, not bandwidth
@@ -179,16 +185,17 @@ def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, b
             "impls": [name for name in impls if name != LOSSKIT_FLOAT32], "compile": compile_reference})
 
     phase("timing")
-    # The roofline is a copy of the bytes the kernel must move, timed in the same rounds; `bandwidth`
-    # (measured once at the start) serves where that copy cannot be allocated.
+    # The roofline: the bytes the kernel must move at the copy bandwidth of these rounds (a copy timed
+    # among the implementations); `bandwidth`, measured once at the start, where the copy cannot be made.
     try:
-        impls[ROOFLINE] = _copy_of(_ideal_bytes(inputs))
-    except RuntimeError:  # out of memory for two more buffers of half the operands' size
+        impls[ROOFLINE] = _copy_of(2 * COPY_BYTES)
+    except RuntimeError:  # out of memory for the copy's two buffers
         pass
     medians, result.reps = round_robin(impls, inputs, reps, budget)
     result.ms = {name: s * 1e3 for name, s in medians.items()}
-    if ROOFLINE not in result.ms:
-        result.ms[ROOFLINE] = _ideal_bytes(inputs) / bandwidth * 1e3
+    if ROOFLINE in medians:
+        bandwidth = 2 * COPY_BYTES / medians[ROOFLINE]
+    result.ms[ROOFLINE] = _ideal_bytes(inputs) / bandwidth * 1e3
     return result
 
 
