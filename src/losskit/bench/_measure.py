@@ -5,7 +5,8 @@ fresh gradients; a garbage collection and a read of a buffer twice the size of t
 before each call, outside the timed region, so every timed call finds its operands in memory, not in a
 cache (the roofline's assumption). Without the read, which implementation ran just before decided how
 much of a 16-32 MiB input (the default sizes) was still in a 32 MiB L3: on this VM a float32 focal_loss
-took 4.0 ms timed after itself and 5.7 ms timed after torch eager.
+took 4.0 ms in a float32 run and 5.7 ms as the float32 twin of the bfloat16 run, where it mostly followed
+torch eager (part of that, found later, was torch's spinning OpenMP workers: see _native_common.h).
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ _evict_buffer: list = []
 def evict_caches() -> None:
     """Read a buffer of twice the last-level cache's size (made once, at most 512 MiB), so the caches hold
     it and none of the operands of the call that follows. The read is numpy's single-threaded max, not a
-    torch op: after a parallel torch op its OpenMP workers spin for a while (on this VM, losskit's
-    cross_entropy 4096x32768 took 4-6 ms longer right after a torch sum, and not with
-    OMP_WAIT_POLICY=PASSIVE), which would favour the implementations that run on those workers."""
+    torch op: after a parallel torch op its OpenMP workers spin for a while, which favours whatever
+    runs next on those workers over threads of its own (before losskit's kernels ran on torch's team,
+    its cross_entropy 4096x32768 took 4-6 ms longer right after a torch sum, and not with
+    OMP_WAIT_POLICY=PASSIVE)."""
     if not _evict_buffer:
         import numpy  # the bench extra's matplotlib requires it
 
