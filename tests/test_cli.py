@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from losskit.bench import CASES, parse_size, parse_sizes
-from losskit.bench._measure import MIN_REPS
+from losskit.bench._measure import MAX_CALLS_PER_ROUND, MIN_REPS
 from losskit.bench._report import FIELDS
 from losskit.cli import main
 
@@ -77,10 +77,11 @@ def test_bench_prints_no_warning(bench):
     assert "Warning" not in done.stderr, done.stderr
 
 
-def test_help_states_the_repetition_floor(capsys):
+def test_help_states_the_repetition_floor_and_the_calls_a_round(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
-    assert f"never below {MIN_REPS}" in " ".join(capsys.readouterr().out.split())
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"never below {MIN_REPS}" in text and f"up to {MAX_CALLS_PER_ROUND} times" in text
 
 
 def test_plot_written_where_printed(bench):

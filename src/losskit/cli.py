@@ -94,9 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", type=_arg_type(_dtypes), default=[torch.float32], metavar="DTYPE,...",
                        help=f"input dtypes, from {', '.join(_DTYPES)} (default: float32)")
     bench.add_argument("--reps", type=_arg_type(_positive_int), default=5,
-                       help="timed repetitions per case, each after the warm-up (default: 5)")
+                       help="timed rounds per case after the warm-up, each calling every implementation once and the "
+                            "fast ones up to 5 times (default: 5)")
     bench.add_argument("--budget", type=_arg_type(_seconds), default=10.0, metavar="SECONDS",
-                       help="cut the repetitions of a case to what fits in this many seconds, never below 3 "
+                       help="cut the rounds of a case to what fits in this many seconds, never below 3 "
                             "(default: 10; 0: no limit)")
     bench.add_argument("--compile", action="store_true",
                        help="add torch.compile(reference) as a baseline (slow: compiles every case and size)")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from losskit.bench import BY_NAME, Unit, table
 from losskit.bench import _measure
-from losskit.bench._measure import MIN_REPS, last_level_cache_bytes, round_robin
+from losskit.bench._measure import MAX_CALLS_PER_ROUND, MIN_REPS, calls_per_round, last_level_cache_bytes, round_robin
 from losskit.bench import _run
 from losskit.bench._run import ROOFLINE, run_unit
 
@@ -25,6 +25,7 @@ def test_measures_every_implementation_and_the_roofline():
     result = measure()
     assert set(result.ms) == {"losskit", "torch eager", ROOFLINE}
     assert result.reps == 2 and result.check == "" and result.error == ""
+    assert set(result.calls) == set(result.ms) and all(2 <= n <= 2 * MAX_CALLS_PER_ROUND for n in result.calls.values())
     assert result.grad_bytes == 8 * 16 * 4
 
 
@@ -34,11 +35,45 @@ def test_measures_every_implementation_and_the_roofline():
     (2, 1e-12, 2),  # fewer than the floor when fewer are asked for
     (5, 1e12, 5),  # a budget never adds repetitions
 ])
-def test_the_budget_cuts_repetitions_down_to_a_floor(reps, budget, expected):
+def test_the_budget_cuts_repetitions_down_to_a_floor(reps, budget, expected, monkeypatch):
+    monkeypatch.setattr(_measure, "calls_per_round", lambda first: dict.fromkeys(first, 1))
     calls = []
-    medians, done = round_robin({"a": lambda inputs: calls.append("a"), "b": lambda inputs: calls.append("b")},
-                                {}, reps, budget)
-    assert done == expected and len(calls) == 2 * expected and set(medians) == {"a", "b"}
+    times, done = round_robin({"a": lambda inputs: calls.append("a"), "b": lambda inputs: calls.append("b")},
+                              {}, reps, budget)
+    assert done == expected and len(calls) == 2 * expected and {k: len(v) for k, v in times.items()} == {
+        "a": expected, "b": expected}
+
+
+def test_the_budget_counts_the_extra_calls(monkeypatch):
+    # every call "takes" 1 s; with 3 calls of a and 1 of b a round takes 4 s: 9 s fit 2 rounds, not 4
+    monkeypatch.setattr(_measure, "seconds", lambda impl, inputs: 1.0)
+    monkeypatch.setattr(_measure, "calls_per_round", lambda first: {"a": 3, "b": 1})
+    monkeypatch.setattr(_measure, "MIN_REPS", 1)
+    times, done = round_robin({"a": None, "b": None}, {}, 10, 9)
+    assert done == 2 and len(times["a"]) == 1 + 3 and len(times["b"]) == 2
+
+
+@pytest.mark.parametrize("first, expected", [
+    # shares of half the round's 1.4 s over 4: 0.175 s each; 0.175 // 0.05 = 3 more calls for a 50 ms call
+    ({"eager": 0.7, "compile": 0.5, "losskit": 0.05, "copy": 0.15}, {"eager": 1, "compile": 1, "losskit": 4, "copy": 2}),
+    # never more than MAX_CALLS_PER_ROUND, even for a call too fast to time
+    ({"slow": 1.0, "fast": 1e-6, "instant": 0.0}, {"slow": 1, "fast": MAX_CALLS_PER_ROUND,
+                                                    "instant": MAX_CALLS_PER_ROUND}),
+    # equal times: half a round's worth of extras spread over all is less than one more call each
+    ({"a": 1.0, "b": 1.0}, {"a": 1, "b": 1}),
+])
+def test_fast_implementations_get_more_calls_a_round(first, expected):
+    assert calls_per_round(first) == expected
+
+
+def test_extra_calls_take_turns_after_the_round(monkeypatch):
+    monkeypatch.setattr(_measure, "calls_per_round", lambda first: {"slow": 1, "f1": 3, "f2": 2})
+    events = []
+    impls = {name: (lambda inputs, name=name: events.append(name)) for name in ("slow", "f1", "f2")}
+    round_robin(impls, {}, 2, 0)
+    # round 1 calls each once (then learns the counts); round 2 starts one further along, then the
+    # extra calls go round the implementations that have calls left
+    assert events == ["slow", "f1", "f2", "f1", "f2", "slow", "f1", "f2", "f1"]
 
 
 def test_the_roofline_uses_the_bandwidth_of_a_copy_timed_in_the_same_rounds(monkeypatch):
@@ -50,13 +85,13 @@ def test_the_roofline_uses_the_bandwidth_of_a_copy_timed_in_the_same_rounds(monk
 
     def fake_round_robin(impls, inputs, reps, budget):
         timed.append(impls[ROOFLINE])
-        return {**{name: 0.001 for name in impls}, ROOFLINE: 0.04}, reps
+        return {**{name: [0.001] * reps for name in impls}, ROOFLINE: [0.05, 0.04, 0.01]}, reps
     monkeypatch.setattr(_run, "_copy_of", fake_copy)
     monkeypatch.setattr(_run, "round_robin", fake_round_robin)
     result = measure()
     assert asked == [2 * _run.COPY_BYTES] and timed == ["the copy"]
     # read the (8, 16) float32 input and the 8 int64 targets, write the (8, 16) float32 gradient, at
-    # 2 * COPY_BYTES per 0.04 s (not at the 1 GB/s passed in as the start's bandwidth)
+    # 2 * COPY_BYTES per 0.04 s, the copy's median (not at the 1 GB/s passed in as the start's bandwidth)
     moved = 8 * 16 * 4 + 8 * 8 + 8 * 16 * 4
     assert result.ms[ROOFLINE] == pytest.approx(moved / (2 * _run.COPY_BYTES / 0.04) * 1e3)
 
@@ -78,6 +113,7 @@ def test_the_copy_reads_half_the_bytes_and_writes_the_other_half():
 def test_every_timed_call_follows_a_cache_eviction(monkeypatch):
     events = []
     monkeypatch.setattr(_measure, "evict_caches", lambda: events.append("evict"))
+    monkeypatch.setattr(_measure, "calls_per_round", lambda first: dict.fromkeys(first, 1))
     round_robin({"a": lambda inputs: events.append("a"), "b": lambda inputs: events.append("b")}, {}, 2, 0)
     assert events == ["evict", "a", "evict", "b", "evict", "b", "evict", "a"]
 

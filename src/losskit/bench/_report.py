@@ -61,15 +61,16 @@ def read_csv(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-HEADER = ("case", "size", "dtype", "impl", "ms", "speed-up", "peak MiB", "peak/grad", "mem ratio", "reps", "note")
+HEADER = ("case", "size", "dtype", "impl", "ms", "speed-up", "peak MiB", "peak/grad", "mem ratio", "calls", "note")
 _LEFT = 4  # case, size, dtype and impl are left-aligned, the numbers right-aligned
 
 LEGEND = "\n".join([
     "ms: median forward+backward time. speed-up: this row's ms / losskit's ms (how many times faster losskit is).",
     "peak MiB: peak resident memory above the inputs, loss and gradients included. peak/grad: peak / gradient size.",
-    "mem ratio: losskit's peak / this row's peak. roofline: the bytes a fused kernel must move (read the inputs,",
-    "write the gradients) at the copy bandwidth measured in the same rounds (a 256 MiB copy timed among the",
-    "implementations); a floor for memory-bound losses (linear_cross_entropy is compute-bound: see its matmul floor).",
+    "mem ratio: losskit's peak / this row's peak. calls: timed calls (the fast implementations several a round).",
+    "roofline: the bytes a fused kernel must move (read the inputs, write the gradients) at the copy bandwidth",
+    "measured in the same rounds (a 256 MiB copy timed among the implementations); a floor for memory-bound losses",
+    "(linear_cross_entropy is compute-bound: see its matmul floor).",
 ])
 
 
@@ -97,7 +98,7 @@ def _rows(r: Result) -> list[list[str]]:
         rows.append([*(head if not rows else [""] * 3), impl, number(ms), _ratio(ms / ours_ms if baseline else None),
                      "" if peak is None else number(peak / MIB),
                      "" if peak is None or not r.grad_bytes else f"{peak / r.grad_bytes:.2f}",
-                     _ratio(mem_ratio), str(r.reps) if not rows else "", note])
+                     _ratio(mem_ratio), str(r.calls.get(impl, "")), note])
     rows += [["", "", "", impl, "", "", "", "", "", "", f"raised {message}"] for impl, message in r.failed.items()]
     return rows
 

@@ -2,14 +2,16 @@
 
 Order within a unit: build the inputs once; a warm-up round (each implementation once, untimed; losskit's
 result is checked against the reference here); peak memory, measured by a child process on its own copy
-of the inputs (:mod:`._memory_probe`); then the timed rounds, interleaved round-robin. The number of
-timed rounds is ``reps``, cut down after the first to what fits in ``budget`` seconds, never below three
+of the inputs (:mod:`._memory_probe`); then the timed rounds, interleaved round-robin, the fast
+implementations called up to five times a round (``_measure.calls_per_round``). The number of rounds is
+``reps``, cut down after the first to what fits in ``budget`` seconds, never below three
 (``_measure.MIN_REPS``).
 """
 
 from __future__ import annotations
 
 import gc
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +46,9 @@ class Result:
     #: Peak bytes above inputs per implementation; empty when memory was not measured.
     peak: dict[str, int] = field(default_factory=dict)
     grad_bytes: int = 0
+    #: Rounds timed, and timed calls per implementation (the fast ones are called several times a round).
     reps: int = 0
+    calls: dict[str, int] = field(default_factory=dict)
     #: "" when losskit agrees with the reference, else what differs.
     check: str = ""
     #: Why the unit was not measured: losskit lacks the function, or losskit or the reference raised.
@@ -191,10 +195,11 @@ def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, b
         impls[ROOFLINE] = _copy_of(2 * COPY_BYTES)
     except RuntimeError:  # out of memory for the copy's two buffers
         pass
-    medians, result.reps = round_robin(impls, inputs, reps, budget)
-    result.ms = {name: s * 1e3 for name, s in medians.items()}
-    if ROOFLINE in medians:
-        bandwidth = 2 * COPY_BYTES / medians[ROOFLINE]
+    times, result.reps = round_robin(impls, inputs, reps, budget)
+    result.ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    result.calls = {name: len(ts) for name, ts in times.items()}
+    if ROOFLINE in times:
+        bandwidth = 2 * COPY_BYTES / statistics.median(times[ROOFLINE])
     result.ms[ROOFLINE] = _ideal_bytes(inputs) / bandwidth * 1e3
     return result
 
