@@ -118,6 +118,30 @@ def test_every_timed_call_follows_a_cache_eviction(monkeypatch):
     assert events == ["evict", "a", "evict", "b", "evict", "b", "evict", "a"]
 
 
+def test_a_steady_implementation_is_called_untimed_first(monkeypatch):
+    # losskit and its float32 twin alternate in a bfloat16 unit: each timed call follows an untimed call
+    # of the same implementation, whose freed outputs it reuses
+    events = []
+    monkeypatch.setattr(_measure, "evict_caches", lambda: events.append("evict"))
+    monkeypatch.setattr(_measure, "calls_per_round", lambda first: dict.fromkeys(first, 1))
+    impls = {"a": _measure.steady(lambda inputs: events.append("a")), "b": lambda inputs: events.append("b")}
+    round_robin(impls, {}, 2, 0)
+    assert events == ["a", "evict", "a", "evict", "b", "evict", "b", "a", "evict", "a"]
+
+
+def test_a_bfloat16_unit_times_losskit_and_its_twin_steady(monkeypatch):
+    timed = []
+
+    def fake_round_robin(impls, inputs, reps, budget):
+        timed.append({name: getattr(impl, "steady", False) for name, impl in impls.items()})
+        return {name: [0.001] * reps for name in impls}, reps
+    monkeypatch.setattr(_run, "round_robin", fake_round_robin)
+    measure(torch.bfloat16)
+    measure(torch.float32)
+    assert timed == [{"losskit": True, "torch eager": False, _run.LOSSKIT_FLOAT32: True, ROOFLINE: False},
+                     {"losskit": False, "torch eager": False, ROOFLINE: False}]
+
+
 def test_the_eviction_buffer_is_sized_from_the_largest_cache_sysfs_reports(tmp_path):
     for index, size in (("index0", "32K"), ("index2", "512K"), ("index3", "32768K"), ("index4", "garbled")):
         (tmp_path / index).mkdir()
