@@ -51,6 +51,9 @@ def test_the_budget_counts_the_extra_calls(monkeypatch):
     monkeypatch.setattr(_measure, "MIN_REPS", 1)
     times, done = round_robin({"a": None, "b": None}, {}, 10, 9)
     assert done == 2 and len(times["a"]) == 1 + 3 and len(times["b"]) == 2
+    # b steady: its untimed call before each timed one counts too (3 + 2 = 5 s a round: 9 s fit 1, floor 1)
+    times, done = round_robin({"a": None, "b": _measure.steady(None)}, {}, 10, 9)
+    assert done == 1 and len(times["b"]) == 1
 
 
 @pytest.mark.parametrize("first, expected", [

@@ -144,8 +144,8 @@ def round_robin(impls: dict[str, Impl], inputs: Inputs, reps: int, budget: float
     implementation once, starting one further along the list each time so none is always first, then
     makes the extra calls of ``calls_per_round`` (set by the first round), in turns through the
     implementations that have calls left, so the fast ones stay interleaved with each other. After the
-    first, ``reps`` (rounds) is cut to what fits in ``budget`` seconds (0: no limit), the extra calls
-    counted, but not below ``MIN_REPS``."""
+    first, ``reps`` (rounds) is cut to what fits in ``budget`` seconds (0: no limit), the extra and the
+    untimed (``steady``) calls counted, but not below ``MIN_REPS``."""
     names = list(impls)
     times: dict[str, list[float]] = {name: [] for name in names}
     calls = dict.fromkeys(names, 1)
@@ -159,8 +159,10 @@ def round_robin(impls: dict[str, Impl], inputs: Inputs, reps: int, budget: float
                     times[name].append(seconds(impls[name], inputs))
         if rep == 0:
             calls = calls_per_round({name: ts[0] for name, ts in times.items()})
-            if budget > 0:
-                fits = int(budget // sum(ts[0] * calls[name] for name, ts in times.items()))
+            if budget > 0:  # a steady implementation's untimed calls take time too
+                cost = {name: ts[0] * calls[name] * (2 if getattr(impls[name], "steady", False) else 1)
+                        for name, ts in times.items()}
+                fits = int(budget // sum(cost.values()))
                 reps = min(reps, max(MIN_REPS, fits))
         rep += 1
     return times, reps
