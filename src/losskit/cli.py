@@ -81,10 +81,11 @@ def _parser() -> argparse.ArgumentParser:
                                        "inputs are built once; each implementation is called once untimed "
                                        "(losskit's result is checked against the reference); peak memory above the "
                                        "inputs is measured in a child process (Linux VmHWM, "
-                                       "MALLOC_MMAP_THRESHOLD_=65536); then the timed repetitions call the "
-                                       "implementations interleaved round-robin, and the median is reported. A "
-                                       "bfloat16 case also times losskit on float32 inputs ('losskit float32') in "
-                                       "the same rounds: its bfloat16-per-element verdict is the ratio of the two.")
+                                       "MALLOC_MMAP_THRESHOLD_=65536); then the timed rounds call the "
+                                       "implementations interleaved round-robin (the fast ones several times a "
+                                       "round), and the median is reported. A bfloat16 case also times losskit on "
+                                       "float32 inputs ('losskit float32') in the same rounds: its "
+                                       "bfloat16-per-element verdict is the ratio of the two.")
     bench.add_argument("--cases", type=_arg_type(_cases), metavar="NAME,...",
                        help="cases to run (default: all; see --list)")
     bench.add_argument("--sizes", type=_arg_type(_sizes), metavar="SIZE,...",
