@@ -89,7 +89,7 @@ def test_the_roofline_uses_the_bandwidth_of_a_copy_timed_in_the_same_rounds(monk
     def fake_round_robin(impls, inputs, reps, budget):
         timed.append(impls[ROOFLINE])
         return {**{name: [0.001] * reps for name in impls}, ROOFLINE: [0.05, 0.04, 0.01]}, reps
-    monkeypatch.setattr(_run, "_copy_of", fake_copy)
+    monkeypatch.setattr(_run, "copy_of", fake_copy)
     monkeypatch.setattr(_run, "round_robin", fake_round_robin)
     result = measure()
     assert asked == [2 * _run.COPY_BYTES] and timed == ["the copy"]
@@ -102,12 +102,12 @@ def test_the_roofline_uses_the_bandwidth_of_a_copy_timed_in_the_same_rounds(monk
 def test_without_memory_for_the_copy_the_roofline_uses_the_start_bandwidth(monkeypatch):
     def no_memory(nbytes):
         raise RuntimeError("out of memory")
-    monkeypatch.setattr(_run, "_copy_of", no_memory)
+    monkeypatch.setattr(_run, "copy_of", no_memory)
     assert measure().ms[ROOFLINE] == pytest.approx((8 * 16 * 4 * 2 + 8 * 8) / 1e9 * 1e3)
 
 
 def test_the_copy_reads_half_the_bytes_and_writes_the_other_half():
-    copy = _run._copy_of(4096)
+    copy = _run.copy_of(4096)
     copy.dst.zero_()
     copy({})
     assert copy.src.nbytes == copy.dst.nbytes == 2048 and torch.equal(copy.dst, copy.src)

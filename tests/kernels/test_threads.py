@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import losskit.functional as LF
-from losskit.kernels import native
+from losskit.kernels import native, native_binary, native_pointwise, native_softmax
 
-EXTENSIONS = ("_native", "_native_binary", "_native_pointwise", "_native_softmax")
+EXTENSIONS = (native.XENT, native_binary.EXTENSION, native_pointwise.EXTENSION, native_softmax.EXTENSION)
 
 
 def _expects_openmp() -> bool:

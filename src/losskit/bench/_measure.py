@@ -168,15 +168,27 @@ def round_robin(impls: dict[str, Impl], inputs: Inputs, reps: int, budget: float
     return times, reps
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
-    """Bytes per second of ``dst.copy_(src)`` (read + write counted) on buffers well beyond any cache."""
-    src = torch.ones(nbytes // 4)
+def copy_of(nbytes: int) -> Impl:
+    """``dst.copy_(src)`` of float32 buffers holding ``nbytes`` in all (read ``nbytes / 2``, write as
+    many), as an implementation (its inputs ignored); the buffers are faulted in first."""
+    src = torch.ones(max(1, nbytes // 8))
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch: page faults, not bandwidth
+
+    def copy(inputs: Inputs) -> None:
+        dst.copy_(src)
+    copy.src, copy.dst = src, dst  # type: ignore[attr-defined]
+    return copy
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Bytes per second of ``dst.copy_(src)`` (read + write counted, ``nbytes`` each) on buffers well
+    beyond any cache."""
+    copy = copy_of(2 * nbytes)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        dst.copy_(src)
+        copy({})
         times.append(time.perf_counter() - start)
     return 2 * nbytes / statistics.median(times)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from ._cases import EAGER, LOSSKIT, Case, Impl, Inputs, dtype_name
-from ._measure import (LOW_PRECISION, call, copy_bandwidth, differentiated, disagreement, reset, round_robin,
-                       steady)
+from ._measure import (LOW_PRECISION, call, copy_bandwidth, copy_of, differentiated, disagreement, reset,
+                       round_robin, steady)
 from ._memory_probe import MemoryProbe
 from ._sizes import Size
 
@@ -106,25 +106,12 @@ def _ideal_bytes(inputs: Inputs) -> int:
     return sum(t.nbytes for t in inputs.values()) + sum(t.nbytes for t in written)
 
 
-#: The copy timed in every unit's rounds: read this many bytes and write as many, as ``copy_bandwidth``
-#: does at the start (beyond any cache, large enough that the copy runs at its steady rate).
+#: The copy timed in every unit's rounds (``copy_of``): read this many bytes and write as many, as
+#: ``copy_bandwidth`` does at the start (beyond any cache, large enough that the copy runs at its steady
+#: rate). Timed beside the implementations, it gives the copy bandwidth of the unit's own rounds, so the
+#: roofline ratio comes from one run like the other ratios: the bandwidth measured once at the start moved
+#: from 23 to 34 GB/s between runs on this VM, independently of the kernels' times.
 COPY_BYTES = 256 << 20
-
-
-def _copy_of(nbytes: int) -> Impl:
-    """``dst.copy_(src)`` of float32 buffers holding ``nbytes`` in all (read ``nbytes / 2``, write as
-    many). Timed beside the implementations (``COPY_BYTES`` each way), it gives the copy bandwidth of
-    the unit's own rounds, so the roofline ratio comes from one run like the other ratios: the bandwidth
-    measured once at the start moved from 23 to 34 GB/s between runs on this VM, independently of the
-    kernels' times."""
-    src = torch.ones(max(1, nbytes // 8))
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch: page faults, not bandwidth
-
-    def copy(inputs: Inputs) -> None:
-        dst.copy_(src)
-    copy.src, copy.dst = src, dst  # type: ignore[attr-defined]
-    return copy
 
 
 def _results(out_and_grads: tuple[object, list]) -> list[torch.Tensor]:
@@ -195,7 +182,7 @@ def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, b
     # The roofline: the bytes the kernel must move at the copy bandwidth of these rounds (a copy timed
     # among the implementations); `bandwidth`, measured once at the start, where the copy cannot be made.
     try:
-        impls[ROOFLINE] = _copy_of(2 * COPY_BYTES)
+        impls[ROOFLINE] = copy_of(2 * COPY_BYTES)
     except RuntimeError:  # out of memory for the copy's two buffers
         pass
     times, result.reps = round_robin(impls, inputs, reps, budget)
