@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import losskit.functional as LF
 import losskit.kernels.blocks as blocks
-from losskit.testing import (assert_close, assert_matches_reference, assert_no_worse_than, assert_same_results,
+from losskit.testing import (assert_close, assert_matches_reference, assert_same_results, assert_within_eps,
                              gradcheck, loss_and_grads)
 
 C = 5
@@ -137,12 +137,12 @@ def test_softmax_implicit_dim_warns_like_torch():
         assert_close(out, expected)
 
 
-# --- low precision: judged against torch's own error ----------------------------------------------
+# --- low precision: judged in the dtype's eps against float64 on the same inputs -------------------
 
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("loss", ["cross_entropy", "cross_entropy_smoothed", "cross_entropy_probs", "nll_loss"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_low_precision_no_worse_than_torch(dtype, loss, reduction):
+def test_low_precision_within_eps_of_float64(dtype, loss, reduction):
     shape = (16, 40, 3)
     x = _logits(shape, dtype)
     t = _prob_target(shape, dtype) if loss == "cross_entropy_probs" else _index_target(shape, ignore_index=-100)
@@ -155,22 +155,28 @@ def test_low_precision_no_worse_than_torch(dtype, loss, reduction):
     w = kw.pop("weight")
     grad_out = torch.randn((16, 3) if reduction == "none" else (), generator=_gen(5)).to(dtype)
     ours = loss_and_grads(getattr(LF, name), x, t, w, grad_output=grad_out, **kw)
-    base = loss_and_grads(getattr(F, name), x, t, w, grad_output=grad_out, **kw)
     truth = loss_and_grads(getattr(F, name), x.double(), t.double() if t.is_floating_point() else t, w.double(),
                            grad_output=grad_out.double(), **kw)
-    for what, a, b, c in zip(("loss", "d/dinput", "d/dtarget"), ours, base, truth):
+    # loss: a float32 value (a row's log-sum-exp, or a mean of up to 48 positive terms) rounded once to
+    # dtype, 0.5 eps; the data's losses are far from 0, so relative per element. Gradients: rounded when
+    # stored, then times grad_output in dtype: two roundings, 1 eps; normwise, as p - y and -log_softmax
+    # cancel near 0.
+    for what, a, c in zip(("loss", "d/dinput", "d/dtarget"), ours, truth):
         if c is not None:
             assert a.dtype == dtype, what
-            assert_no_worse_than(a, b, c, msg=f"{loss} {what}")
+            if what == "loss":
+                assert_within_eps(a, c, 1, msg=f"{loss} {what}")
+            else:
+                assert_within_eps(a, c, 1.5, floor=c.abs().max().item(), msg=f"{loss} {what}")
 
 
 @pytest.mark.parametrize("dtype", LOW)
-def test_focal_loss_low_precision_no_worse_than_formula_in_that_dtype(dtype):
+def test_focal_loss_low_precision_within_eps_of_float64(dtype):
     x, t = _logits((32, 40), dtype), _index_target((32, 40))
     ours = LF.focal_loss(x, t, reduction="none")
-    p = x.softmax(1).gather(1, t.unsqueeze(1)).squeeze(1)  # the formula evaluated by torch in `dtype`
-    baseline = -(1 - p) ** 2 * p.log()
-    assert_no_worse_than(ours, baseline, _focal_ref(x, t, reduction="none"))
+    # a float32 value rounded once to dtype, 0.5 eps; relative per element (the data's 1 - p_y stay far from
+    # 0, where float32's 1 - p would cancel)
+    assert_within_eps(ours, _focal_ref(x, t, reduction="none"), 1)
 
 
 # --- gradcheck (float64) ------------------------------------------------------------------------------
