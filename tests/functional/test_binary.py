@@ -17,7 +17,7 @@ import losskit.functional as LF
 import losskit.kernels.elementwise as elementwise
 from losskit.functional import _binary
 from losskit import LosskitWarning
-from losskit.testing import (assert_close, assert_matches_reference, assert_no_worse_than, assert_same_results,
+from losskit.testing import (assert_close, assert_matches_reference, assert_same_results, assert_within_eps,
                              gradcheck, loss_and_grads)
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -145,7 +145,7 @@ def test_mixed_dtypes_promote_like_torch():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("loss", ["bce", "bce_logits", "soft_margin", "focal"])
-def test_low_precision_no_worse_than_torch(dtype, reduction, loss):
+def test_low_precision_within_eps_of_float64(dtype, reduction, loss):
     shape = (16, 9)
     if loss == "bce":
         x, t, w = _probabilities(shape), _soft_labels(shape), _constant("last", shape)
@@ -159,26 +159,22 @@ def test_low_precision_no_worse_than_torch(dtype, reduction, loss):
         ours_fn, ref_fn, args, kwargs = LF.multilabel_soft_margin_loss, F.multilabel_soft_margin_loss, (w,), {}
     else:
         x, t = _logits(shape), _soft_labels(shape)
-        # torchvision's formula run in the low dtype is the baseline (the float64 .double() is skipped).
-        ours_fn, args, kwargs = LF.sigmoid_focal_loss, (), {}
-        ref_fn = _focal_in_dtype
-    low_args = [None if v is None else v.to(dtype) for v in args]
-    low_kwargs = {k: v.to(dtype) for k, v in kwargs.items()}
-    truth = loss_and_grads(ref_fn, x, t, *args, reduction=reduction, **kwargs)
-    ours = loss_and_grads(ours_fn, x.to(dtype), t.to(dtype), *low_args, reduction=reduction, **low_kwargs)
-    base = loss_and_grads(ref_fn, x.to(dtype), t.to(dtype), *low_args, reduction=reduction, **low_kwargs)
-    for name, a, b, c in zip(("loss", "d/dinput", "d/dtarget"), ours, base, truth):
+        ours_fn, ref_fn, args, kwargs = LF.sigmoid_focal_loss, focal_reference, (), {}
+    x, t = x.to(dtype), t.to(dtype)
+    args = [None if v is None else v.to(dtype) for v in args]
+    kwargs = {k: v.to(dtype) for k, v in kwargs.items()}
+    ours = loss_and_grads(ours_fn, x, t, *args, reduction=reduction, **kwargs)
+    truth = loss_and_grads(ref_fn, x.double(), t.double(), *[None if v is None else v.double() for v in args],
+                           reduction=reduction, **{k: v.double() for k, v in kwargs.items()})
+    # loss: a float32 value rounded once to dtype, 0.5 eps; relative per element. Gradients: rounded
+    # when stored, then times grad_output: two roundings, 1 eps; normwise, as sigmoid(x) - t and
+    # logit(x) cancel near 0.
+    for name, a, c in zip(("loss", "d/dinput", "d/dtarget"), ours, truth):
         assert a.dtype == dtype
-        assert_no_worse_than(a, b, c, msg=f"{loss} {name}")
-
-
-def _focal_in_dtype(inputs, targets, reduction):
-    """torchvision's formula in the inputs' own dtype (the low-precision baseline)."""
-    p = torch.sigmoid(inputs)
-    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = (0.25 * targets + 0.75 * (1 - targets)) * ce * (1 - p_t) ** 2
-    return loss.mean() if reduction == "mean" else loss
+        if name == "loss":
+            assert_within_eps(a, c, 1, msg=f"{loss} {name}")
+        else:
+            assert_within_eps(a, c, 1.5, floor=c.abs().max().item(), msg=f"{loss} {name}")
 
 
 # --- gradcheck (float64 finite differences, both arguments) ------------------------------------------
