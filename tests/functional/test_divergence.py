@@ -17,7 +17,7 @@ import losskit.functional as LF
 import losskit.kernels.blocks as blocks
 import losskit.kernels.elementwise as elementwise
 import losskit.nn as LN
-from losskit.testing import assert_close, assert_no_worse_than, gradcheck, measure_peaks_in_child
+from losskit.testing import assert_close, assert_within_eps, gradcheck, measure_peaks_in_child
 
 KL_REDUCTIONS = ["none", "mean", "sum", "batchmean"]
 SHAPES = [(), (5,), (4, 7), (2, 3, 5)]
@@ -112,15 +112,16 @@ def test_kl_div_mixed_dtypes_promote_like_torch():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
 @pytest.mark.parametrize("log_target", [False, True])
-def test_kl_div_low_precision_no_worse_than_torch(dtype, reduction, log_target):
+def test_kl_div_low_precision_within_eps_of_float64(dtype, reduction, log_target):
     x64, t64 = _kl_inputs((16, 33), torch.float64, log_target, zeros=False)
     x, t = x64.to(dtype), t64.to(dtype)
     truth = _loss_and_grads(F.kl_div, x.double(), t.double(), reduction=reduction, log_target=log_target)
     ours = _loss_and_grads(LF.kl_div, x, t, reduction=reduction, log_target=log_target)
-    base = _loss_and_grads(F.kl_div, x, t, reduction=reduction, log_target=log_target)
-    for name, a, b, c in zip(("loss", "d/dinput", "d/dtarget"), ours, base, truth):
+    # float32 values (a sum of 528 terms for the reduced loss) rounded once to dtype (grad_output is
+    # ones): 0.5 eps; normwise, as t (log t - x) and log t + 1 - x cancel near 0
+    for name, a, c in zip(("loss", "d/dinput", "d/dtarget"), ours, truth):
         assert a.dtype == dtype
-        assert_no_worse_than(a, b, c, msg=name)
+        assert_within_eps(a, c, 1, floor=c.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize("log_target", [False, True])
@@ -345,14 +346,12 @@ def test_entropy_gradcheck(logits):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("logits", [False, True])
-def test_entropy_low_precision_no_worse_than_torch(dtype, logits):
+def test_entropy_low_precision_within_eps_of_float64(dtype, logits):
     x = (torch.randn(8, 50, dtype=torch.float64) * 2 if logits else _probs((8, 50), -1)).to(dtype)
-    truth = _entropy_ref(x, -1, logits)
-    q = x.softmax(-1) if logits else x  # torch, in the low dtype, step by step
-    baseline = -torch.xlogy(q, q).sum(-1)
     ours = LF.entropy(x, logits=logits)
     assert ours.dtype == dtype
-    assert_no_worse_than(ours, baseline, truth)
+    # a float32 sum of 50 terms -p log p >= 0 rounded once to dtype: 0.5 eps, relative per row
+    assert_within_eps(ours, _entropy_ref(x, -1, logits), 1)
 
 
 @pytest.mark.parametrize("logits", [False, True])
