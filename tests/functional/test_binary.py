@@ -163,9 +163,11 @@ def test_low_precision_within_eps_of_float64(dtype, reduction, loss):
     x, t = x.to(dtype), t.to(dtype)
     args = [None if v is None else v.to(dtype) for v in args]
     kwargs = {k: v.to(dtype) for k, v in kwargs.items()}
-    ours = loss_and_grads(ours_fn, x, t, *args, reduction=reduction, **kwargs)
+    loss_shape = () if reduction == "mean" else shape[:1] if loss == "soft_margin" else shape
+    go = torch.randn(loss_shape, generator=_gen(5), dtype=torch.float64).to(dtype)
+    ours = loss_and_grads(ours_fn, x, t, *args, reduction=reduction, grad_output=go, **kwargs)
     truth = loss_and_grads(ref_fn, x.double(), t.double(), *[None if v is None else v.double() for v in args],
-                           reduction=reduction, **{k: v.double() for k, v in kwargs.items()})
+                           reduction=reduction, grad_output=go.double(), **{k: v.double() for k, v in kwargs.items()})
     # loss: a float32 value rounded once to dtype, 0.5 eps; relative per element. Gradients: rounded
     # when stored, then times grad_output: two roundings, 1 eps; normwise, as sigmoid(x) - t and
     # logit(x) cancel near 0.
