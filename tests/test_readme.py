@@ -1,12 +1,52 @@
-"""Every ``>>>`` example in README.md runs and prints what the README says."""
+"""README.md is the front page: its ``python`` examples run and print what it says, it stays short, and
+its test command is the one CI runs.
+
+``markdown_examples`` is shared with ``test_docs.py``, which runs the manual's pages the same way.
+"""
 
 import doctest
+import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+#: A fenced block of Python: its body, up to the closing fence.
+_PYTHON_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+
+
+def markdown_examples(path: Path) -> doctest.TestResults:
+    """Run every ```python block of the Markdown file ``path`` as a doctest, top to bottom in one namespace.
+
+    Each block is written as a console session (``>>>`` lines, then what they print), so a block's
+    printed output is checked where the reader sees it. Everything outside the blocks is blanked, so a
+    failure reports the page's own line number. A block without a ``>>>`` line would never run: it is a
+    ValueError naming its line.
+    """
+    text = path.read_text(encoding="utf-8")
+    kept = [""] * text.count("\n")
+    for block in _PYTHON_BLOCK.finditer(text):
+        first = text.count("\n", 0, block.start(1))
+        if ">>> " not in block.group(1):
+            raise ValueError(f"{path}:{first}: a ```python block without '>>> ' examples is never run; "
+                             "write it as a console session")
+        for i, line in enumerate(block.group(1).splitlines()):
+            kept[first + i] = line
+    test = doctest.DocTestParser().get_doctest("\n".join(kept), {"__name__": path.stem}, path.name, str(path), 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    return doctest.TestResults(runner.failures, runner.tries)
 
 
 def test_readme_examples():
-    result = doctest.testfile(str(README), module_relative=False, optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = markdown_examples(README)
     assert result.attempted >= 10
     assert result.failed == 0
+
+
+def test_readme_is_a_front_page():
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 150
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    assert f"```bash\n{ci}\n```" in README.read_text(encoding="utf-8")
