@@ -23,7 +23,7 @@ from losskit.distributed import _cross_entropy, global_mean, global_token_count
 from losskit.distributed import vocab_parallel_cross_entropy as vp_cross_entropy
 from losskit.distributed import vocab_parallel_linear_cross_entropy as vp_linear_cross_entropy
 from losskit.kernels import blocks as kblocks
-from losskit.testing import assert_close, assert_no_worse_than, peak_memory_above
+from losskit.testing import assert_close, assert_no_worse_than, assert_within_eps, peak_memory_above
 
 
 
@@ -148,25 +148,25 @@ def check_cross_entropy_extremes(rank: int, world: int) -> None:
 
 
 def check_cross_entropy_low_precision(rank: int, world: int) -> None:
-    """bfloat16/float16: no worse than torch in the same dtype, judged against float64."""
+    """bfloat16/float16: within fixed eps of float64 on the same inputs."""
     gen = torch.Generator().manual_seed(2)
     full64 = torch.randn(16, V, generator=gen, dtype=torch.float64) * 4
     target = targets((16,), -100, gen)
-    truth_x = full64.clone().requires_grad_()
-    truth = F.cross_entropy(truth_x, target, label_smoothing=0.1)
-    truth.backward()
     for dtype in (torch.bfloat16, torch.float16):
         full = full64.to(dtype)
+        truth_x = full.double().requires_grad_()
+        truth = F.cross_entropy(truth_x, target, label_smoothing=0.1)
+        truth.backward()
         x = shard(full, rank, world).clone().requires_grad_()
-        x_ref = full.clone().requires_grad_()
         ours = vocab_parallel_cross_entropy(x, target, label_smoothing=0.1)
-        ref = F.cross_entropy(x_ref, target, label_smoothing=0.1)
         ours.backward()
-        ref.backward()
         assert ours.dtype == dtype and x.grad.dtype == dtype
-        assert_no_worse_than(ours, ref, truth, msg=f"{dtype} loss")
-        assert_no_worse_than(x.grad, shard(x_ref.grad, rank, world), shard(truth_x.grad, rank, world),
-                             msg=f"{dtype} gradient")
+        # loss: float32 row statistics combined over ranks, a mean rounded once to dtype: 0.5 eps, bound 1.
+        # Gradient: rounded once (grad_output is 1): 0.5 eps, bound 1; normwise over the whole gradient,
+        # as p - y cancels.
+        assert_within_eps(ours, truth, 1, msg=f"{dtype} loss")
+        assert_within_eps(x.grad, shard(truth_x.grad, rank, world), 1, floor=truth_x.grad.abs().max().item(),
+                          msg=f"{dtype} gradient")
 
 
 def check_input_untouched(rank: int, world: int) -> None:

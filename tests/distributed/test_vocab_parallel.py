@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from losskit.distributed import _cross_entropy, vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from losskit.kernels import blocks as kblocks
-from losskit.testing import assert_close, assert_no_worse_than, gradcheck
+from losskit.testing import assert_close, assert_within_eps, gradcheck
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -108,20 +108,20 @@ def test_gradcheck():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_torch(dtype):
+def test_low_precision_within_eps_of_float64(dtype):
     gen = torch.Generator().manual_seed(3)
-    x64 = torch.randn(16, 40, generator=gen, dtype=torch.float64) * 3
+    x = (torch.randn(16, 40, generator=gen, dtype=torch.float64) * 3).to(dtype).requires_grad_()
     t = _targets((16,), 40, -100, gen)
-    truth_x = x64.clone().requires_grad_()
-    F.cross_entropy(truth_x, t).backward()
-    truth = F.cross_entropy(x64, t)
-    x, x_ref = x64.to(dtype).requires_grad_(), x64.to(dtype).requires_grad_()
-    ours, ref = vocab_parallel_cross_entropy(x, t), F.cross_entropy(x_ref, t)
+    truth_x = x.detach().double().requires_grad_()
+    truth = F.cross_entropy(truth_x, t)
+    truth.backward()
+    ours = vocab_parallel_cross_entropy(x, t)
     ours.backward()
-    ref.backward()
     assert ours.dtype == dtype
-    assert_no_worse_than(ours, ref, truth)
-    assert_no_worse_than(x.grad, x_ref.grad, truth_x.grad)
+    # loss: a float32 mean of 16 rows' losses rounded once to dtype, 0.5 eps, bound 1. Gradient: p - y
+    # over the rows counted, rounded once (grad_output is 1), 0.5 eps, bound 1; normwise, as p - y cancels.
+    assert_within_eps(ours, truth, 1, msg="loss")
+    assert_within_eps(x.grad, truth_x.grad, 1, floor=truth_x.grad.abs().max().item(), msg="d/dinput")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
