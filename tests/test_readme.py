@@ -10,8 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-#: A fenced block of Python: its body, up to the closing fence.
-_PYTHON_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+#: A fenced block of Python, indented or not (inside a list item): its body, up to the closing fence.
+_PYTHON_BLOCK = re.compile(r"^([ \t]*)```python[ \t]*\n(.*?)^\1```[ \t]*$", re.DOTALL | re.MULTILINE)
 
 
 def markdown_examples(path: Path) -> doctest.TestResults:
@@ -25,11 +25,11 @@ def markdown_examples(path: Path) -> doctest.TestResults:
     text = path.read_text(encoding="utf-8")
     kept = [""] * text.count("\n")
     for block in _PYTHON_BLOCK.finditer(text):
-        first = text.count("\n", 0, block.start(1))
-        if ">>> " not in block.group(1):
+        first = text.count("\n", 0, block.start(2))
+        if ">>> " not in block.group(2):
             raise ValueError(f"{path}:{first}: a ```python block without '>>> ' examples is never run; "
                              "write it as a console session")
-        for i, line in enumerate(block.group(1).splitlines()):
+        for i, line in enumerate(block.group(2).splitlines()):
             kept[first + i] = line
     test = doctest.DocTestParser().get_doctest("\n".join(kept), {"__name__": path.stem}, path.name, str(path), 0)
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
