@@ -45,27 +45,58 @@ typedef int64_t v4l __attribute__((vector_size(32)));
 
 /* ---- exp ---------------------------------------------------------------------------------------- */
 
-/* exp of 8 floats. Below lo the result is flushed to 0: e^-86.98 = 1.7e-38, within 1.5x of the smallest
- * normal number, and it keeps k >= -125 so that adding k to p's exponent field below stays normal.
- * Lanes below lo (-inf included) are masked to 0 at the end, whatever the steps between make of them;
- * NaN compares false and passes through as NaN. */
-INLINE v8f exp_v8f(v8f x)
+/* exp of 8 floats, times 2^-K (K an integer folded into the rounding constant, magic = 1.5 2^23 - K; lo:
+ * -86.98 + K ln2), with corr added to the reduced argument when diff is set (see exp_v8f_diff). Results
+ * below 2^-K e^-86.98 are flushed to 0: e^-86.98 = 1.7e-38, within 1.5x of the smallest normal number, and
+ * it keeps k - K >= -125 so that adding k - K to p's exponent field below stays normal. Lanes below lo
+ * (-inf included) are masked to 0 at the end, whatever the steps between make of them; NaN compares false
+ * and passes through as NaN. */
+INLINE v8f exp_v8f_impl(v8f x, float magic, float lo, v8f corr, const int diff)
 {
-    const v8f lo = (v8f){0} - 86.98f;
     const v8i under = x < lo;
-    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    /* adding magic rounds x log2 e to an integer k and leaves k - K + 2^22 in t's low bits */
     const v8f t = x * 1.44269504088896341f + magic;
     const v8f k = t - magic;
     v8f r = x - k * 0.693359375f; /* ln2 split in a high part exact in k * hi, and a low part */
     r = r - k * -2.12194440e-4f;
+    if (diff) r += corr; /* |corr| <= half an ulp of |x| <= 2^-18 here: r stays within the fit's range */
     /* e^r = 1 + r + r^2 q(r), q of degree 4 fitted for minimax relative error on |r| <= ln2/2 (3.1e-9,
      * a twentieth of float's epsilon) */
     const v8f r2 = r * r; /* Estrin's scheme: a shorter dependency chain than Horner's */
     const v8f q = (4.9999994040e-1f + 1.6666521132e-1f * r) +
                   r2 * ((4.1668388993e-2f + 8.3687100559e-3f * r) + 1.3814612757e-3f * r2);
     const v8f p = q * r2 + r + 1.0f;
-    /* 2^k p: t's low bits hold k + 2^22, and (k + 2^22) << 23 == k << 23 (mod 2^32) */
+    /* 2^(k - K) p: (k - K + 2^22) << 23 == (k - K) << 23 (mod 2^32) */
     return (v8f)(~under & ((v8i)p + ((v8i)t << 23)));
+}
+
+#define EXP_MAGIC 12582912.0f /* 1.5 * 2^23 */
+#define EXP_LO -86.98f
+
+INLINE v8f exp_v8f(v8f x) { return exp_v8f_impl(x, EXP_MAGIC, EXP_LO, x, 0); }
+
+/* 2^-K e^x of 8 floats, x < (K + 1) ln2, for an integer K with |K| < 2^11: exact scaling, the cost of
+ * exp_v8f. Cody-Waite stays exact for |x| < 2^11 ln2 (k hi exact, x - k hi exact), and the low part's
+ * error k 2^-37 stays below 0.1 eps: the row exps of _native_rowops.h (exp_step) for rows whose max has
+ * |m| < 1024. */
+INLINE v8f exp_v8f_scaled(v8f x, int K)
+{
+    return exp_v8f_impl(x, EXP_MAGIC - (float)K, EXP_LO + (float)K * 0.69314718056f, x, 0);
+}
+
+/* exp(x - m) of 8 floats, m >= x the row's max (or +-inf, NaN: then as exp_v8f(x - m)). Rounding d = x - m
+ * to float loses up to half an ulp of |d|, which the exp turns into a relative error of up to |d| 2^-24:
+ * 8 eps at d = -16, where a row of 32768 logits randn * 2 has its smallest entries. TwoSum (Knuth: six
+ * additions, exact for any two floats without overflow) recovers that rounding error, and it goes into
+ * the reduced argument, so the result is the exp of the exact difference (error ~1 ulp at any |d|). Five
+ * operations a vector more than exp_v8f: rows whose max is huge or not finite, and the entropy, whose
+ * terms e (x - m) need the exact difference anyway. Infinite or NaN lanes: the error is NaN, and the
+ * lane's result is that of exp_v8f(d) (0 below lo, NaN for NaN). */
+INLINE v8f exp_v8f_diff(v8f x, v8f m)
+{
+    const v8f d = x - m, mb = d - x, xb = d - mb;
+    const v8f err = (x - xb) - (m + mb); /* (x - xb) + (-m - mb), exactly (x - m) - d */
+    return exp_v8f_impl(d, EXP_MAGIC, EXP_LO, err, 1);
 }
 
 /* exp of 8 floats whose results are rounded to bfloat16 (a step of 2^-8) before anyone sees them: e^x =
@@ -76,7 +107,7 @@ INLINE v8f exp_v8f(v8f x)
  * (an ad-hoc microbenchmark). Flushing, -inf and NaN as exp_v8f. */
 INLINE v8f exp_v8f_bf16(v8f x)
 {
-    const v8f lo = (v8f){0} - 86.98f;
+    const v8f lo = (v8f){0} + EXP_LO;
     const v8i under = x < lo;
     const float magic = 12582912.0f;
     const v8f t = x * 1.44269504088896341f + magic;
@@ -116,6 +147,9 @@ INLINE v4d exp_v4d(v4d x)
     /* 2^k p: t's low bits hold k + 2^51, and (k + 2^51) << 52 == k << 52 (mod 2^64) */
     return (v4d)(~under & ((v4l)p + ((v4l)t << 52)));
 }
+
+/* exp(x - m) in double: x - m rounds to 2^-53 relative, which the float64 results' tolerance absorbs. */
+INLINE v4d exp_v4d_diff(v4d x, v4d m) { return exp_v4d(x - m); }
 
 /* ---- storage dtypes -------------------------------------------------------------------------------- */
 

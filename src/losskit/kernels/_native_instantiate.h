@@ -1,12 +1,13 @@
 /* Instantiates a row template once per accumulation type: float (float32, bfloat16 and float16
  * inputs) and double (float64 inputs). Use:  #define TEMPLATE "_native_rows.h"  then include this file.
- * The template sees T, VT, VI, W, VEXP, VEXP_BF16, EXP_SCALAR, LOG_SCALAR, EXPM1_SCALAR, POW_SCALAR, DTYPE_OF_T, FN.
+ * The template sees T, VT, VI, W, VEXP, VEXP_DIFF, VEXP_BF16, EXP_SCALAR, LOG_SCALAR, EXPM1_SCALAR, POW_SCALAR, DTYPE_OF_T, FN.
  */
 #define T float
 #define VT v8f
 #define VI v8i
 #define W 8
 #define VEXP exp_v8f
+#define VEXP_DIFF exp_v8f_diff
 #define VEXP_BF16 exp_v8f_bf16
 #define EXP_SCALAR expf
 #define LOG_SCALAR logf
@@ -20,6 +21,7 @@
 #undef VI
 #undef W
 #undef VEXP
+#undef VEXP_DIFF
 #undef VEXP_BF16
 #undef EXP_SCALAR
 #undef LOG_SCALAR
@@ -33,6 +35,7 @@
 #define VI v4l
 #define W 4
 #define VEXP exp_v4d
+#define VEXP_DIFF exp_v4d_diff
 #define VEXP_BF16 exp_v4d /* bfloat16 rows are float rows: unused */
 #define EXP_SCALAR exp
 #define LOG_SCALAR log
@@ -46,6 +49,7 @@
 #undef VI
 #undef W
 #undef VEXP
+#undef VEXP_DIFF
 #undef VEXP_BF16
 #undef EXP_SCALAR
 #undef LOG_SCALAR

@@ -78,64 +78,133 @@ INLINE VT FN(smooth_term)(VT d, const T *w, int64_t c, int64_t n)
     return FN(select)(vw != 0, vw * d, FN(splat)(0));
 }
 
-/* One vector of pass 2: lanes [0, n) of x + c (the rest -inf, whose exp is 0). */
-INLINE VT FN(exp_step)(const T *x, int64_t c, int64_t n, VT vm, T *e, const T *w, VT *swx, const int smooth)
+/* ---- sums carried in double ---------------------------------------------------------------------
+ * A row's sums (of exps, label smoothing's w (x - m), dot products, entropy terms) run over up to
+ * millions of terms: each is carried in double lanes. Where the terms come two vectors at a time, each
+ * pair of vectors (2W terms) is added in T, one rounding, then converted and added into double lanes:
+ * for terms of one sign the sum's relative error stays below 2^-24 (half a float epsilon) however long
+ * the row, where a float accumulator's grows with C / W (softmax at C = 1e6 had 150 eps). The price is
+ * about three vector operations per 2W terms (convert, convert, add, against one float add). */
+typedef struct { v4d lo, hi; } FN(acc_t);
+
+INLINE FN(acc_t) FN(acc_zero)(void) { return (FN(acc_t)){{0}, {0}}; }
+
+INLINE void FN(acc_add)(FN(acc_t) *a, VT v)
 {
-    const VT d = (n == W ? FN(load)(x + c) : FN(load_part)(x + c, n, -INFINITY)) - vm;
-    const VT ev = VEXP(d);
+#if W == 8
+    a->lo += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), v4d);
+    a->hi += __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), v4d);
+#else
+    a->lo += v;
+#endif
+}
+
+INLINE double FN(acc_total)(FN(acc_t) a)
+{
+    const v4d t = a.lo + a.hi;
+    return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+/* ---- the scale of pass 2's exps ---------------------------------------------------------------------
+ * The exps of a row e_c = exp(x_c - m) need x - m, whose rounding to T costs up to |x - m| 2^-24 relative
+ * (8 eps at x - m = -16, where 32768 logits randn * 2 have their smallest). For float rows whose max has
+ * |m| < 1024, pass 2 computes e_c = 2^-K exp(x_c) with K = floor(m log2 e) instead: the argument is
+ * exact, the scaling is folded into the exp's rounding constant (no operation added), and e_c is in
+ * [0, 2). Other rows (a huge or infinite max, and double rows, whose x - m rounds to 2^-53) take
+ * exp(x - m) with the difference made exact by TwoSum (exp_v8f_diff, five operations more a vector).
+ * exp_offset(m) is log(2^K e^-m) = K ln2 - m in (-ln2, 0], or 0: the log-sum-exp relative to m is
+ * log(s) + exp_offset(m) for pass 2's sum s. */
+INLINE int FN(exp_scaled)(T m) { return W == 8 && fabs((double)m) < 1024; }
+
+INLINE double FN(exp_offset)(T m)
+{
+    return FN(exp_scaled)(m) ? floor((double)m * M_LOG2E) * M_LN2 - (double)m : 0;
+}
+
+/* One vector of pass 2: lanes [0, n) of x + c (the rest -inf, whose exp is 0); their exps (2^-K e^x when
+ * scaled, else e^(x - m)), and w (x - m) added to *swx when smoothing. */
+INLINE VT FN(exp_step)(const T *x, int64_t c, int64_t n, VT vm, int K, T *e, const T *w, VT *swx,
+                       const int smooth, const int scaled)
+{
+    const VT xv = n == W ? FN(load)(x + c) : FN(load_part)(x + c, n, -INFINITY);
+#if W == 8
+    const VT ev = scaled ? exp_v8f_scaled(xv, K) : VEXP_DIFF(xv, vm);
+#else
+    const VT ev = VEXP_DIFF(xv, vm);
+#endif
     if (e) {
         if (n == W) FN(store)(e + c, ev);
         else FN(store_part)(e + c, n, ev);
     }
-    if (smooth) *swx += FN(smooth_term)(d, w, c, n);
+    if (smooth) *swx += FN(smooth_term)(xv - vm, w, c, n);
     return ev;
 }
 
 /* Pass 2 with its options fixed (inlined into one copy per combination): full vectors two at a time,
- * then the rest. One sum: its add chain (3-4 cycles a vector) is shorter than the exp's throughput
- * (about 6), and a second sum would not fit in the 16 vector registers beside the exp's constants. */
-INLINE T FN(exp_sum_impl)(const T *x, int64_t C, T m, T *e, const T *w, T *wx, const int smooth,
-                          const void *next, int64_t next_bytes)
+ * then the rest; each pair's sum goes into the double sums. */
+INLINE double FN(exp_sum_impl)(const T *x, int64_t C, T m, T *e, const T *w, double *wx, const int smooth,
+                               const void *next, int64_t next_bytes, const int scaled)
 {
     const VT vm = FN(splat)(m);
-    VT sum = FN(splat)(0), swx = sum;
+    const int K = scaled ? (int)floor((double)m * M_LOG2E) : 0;
+    FN(acc_t) sum = FN(acc_zero)(), swx = sum;
     int64_t c = 0;
     for (; c + 2 * W <= C; c += 2 * W) {
         /* one 64-byte line of the next row per 2W elements of this one (at least as fast as this row
          * goes, as the next row is at most as wide in bytes): it is in L2 when pass 1 needs it */
         if (next && c * (int64_t)sizeof(T) < next_bytes) __builtin_prefetch((const char *)next + c * sizeof(T), 0, 2);
-        sum += FN(exp_step)(x, c, W, vm, e, w, &swx, smooth);
-        sum += FN(exp_step)(x, c + W, W, vm, e, w, &swx, smooth);
+        VT pw = FN(splat)(0);
+        const VT e0 = FN(exp_step)(x, c, W, vm, K, e, w, &pw, smooth, scaled);
+        FN(acc_add)(&sum, e0 + FN(exp_step)(x, c + W, W, vm, K, e, w, &pw, smooth, scaled));
+        if (smooth) FN(acc_add)(&swx, pw);
     }
-    for (; c < C; c += W) sum += FN(exp_step)(x, c, C - c < W ? C - c : W, vm, e, w, &swx, smooth);
-    if (smooth) *wx += FN(hsum)(swx);
-    return FN(hsum)(sum);
+    for (; c < C; c += W) {
+        VT pw = FN(splat)(0);
+        FN(acc_add)(&sum, FN(exp_step)(x, c, C - c < W ? C - c : W, vm, K, e, w, &pw, smooth, scaled));
+        if (smooth) FN(acc_add)(&swx, pw);
+    }
+    if (smooth) *wx += FN(acc_total)(swx);
+    return FN(acc_total)(sum);
 }
 
-/* Pass 2: returns sum_c exp(x[c] - m); writes e[c] = exp(x[c] - m) if e is given (e may be x); adds
- * sum_c w[c] (x[c] - m) to *wx if wx is given (w = 1 when absent; label smoothing's loss term). */
-/* exp_sum_impl with its options as constants: each caller gets its own loop with no test inside. */
-INLINE T FN(exp_sum_opts)(const T *x, int64_t C, T m, T *e, const T *w, T *wx, const void *next,
-                          int64_t next_bytes)
+INLINE double FN(exp_sum_case)(const T *x, int64_t C, T m, T *e, const T *w, double *wx, const void *next,
+                               int64_t next_bytes, const int scaled)
 {
-    if (wx) return FN(exp_sum_impl)(x, C, m, e, w, wx, 1, next, next_bytes);
-    return e ? FN(exp_sum_impl)(x, C, m, e, NULL, NULL, 0, next, next_bytes)
-             : FN(exp_sum_impl)(x, C, m, NULL, NULL, NULL, 0, next, next_bytes);
+    if (wx) return FN(exp_sum_impl)(x, C, m, e, w, wx, 1, next, next_bytes, scaled);
+    return e ? FN(exp_sum_impl)(x, C, m, e, NULL, NULL, 0, next, next_bytes, scaled)
+             : FN(exp_sum_impl)(x, C, m, NULL, NULL, NULL, 0, next, next_bytes, scaled);
 }
 
-/* Pass 2: returns sum_c exp(x[c] - m); writes e[c] = exp(x[c] - m) if e is given (e may be x); adds
- * sum_c w[c] (x[c] - m) to *wx if wx is given (w = 1 when absent; label smoothing's loss term). */
-HOT static T FN(exp_sum)(const T *x, int64_t C, T m, T *e, const T *w, T *wx)
+/* Pass 2: returns s, the sum of the row's exps in double (scaled as above: log(s) + exp_offset(m) is the
+ * log-sum-exp relative to m); writes the exps to e if e is given (e may be x); adds
+ * sum_c w[c] (x[c] - m) to *wx if wx is given (w = 1 when absent; label smoothing's loss term).
+ * exact_diff: exps of the TwoSum-exact x - m whatever m (the entropy, whose terms need x - m exactly).
+ * exp_sum_impl with its options as constants: each caller gets its own loop with no test inside. */
+INLINE double FN(exp_sum_opts)(const T *x, int64_t C, T m, T *e, const T *w, double *wx, const void *next,
+                               int64_t next_bytes, int exact_diff)
 {
-    return FN(exp_sum_opts)(x, C, m, e, w, wx, NULL, 0);
+    if (!exact_diff && FN(exp_scaled)(m)) return FN(exp_sum_case)(x, C, m, e, w, wx, next, next_bytes, 1);
+    return FN(exp_sum_case)(x, C, m, e, w, wx, next, next_bytes, 0);
+}
+
+/* Pass 2, as exp_sum_opts. */
+HOT static double FN(exp_sum)(const T *x, int64_t C, T m, T *e, const T *w, double *wx)
+{
+    return FN(exp_sum_opts)(x, C, m, e, w, wx, NULL, 0, 0);
+}
+
+/* Pass 2 with the exps of the exact x - m: e[c] = exp(x[c] - m), s their sum (exp_offset does not apply). */
+HOT static double FN(exp_sum_diff)(const T *x, int64_t C, T m, T *e)
+{
+    return FN(exp_sum_opts)(x, C, m, e, NULL, NULL, NULL, 0, 1);
 }
 
 /* Pass 2 as exp_sum, prefetching the next_bytes at next (the next row in its storage dtype, at most
  * C * sizeof(T) bytes, which pass 1 will read from memory) while the exp keeps the core busy. */
-HOT static T FN(exp_sum_next)(const T *x, int64_t C, T m, T *e, const T *w, T *wx, const void *next,
-                              int64_t next_bytes)
+HOT static double FN(exp_sum_next)(const T *x, int64_t C, T m, T *e, const T *w, double *wx, const void *next,
+                                   int64_t next_bytes)
 {
-    return FN(exp_sum_opts)(x, C, m, e, w, wx, next, next_bytes);
+    return FN(exp_sum_opts)(x, C, m, e, w, wx, next, next_bytes, 0);
 }
 
 /* Pass 3's arithmetic on lanes [c, c + n): a e - b w (w = 1 when absent). Every element of pass 3 goes
@@ -205,11 +274,12 @@ HOT static T FN(row_max_bf16)(const uint16_t *xb, int64_t C)
  * relative, i.e. no result is a difference that cancels (softmax; cross-entropy without smoothing,
  * whose only cancelling gradient, p_y - 1 with p_y near 1, has y the row max and e_y = 1 exactly).
  * Where outputs may cancel (log-probabilities near 0, p - t, log p + H), the full exp. */
-INLINE T FN(exp_sum_bf16_impl)(const uint16_t *xb, int64_t C, T m, T *e, T *wx, const void *next,
-                               int64_t next_bytes, const int bf16_grade)
+INLINE double FN(exp_sum_bf16_impl)(const uint16_t *xb, int64_t C, T m, T *e, double *wx, const void *next,
+                                    int64_t next_bytes, const int bf16_grade)
 {
     const VT vm = FN(splat)(m);
-    VT sum = FN(splat)(0), swx = sum, even, odd;
+    FN(acc_t) sum = FN(acc_zero)(), swx = sum;
+    VT even, odd;
     int64_t c = 0;
     for (; c + 16 <= C; c += 16) {
         if (next && 2 * c < next_bytes) __builtin_prefetch((const char *)next + 2 * c, 0, 2);
@@ -220,23 +290,22 @@ INLINE T FN(exp_sum_bf16_impl)(const uint16_t *xb, int64_t C, T m, T *e, T *wx, 
             FN(store)(e + c, e0);
             FN(store)(e + c + W, e1);
         }
-        sum += e0;
-        sum += e1;
-        if (wx) swx += d0 + d1;
+        FN(acc_add)(&sum, e0 + e1);
+        if (wx) FN(acc_add)(&swx, d0 + d1);
     }
     for (; c < C; c += W) {
         const int64_t n = C - c < W ? C - c : W;
         const VT d = FN(bf16_part)(xb, c, n, -INFINITY) - vm, ev = bf16_grade ? VEXP_BF16(d) : VEXP(d);
         if (e) FN(store_part)(e + c, n, ev);
-        sum += ev;
-        if (wx) swx += FN(smooth_term)(d, NULL, c, n);
+        FN(acc_add)(&sum, ev);
+        if (wx) FN(acc_add)(&swx, FN(smooth_term)(d, NULL, c, n));
     }
-    if (wx) *wx += FN(hsum)(swx);
-    return FN(hsum)(sum);
+    if (wx) *wx += FN(acc_total)(swx);
+    return FN(acc_total)(sum);
 }
 
-HOT static T FN(exp_sum_bf16)(const uint16_t *xb, int64_t C, T m, T *e, T *wx, const void *next,
-                              int64_t next_bytes, int bf16_grade)
+HOT static double FN(exp_sum_bf16)(const uint16_t *xb, int64_t C, T m, T *e, double *wx, const void *next,
+                                   int64_t next_bytes, int bf16_grade)
 {
     /* one loop per case, its options constants (no test inside, no vector spilled to the stack) */
     if (wx) return bf16_grade ? FN(exp_sum_bf16_impl)(xb, C, m, e, wx, next, next_bytes, 1)

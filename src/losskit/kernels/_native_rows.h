@@ -35,49 +35,55 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, const uint16_t *xb,
     const T m = xb ? FN(row_max_bf16)(xb, C) : FN(row_max)(x, C);
     const T x_y = y == a->ignore_index ? 0 : xb ? (T)bf16_to_f32(xb[y]) : x[y];
     const int64_t next_bytes = next ? C * dtype_size(a->x.dtype) : 0;
-    T wx = 0;
+    double wx = 0;
     /* the exp of bfloat16 grade without smoothing only: with it, gradients p_c - ls/C can cancel */
-    const T s = xb ? FN(exp_sum_bf16)(xb, C, m, g, smooth ? &wx : NULL, next, next_bytes, !smooth)
-                   : FN(exp_sum_next)(x, C, m, g, w, smooth ? &wx : NULL, next, next_bytes);
-    const T log_s = (T)LOG_SCALAR(s);
+    const double s = xb ? FN(exp_sum_bf16)(xb, C, m, g, smooth ? &wx : NULL, next, next_bytes, !smooth)
+                        : FN(exp_sum_next)(x, C, m, g, w, smooth ? &wx : NULL, next, next_bytes);
+    /* The row's scalars in double (s comes in double): a coefficient is rounded to T once, when pass 3
+     * takes it, so a gradient entry a e_c has e's error (~1 ulp), a's and its product's (half an ulp
+     * each): within 4 eps of the truth at any C (tests/kernels/test_row_accuracy.py). log_s is the
+     * log-sum-exp relative to m (float rows' exps are scaled: _native_rowops.h). */
+    const double log_s = log(s) + (xb ? 0 : FN(exp_offset)(m));
 
     if (y == a->ignore_index) {
         /* loss 0; gradient 0 * softmax, so NaN where the row has a NaN (torch's log_softmax backward) */
-        if (gb) FN(affine_bf16)(gb, g, C, 0 / s, 0, 0);
-        else if (g) FN(affine)(g, C, 0 / s, 0, NULL);
+        if (gb) FN(affine_bf16)(gb, g, C, (T)(0 / s), 0, 0);
+        else if (g) FN(affine)(g, C, (T)(0 / s), 0, NULL);
         return 0;
     }
-    /* (x_y - m) - log s, not x_y - lse: lse = m + log s would round log s to the ulp of m */
-    const T w_y = w ? w[y] : 1, logp_y = (x_y - m) - log_s;
-    T loss, alpha, beta;
+    /* (x_y - m) - log s, not x_y - lse: lse = m + log s would round log s to the ulp of m; the
+     * difference of two floats is exact in double */
+    const double w_y = w ? w[y] : 1, logp_y = ((double)x_y - m) - log_s, sc = a->scale, lsd = a->label_smoothing;
+    double loss, alpha, beta;
     if (a->gamma != 0) {
         /* d/dx_c of -q^g log p_y, q = 1 - p_y, is b (p_c - [c == y]) with
          * b = q^g - g p_y q^(g-1) log p_y; q^(g-1) log p_y = q^g (log p_y / q), whose limit at q = 0 is -q^g. */
-        const T gm = (T)a->gamma, q = -(T)EXPM1_SCALAR(logp_y), q_g = (T)POW_SCALAR(q, gm);
-        const T ratio = q > 0 ? logp_y / q : -1;
+        const double gm = a->gamma, q = -expm1(logp_y), q_g = pow(q, gm);
+        const double ratio = q > 0 ? logp_y / q : -1;
         loss = -w_y * q_g * logp_y;
-        beta = w_y * q_g * (1 - gm * (T)EXP_SCALAR(logp_y) * ratio);
+        beta = w_y * q_g * (1 - gm * exp(logp_y) * ratio);
         alpha = beta;
     } else {
-        loss = -(1 - ls) * w_y * logp_y;
-        beta = (1 - ls) * w_y;
-        alpha = beta + ls * (T)a->weight_sum / (T)C;
+        loss = -(1 - lsd) * w_y * logp_y;
+        beta = (1 - lsd) * w_y;
+        alpha = beta + lsd * a->weight_sum / (double)C;
     }
-    if (smooth) loss += ls / (T)C * ((T)a->weight_sum * log_s - wx);
+    if (smooth) loss += lsd / (double)C * (a->weight_sum * log_s - wx);
+    const T ka = (T)(sc * alpha / s), kb = (T)(sc * lsd / (double)C);
+    /* the target's entry sc (alpha e_y / s - beta) - kb w_y in double: its terms are near each other when
+     * p_y is near 1 */
+    const double e_y = g ? g[gb ? FN(pair_index)(y, C) : y] : 0;
+    const T g_y = (T)(sc * (alpha * e_y / s - beta) - sc * lsd / (double)C * w_y);
     if (gb) {
-        /* element y as pass 3 computes it in a row (one expression for every element), then its term */
-        T g_y = g[FN(pair_index)(y, C)];
-        FN(affine)(&g_y, 1, scale * alpha / s, scale * ls / (T)C, NULL);
-        g_y -= scale * beta;
         /* s is NaN when some e is (a NaN logit, or a row of -inf); else every e is in [0, 1] and the
          * coefficients are finite: no gradient is NaN */
-        FN(affine_bf16)(gb, g, C, scale * alpha / s, scale * ls / (T)C, s == s && alpha == alpha);
+        FN(affine_bf16)(gb, g, C, ka, kb, s == s && alpha == alpha);
         gb[y] = f32_to_bf16((float)g_y);
     } else if (g) {
-        FN(affine)(g, C, scale * alpha / s, scale * ls / (T)C, w);
-        g[y] -= scale * beta;
+        FN(affine)(g, C, ka, kb, w);
+        g[y] = g_y;
     }
-    return loss;
+    return (T)loss;
 }
 
 /* ---- probability targets -------------------------------------------------------------------------------

@@ -29,29 +29,6 @@ INLINE void FN(put)(T *p, int64_t n, VT v)
     else FN(store_part)(p, n, v);
 }
 
-/* Row sums (dot, sum_ez, entropy_probs) accumulate in double lanes: float32 sums over C = 3e5 terms in
- * 8 float lanes lost 2e-5 relative (measured), torch's cascade sum 1e-6; double lanes stay at the
- * float result's rounding. The conversion is two instructions per vector, in passes bound by memory. */
-#if W == 8
-typedef struct { v4d lo, hi; } FN(acc_t);
-INLINE FN(acc_t) FN(acc_zero)(void) { return (FN(acc_t)){{0}, {0}}; }
-INLINE void FN(acc_add)(FN(acc_t) *a, VT v)
-{
-    a->lo += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), v4d);
-    a->hi += __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), v4d);
-}
-INLINE T FN(acc_total)(FN(acc_t) a)
-{
-    const v4d s = a.lo + a.hi;
-    return (T)((s[0] + s[1]) + (s[2] + s[3]));
-}
-#else
-typedef VT FN(acc_t);
-INLINE FN(acc_t) FN(acc_zero)(void) { return FN(splat)(0); }
-INLINE void FN(acc_add)(FN(acc_t) *a, VT v) { *a += v; }
-INLINE T FN(acc_total)(FN(acc_t) a) { return FN(hsum)(a); }
-#endif
-
 /* ---- operand rows -------------------------------------------------------------------------------------- */
 
 INLINE int FN(direct)(const struct view *v) { return v->dtype == DTYPE_OF_T && v->sc == 1; }
@@ -147,7 +124,7 @@ HOT static void FN(log_softmax_grad)(const T *y, const T *g, T *gin, int64_t C, 
 }
 
 /* sum_c e[c] (x[c] - m) over the entries with e[c] != 0 (see ez). */
-HOT static T FN(sum_ez)(const T *x, const T *e, int64_t C, T m)
+HOT static double FN(sum_ez)(const T *x, const T *e, int64_t C, T m)
 {
     FN(acc_t) acc = FN(acc_zero)();
     for (int64_t c = 0; c < C; c += W) {
@@ -485,11 +462,18 @@ static void FN(softmax_row)(const T *x, T *y, int64_t C, int is_log, int round_d
 {
     const T m = FN(row_max)(x, C);
     if (is_log) {
-        const T s = FN(exp_sum)(x, C, m, NULL, NULL, NULL);
-        FN(shift)(x, y, C, m, FN(round_to)((T)LOG_SCALAR(FN(round_to)(s, round_dt)), round_dt));
+        /* the log-sum-exp relative to m from the double sum, rounded once; rows rounded like ATen's
+         * (round_dt) round the sum of exp(x - m) first */
+        if (round_dt < 0) {
+            const double s = FN(exp_sum)(x, C, m, NULL, NULL, NULL);
+            FN(shift)(x, y, C, m, (T)(log(s) + FN(exp_offset)(m)));
+        } else {
+            const T s = (T)FN(exp_sum_diff)(x, C, m, NULL);
+            FN(shift)(x, y, C, m, FN(round_to)((T)LOG_SCALAR(FN(round_to)(s, round_dt)), round_dt));
+        }
     } else {
-        const T s = FN(exp_sum)(x, C, m, y, NULL, NULL);
-        FN(affine)(y, C, 1 / s, 0, NULL);
+        const double s = FN(exp_sum)(x, C, m, y, NULL, NULL);
+        FN(affine)(y, C, (T)(1 / s), 0, NULL); /* y = e (1 / s): e's ulp, and half an ulp each for 1 / s and the product */
     }
 }
 
@@ -505,10 +489,10 @@ static void FN(softmax_backward_row)(const T *y, const T *g, T *gin, int64_t C, 
 static T FN(entropy_logits_row)(const T *x, T *e, T *g, int64_t C)
 {
     const T m = FN(row_max)(x, C);
-    const T s = FN(exp_sum)(x, C, m, e, NULL, NULL);
-    const T mz = FN(sum_ez)(x, e, C, m) / s; /* sum_c p_c z_c <= 0 */
-    if (g) FN(entropy_grad)(x, e, g, C, m, mz, s);
-    return (T)LOG_SCALAR(s) - mz;
+    const double s = FN(exp_sum_diff)(x, C, m, e); /* e = exp(z), z = x - m: unscaled, as the terms need */
+    const double mz = FN(sum_ez)(x, e, C, m) / s; /* sum_c p_c z_c <= 0 */
+    if (g) FN(entropy_grad)(x, e, g, C, m, (T)mz, (T)s);
+    return (T)(log(s) - mz); /* two terms >= 0 */
 }
 
 #if W == 8
@@ -536,13 +520,13 @@ static T FN(bf16_row)(const struct rows_args *a, int64_t r, T *e, const void *ne
     case OP_LOG_SOFTMAX: {
         const T m = FN(row_max_bf16)(xb, C);
         const int is_log = a->op == OP_LOG_SOFTMAX, rd = FN(round_dt)(a);
-        T s = is_log ? FN(exp_sum_table)(xb, C, m, next, next_bytes) : NAN;
+        double s = is_log ? FN(exp_sum_table)(xb, C, m, next, next_bytes) : NAN;
         if (s != s) s = FN(exp_sum_bf16)(xb, C, m, is_log ? NULL : e, NULL, next, next_bytes, !is_log);
         /* s is NaN when the row holds a NaN, +inf, or only -inf: otherwise no result is NaN */
         if (is_log)
-            FN(bf16_map)(BF_SHIFT, xb, NULL, NULL, ob, C, m, FN(round_to)((T)LOG_SCALAR(FN(round_to)(s, rd)), rd), 0,
+            FN(bf16_map)(BF_SHIFT, xb, NULL, NULL, ob, C, m, FN(round_to)((T)LOG_SCALAR(FN(round_to)((T)s, rd)), rd), 0,
                          s == s);
-        else FN(affine_bf16)(ob, e, C, 1 / s, 0, s == s);
+        else FN(affine_bf16)(ob, e, C, (T)(1 / s), 0, s == s);
         return 0;
     }
     case OP_SOFTMAX_BACKWARD: {
@@ -558,8 +542,8 @@ static T FN(bf16_row)(const struct rows_args *a, int64_t r, T *e, const void *ne
     case OP_ENTROPY_PROBS: return FN(entropy_probs_bf16)(xb, ob, C);
     default: { /* OP_ENTROPY_LOGITS */
         const T m = FN(row_max_bf16)(xb, C);
-        const T s = FN(exp_sum_bf16)(xb, C, m, e, NULL, next, next_bytes, 0);
-        const T mz = FN(bf16_sum)(BF_EZ, xb, NULL, e, C, m) / s;
+        const double sd = FN(exp_sum_bf16)(xb, C, m, e, NULL, next, next_bytes, 0);
+        const T s = (T)sd, mz = (T)(FN(bf16_sum)(BF_EZ, xb, NULL, e, C, m) / sd);
         /* s not NaN: no x is NaN or +inf; a lane with e != 0 has x - m in (-87, 0], so every term is
          * finite, as mz is, and s >= 1 */
         if (ob) FN(bf16_map)(BF_ENTROPY_GIN, xb, NULL, e, ob, C, m, mz, s, s == s && mz == mz);
