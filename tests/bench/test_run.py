@@ -145,12 +145,54 @@ def test_a_bfloat16_unit_times_losskit_and_its_twin_steady(monkeypatch):
                      {"losskit": False, "torch eager": False, ROOFLINE: False}]
 
 
-def test_the_eviction_buffer_is_sized_from_the_largest_cache_sysfs_reports(tmp_path):
-    for index, size in (("index0", "32K"), ("index2", "512K"), ("index3", "32768K"), ("index4", "garbled")):
-        (tmp_path / index).mkdir()
-        (tmp_path / index / "size").write_text(size + "\n")
-    assert last_level_cache_bytes(root=str(tmp_path)) == 32 << 20
-    assert last_level_cache_bytes(default=123, root=str(tmp_path / "missing")) == 123
+def _fake_sysfs(root, caches):
+    """cpuN/cache/indexI/{level,type,size,shared_cpu_list} under ``root``, from ``{cpu: [(level, type, size,
+    shared_cpu_list), ...]}``."""
+    for cpu, indexes in caches.items():
+        for i, fields in enumerate(indexes):
+            index = root / f"cpu{cpu}" / "cache" / f"index{i}"
+            index.mkdir(parents=True)
+            for name, value in zip(("level", "type", "size", "shared_cpu_list"), fields):
+                (index / name).write_text(f"{value}\n")
+    return str(root)
+
+
+def _epyc_cores(cpus, l3_shared):
+    """Zen cores: private 32K L1d/L1i and 1 MiB L2, a 32 MiB L3 shared by ``l3_shared``."""
+    return {cpu: [(1, "Data", "32K", cpu), (1, "Instruction", "32K", cpu), (2, "Unified", "1024K", cpu),
+                  (3, "Unified", "32768K", l3_shared)] for cpu in cpus}
+
+
+def test_the_eviction_counts_the_last_level_cache_the_process_can_use(tmp_path):
+    mib = 1 << 20
+    # The VM the benchmarks ran on: 2 vCPUs sharing a 32 MiB L3 (an L1i larger than it would not count)
+    vm = _fake_sysfs(tmp_path / "vm", _epyc_cores((0, 1), "0-1"))
+    assert last_level_cache_bytes(root=vm, cpus={0, 1}) == 32 * mib
+    assert last_level_cache_bytes(root=vm, cpus={1}) == 16 * mib  # one of the two CPUs sharing it
+    # Two CCXs of 4 cores: each L3 counts for the CPUs of it the process may run on (3 and 1 of 4)
+    ccx = _fake_sysfs(tmp_path / "ccx", {**_epyc_cores(range(4), "0-3"), **_epyc_cores(range(4, 8), "4-7")})
+    assert last_level_cache_bytes(root=ccx, cpus={1, 2, 3, 6}) == 24 * mib + 8 * mib
+    assert last_level_cache_bytes(root=ccx, cpus={4}) == 8 * mib
+    # An Intel VM: its 2 vCPUs "share" the host package's 480 MiB L3; at most 16 MiB a CPU counts
+    intel = _fake_sysfs(tmp_path / "intel", {cpu: [(1, "Data", "48K", cpu), (2, "Unified", "2048K", cpu),
+                                                   (3, "Unified", "491520K", "0-1")] for cpu in (0, 1)})
+    assert last_level_cache_bytes(root=intel, cpus={0, 1}) == 2 * _measure.LLC_BYTES_PER_CPU == 32 * mib
+    # Unreadable sizes are skipped; nothing readable, or no sysfs at all: the default
+    garbled = _fake_sysfs(tmp_path / "garbled", {0: [(2, "Unified", "1024K", "0"), (3, "Unified", "lots", "0")]})
+    assert last_level_cache_bytes(root=garbled, cpus={0}) == 1 * mib
+    assert last_level_cache_bytes(default=123, root=str(tmp_path / "missing"), cpus={0, 1}) == 123
+
+
+def test_the_eviction_buffer_is_twice_the_cache_up_to_a_cap(monkeypatch):
+    for cache, expected in ((3 << 20, 6 << 20), (5 << 20, 8 << 20)):
+        monkeypatch.setattr(_measure, "_evict_buffer", [])
+        monkeypatch.setattr(_measure, "MAX_EVICT_BYTES", 8 << 20)
+        monkeypatch.setattr(_measure, "last_level_cache_bytes", lambda: cache)
+        _measure.evict_caches()
+        assert _measure._evict_buffer[0].nbytes == expected
+        buffer = _measure._evict_buffer[0]
+        _measure.evict_caches()  # made once
+        assert _measure._evict_buffer == [buffer]
 
 
 def test_a_raising_baseline_is_reported_and_left_out():

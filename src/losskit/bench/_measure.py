@@ -1,18 +1,20 @@
 """Timing, peak memory and copy bandwidth of forward+backward calls on fixed inputs.
 
 Every call starts from ``.grad = None`` on the differentiated inputs, so each implementation writes
-fresh gradients; a garbage collection and a read of a buffer twice the size of the last-level cache run
-before each call, outside the timed region, so every timed call finds its operands in memory, not in a
-cache (the roofline's assumption). Without the read, which implementation ran just before decided how
-much of a 16-32 MiB input (the default sizes) was still in a 32 MiB L3: on this VM a float32 focal_loss
-took 4.0 ms in a float32 run and 5.7 ms as the float32 twin of the bfloat16 run, where it mostly followed
-torch eager (part of that, found later, was torch's spinning OpenMP workers: see _native_common.h).
+fresh gradients; a garbage collection and a read of a buffer twice the last-level cache the process can
+use (``evict_caches``) run before each call, outside the timed region, so every timed call finds its
+operands in memory, not in a cache (the roofline's assumption). Without the read, which implementation
+ran just before decided how much of a 16-32 MiB input (the default sizes) was still in a 32 MiB L3: on
+this VM a float32 focal_loss took 4.0 ms in a float32 run and 5.7 ms as the float32 twin of the bfloat16
+run, where it mostly followed torch eager (part of that, found later, was torch's spinning OpenMP
+workers: see _native_common.h).
 """
 
 from __future__ import annotations
 
 import gc
 import glob
+import os
 import statistics
 import time
 
@@ -40,34 +42,83 @@ def call(impl: Impl, inputs: Inputs) -> tuple[object, list[Tensor | None]]:
     return out, [t.grad for t in differentiated(inputs)]
 
 
-def last_level_cache_bytes(default: int = 32 << 20, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
-    """The largest CPU cache's size as Linux reports it (``root/index*/size``, e.g. ``32768K``), else
-    ``default``. (``os.sysconf`` reports 256 MiB of L3 on this VM, sysfs and lscpu 32 MiB.)"""
-    sizes = []
-    for path in glob.glob(f"{root}/index*/size"):
+#: At most this much of a last-level cache is counted per CPU the process may run on, whatever sysfs says:
+#: above the LLC per core of x86 parts (Zen 4 MiB, 12 with 3D V-Cache; Xeon 2-5 MiB). A VM's sysfs lists
+#: only its own vCPUs as sharing the host package's L3: an Intel VM with 2 vCPUs reports 480 MiB, all
+#: "shared" by those 2 (a 96-core package: 5 MiB a core).
+LLC_BYTES_PER_CPU = 16 << 20
+#: The eviction buffer is twice the cache, and never larger than this.
+MAX_EVICT_BYTES = 512 << 20
+
+
+def _cpu_list(text: str) -> set[int]:
+    """``0-3,8`` (sysfs' shared_cpu_list) -> {0, 1, 2, 3, 8}."""
+    cpus = set()
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def _last_level_cache(cpu_cache: str) -> tuple[int, frozenset[int], int] | None:
+    """``(level, CPUs sharing it, bytes)`` of the highest-level data or unified cache in ``cpu_cache``
+    (sysfs' ``cpuN/cache``: ``index*/{level,type,shared_cpu_list,size}``, size like ``32768K``), or None."""
+    found = []
+    for index in glob.glob(f"{cpu_cache}/index*"):
         try:
-            with open(path) as f:
+            with open(f"{index}/type") as f:
+                if f.read().strip() == "Instruction":
+                    continue
+            with open(f"{index}/level") as f:
+                level = int(f.read())
+            with open(f"{index}/shared_cpu_list") as f:
+                shared = frozenset(_cpu_list(f.read()))
+            with open(f"{index}/size") as f:
                 text = f.read().strip()
-            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]])
+            found.append((level, shared, int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]]))
         except (OSError, ValueError, KeyError, IndexError):
             continue
-    return max(sizes, default=default)
+    return max(found, key=lambda cache: cache[0], default=None)
+
+
+def last_level_cache_bytes(default: int = 32 << 20, root: str = "/sys/devices/system/cpu",
+                           cpus: set[int] | None = None) -> int:
+    """The bytes of last-level cache this process can count on filling, from sysfs (``root``), else
+    ``default``; ``cpus``: the CPUs it may run on (default ``os.sched_getaffinity``).
+
+    Each last-level cache that one of ``cpus`` uses counts in proportion to the CPUs sharing it that the
+    process may run on (an L3 shared by 8 cores, 2 of them ours: a quarter); the total is at most
+    :data:`LLC_BYTES_PER_CPU` per CPU of ``cpus``, as a VM's sysfs may list only the guest's vCPUs as
+    sharing the whole host package's L3. Caches it cannot run on do not count (an EPYC's L3 serves one
+    CCX of 8 cores). On an otherwise idle host its threads could hold more of a shared cache; the bench
+    takes the rest as serving the other CPUs. (``os.sysconf`` reports 256 MiB of L3 on the AMD VM the
+    benchmarks ran on, sysfs and lscpu 32 MiB.)"""
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    caches = {_last_level_cache(f"{root}/cpu{cpu}/cache") for cpu in cpus} - {None}
+    if not caches:
+        return default
+    top = max(level for level, _, _ in caches)  # a CPU whose sysfs lacks its L3 does not make L2 the last
+    share = sum(size * len(shared & cpus) // len(shared) for level, shared, size in caches
+                if level == top and shared)
+    return min(share, LLC_BYTES_PER_CPU * len(cpus)) or default
 
 
 _evict_buffer: list = []
 
 
 def evict_caches() -> None:
-    """Read a buffer of twice the last-level cache's size (made once, at most 512 MiB), so the caches hold
-    it and none of the operands of the call that follows. The read is numpy's single-threaded max, not a
-    torch op: after a parallel torch op its OpenMP workers spin for a while, which favours whatever
-    runs next on those workers over threads of its own (before losskit's kernels ran on torch's team,
-    its cross_entropy 4096x32768 took 4-6 ms longer right after a torch sum, and not with
-    OMP_WAIT_POLICY=PASSIVE)."""
+    """Read a buffer of twice the last-level cache this process can use (``last_level_cache_bytes``; made
+    once, at most :data:`MAX_EVICT_BYTES`), so the caches hold it and none of the operands of the call
+    that follows. The read is numpy's single-threaded max, not a torch op: after a parallel torch op its
+    OpenMP workers spin for a while, which favours whatever runs next on those workers over threads of
+    its own (before losskit's kernels ran on torch's team, its cross_entropy 4096x32768 took 4-6 ms
+    longer right after a torch sum, and not with OMP_WAIT_POLICY=PASSIVE)."""
     if not _evict_buffer:
         import numpy  # the bench extra's matplotlib requires it
 
-        _evict_buffer.append(numpy.ones(min(2 * last_level_cache_bytes(), 512 << 20) // 4, dtype=numpy.float32))
+        nbytes = min(2 * last_level_cache_bytes(), MAX_EVICT_BYTES)
+        _evict_buffer.append(numpy.ones(nbytes // 4, dtype=numpy.float32))
     _evict_buffer[0].max()
 
 
