@@ -99,6 +99,24 @@ INLINE void FN(acc_add)(FN(acc_t) *a, VT v)
 #endif
 }
 
+/* Lane j of the vectors that acc_add carried into a. */
+INLINE double FN(acc_lane)(const FN(acc_t) *a, int j) { return j < 4 ? a->lo[j] : a->hi[j - 4]; }
+
+/* Double lanes (lo, hi) rounded once to a vector of T. */
+#if W == 8
+typedef float FN(v4f) __attribute__((vector_size(16)));
+INLINE VT FN(narrow)(v4d lo, v4d hi)
+{
+    return __builtin_shufflevector(__builtin_convertvector(lo, FN(v4f)), __builtin_convertvector(hi, FN(v4f)), 0, 1,
+                                   2, 3, 4, 5, 6, 7);
+}
+#else
+INLINE VT FN(narrow)(v4d lo, v4d hi) { return (void)hi, lo; }
+#endif
+
+/* Per lane, a / b in double, rounded once to T (the high half of a double's acc_t is unused). */
+INLINE VT FN(acc_div)(FN(acc_t) a, FN(acc_t) b) { return FN(narrow)(a.lo / b.lo, a.hi / b.hi); }
+
 INLINE double FN(acc_total)(FN(acc_t) a)
 {
     const v4d t = a.lo + a.hi;

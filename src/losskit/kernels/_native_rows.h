@@ -134,11 +134,23 @@ INLINE VT FN(part)(const T *x, const uint16_t *xb, int64_t c, int64_t n, T fill,
     return pairs ? FN(bf16_part)(xb, c, n, fill) : FN(load_part)(x + c, n, fill);
 }
 
-/* The residues 0, 1, ..., 2W - 1 of a sum's two vectors added in order (see above). */
-INLINE T FN(residue_sum)(VT lo, VT hi, const int pairs)
+/* A sum's 2W residues (see above) in double: each loop iteration adds its float vectors (at most two
+ * blocks' terms a lane) here, so a sum over a whole row keeps a double's accuracy at any C, where its
+ * float residues had drifted (loss 9.6 eps, gradient 25-42 eps normwise at C = 1e6). */
+typedef struct { FN(acc_t) lo, hi; } FN(res_acc);
+
+INLINE void FN(res_add)(FN(res_acc) *a, VT lo, VT hi)
 {
-    T s = 0;
-    for (int r = 0; r < 2 * W; r++) s += pairs ? (r & 1 ? hi : lo)[r >> 1] : (r < W ? lo : hi)[r % W];
+    FN(acc_add)(&a->lo, lo);
+    FN(acc_add)(&a->hi, hi);
+}
+
+/* The residues 0, 1, ..., 2W - 1 added in order (the same for both layouts, see above). */
+INLINE double FN(residue_sum)(FN(res_acc) a, const int pairs)
+{
+    double s = 0;
+    for (int r = 0; r < 2 * W; r++)
+        s += pairs ? FN(acc_lane)(r & 1 ? &a.hi : &a.lo, r >> 1) : FN(acc_lane)(r < W ? &a.lo : &a.hi, r % W);
     return s;
 }
 
@@ -168,22 +180,27 @@ INLINE void FN(prob_max_block)(const struct FN(prob_row) *r, int64_t c, VT vkeep
 /* Pass 1: returns the max of x and writes sum wt to *wt_sum. Two blocks at a time into two sets of
  * vectors (the max and the sum are each a chain of dependent operations: two chains hide their
  * latency), the sets added block-wise (sum), whatever the layout, before the residues. */
-INLINE T FN(prob_max_impl)(const struct FN(prob_row) *r, T *wt_sum, const int opts)
+INLINE T FN(prob_max_impl)(const struct FN(prob_row) *r, double *wt_sum, const int opts)
 {
     const int pairs = opts & PROB_PAIRS;
     const int64_t C = r->C;
-    const VT vkeep = FN(splat)(r->keep), vadd = FN(splat)(r->add);
-    VT m0 = FN(splat)(-INFINITY), m1 = m0, m2 = m0, m3 = m0, s0 = FN(splat)(0), s1 = s0, s2 = s0, s3 = s0;
+    const VT vkeep = FN(splat)(r->keep), vadd = FN(splat)(r->add), zero = FN(splat)(0);
+    VT m0 = FN(splat)(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    FN(res_acc) acc = {FN(acc_zero)(), FN(acc_zero)()};
     int64_t c = 0;
     for (; c + 4 * W <= C; c += 4 * W) {
+        VT s0 = zero, s1 = zero, s2 = zero, s3 = zero;
         FN(prob_max_block)(r, c, vkeep, vadd, &m0, &m1, &s0, &s1, opts);
         FN(prob_max_block)(r, c + 2 * W, vkeep, vadd, &m2, &m3, &s2, &s3, opts);
+        FN(res_add)(&acc, s0 + s2, s1 + s3);
     }
     if (c + 2 * W <= C) {
+        VT s0 = zero, s1 = zero;
         FN(prob_max_block)(r, c, vkeep, vadd, &m0, &m1, &s0, &s1, opts);
+        FN(res_add)(&acc, s0, s1);
         c += 2 * W;
     }
-    T sw = FN(residue_sum)(s0 + s2, s1 + s3, pairs);
+    double sw = FN(residue_sum)(acc, pairs);
     for (; c < C; c += W) {
         const int64_t n = C - c < W ? C - c : W;
         m0 = FN(vmax)(m0, FN(part)(r->x, r->xb, c, n, -INFINITY, pairs));
@@ -216,7 +233,7 @@ INLINE void FN(prob_exp_block)(const struct FN(prob_row) *r, int64_t c, T *e, VT
 /* Pass 2: stores e (into r->g if given) and returns s; sum wt (x - m) into *wtd. Two blocks at a time
  * (the same sums in the same order as one at a time), the next rows of x and t prefetched a line at a
  * time (as in exp_sum_impl): in L2 when pass 1 reads them. */
-INLINE T FN(prob_exp_impl)(const struct FN(prob_row) *r, T m, T *wtd, const int opts)
+INLINE double FN(prob_exp_impl)(const struct FN(prob_row) *r, T m, double *wtd, const int opts)
 {
     const int pairs = opts & PROB_PAIRS;
     const int64_t C = r->C, esize = pairs ? 2 : (int64_t)sizeof(T); /* bytes of an element of x and t */
@@ -225,9 +242,11 @@ INLINE T FN(prob_exp_impl)(const struct FN(prob_row) *r, T m, T *wtd, const int 
     T *e = r->g;
     const uint16_t *gb = r->gb;
     const VT vm = FN(splat)(m), vkeep = FN(splat)(r->keep), vadd = FN(splat)(r->add);
-    VT se0 = FN(splat)(0), se1 = se0, sd0 = se0, sd1 = se0;
+    const VT zero = FN(splat)(0);
+    FN(res_acc) acc_e = {FN(acc_zero)(), FN(acc_zero)()}, acc_d = acc_e;
     int64_t c = 0;
     for (; c + 4 * W <= C; c += 4 * W) {
+        VT se0 = zero, se1 = zero, sd0 = zero, sd1 = zero;
         if (c * esize < next_bytes) {
             for (int64_t o = 0; o < 4 * W * esize; o += 64) {
                 __builtin_prefetch(next + c * esize + o, 0, 2);
@@ -238,12 +257,17 @@ INLINE T FN(prob_exp_impl)(const struct FN(prob_row) *r, T m, T *wtd, const int 
         if (pairs && gb) __builtin_prefetch(gb + c, 1, 2);
         FN(prob_exp_block)(r, c, e, vm, vkeep, vadd, &se0, &se1, &sd0, &sd1, opts);
         FN(prob_exp_block)(r, c + 2 * W, e, vm, vkeep, vadd, &se0, &se1, &sd0, &sd1, opts);
+        FN(res_add)(&acc_e, se0, se1);
+        FN(res_add)(&acc_d, sd0, sd1);
     }
     if (c + 2 * W <= C) {
+        VT se0 = zero, se1 = zero, sd0 = zero, sd1 = zero;
         FN(prob_exp_block)(r, c, e, vm, vkeep, vadd, &se0, &se1, &sd0, &sd1, opts);
+        FN(res_add)(&acc_e, se0, se1);
+        FN(res_add)(&acc_d, sd0, sd1);
         c += 2 * W;
     }
-    T s = FN(residue_sum)(se0, se1, pairs), sd = FN(residue_sum)(sd0, sd1, pairs);
+    double s = FN(residue_sum)(acc_e, pairs), sd = FN(residue_sum)(acc_d, pairs);
     for (; c < C; c += W) {
         const int64_t n = C - c < W ? C - c : W;
         const VT d = FN(part)(r->x, r->xb, c, n, -INFINITY, pairs) - vm, ev = VEXP(d);
@@ -346,9 +370,11 @@ INLINE T FN(prob_row_impl)(const struct xent_args *a, const struct FN(prob_row) 
     /* a copy that no store of the passes can alias: its pointers stay in registers through the loops */
     const struct FN(prob_row) local = *row, *r = &local;
     const T scale = (T)a->scale;
-    T wt_sum, wtd;
+    double wt_sum, wtd;
     const T m = FN(prob_max_impl)(r, &wt_sum, opts);
-    const T s = FN(prob_exp_impl)(r, m, &wtd, opts), log_s = (T)LOG_SCALAR(s), b = wt_sum / s;
+    /* the row's scalars in double, rounded once for pass 3 */
+    const double s = FN(prob_exp_impl)(r, m, &wtd, opts), log_s = log(s);
+    const T b = (T)(wt_sum / s);
     if (r->g || r->gb || r->tg || r->tgb) {
         /* s is NaN when some e is (a NaN logit, or a row of -inf), else in [1, C]; every wt is finite
          * when their sum is. Then every e is in [0, 1] and no gradient is NaN: scale (b e - wt) has
@@ -357,11 +383,11 @@ INLINE T FN(prob_row_impl)(const struct xent_args *a, const struct FN(prob_row) 
         const T sk = scale * r->keep;
         const int no_nan = (opts & PROB_PAIRS) && s == s && isfinite(wt_sum) && isfinite(b) && isfinite(scale) &&
                            (!r->tgb || (sk != 0 && isfinite(sk) && !r->w));
-        if (no_nan) FN(prob_grad_impl)(r, m, b, scale, log_s, 1, opts);
-        else FN(prob_grad_impl)(r, m, b, scale, log_s, 0, opts);
+        if (no_nan) FN(prob_grad_impl)(r, m, b, scale, (T)log_s, 1, opts);
+        else FN(prob_grad_impl)(r, m, b, scale, (T)log_s, 0, opts);
     }
     /* sum wt (log s - (x - m)): both terms >= 0 for targets >= 0, no cancellation */
-    return log_s * wt_sum - wtd;
+    return (T)(log_s * wt_sum - wtd);
 }
 
 /* One row with a probability target: r->xb set for pairs (T = float), else float rows. */

@@ -621,13 +621,14 @@ INLINE VT FN(col_max)(const T *x, int64_t C)
 }
 
 /* Per lane: sum_c exp(x - m), writing e = exp(x - m) to e. */
-INLINE VT FN(col_exp_sum)(const T *x, T *e, int64_t C, VT m)
+/* Pass 2 of a tile: e = exp of the exact x - m (VEXP_DIFF) stored; the lanes' sums in double. */
+INLINE FN(acc_t) FN(col_exp_sum)(const T *x, T *e, int64_t C, VT m)
 {
-    VT s = FN(splat)(0);
+    FN(acc_t) s = FN(acc_zero)();
     for (int64_t c = 0; c < C; c++) {
-        const VT ev = VEXP(FN(col)(x, c) - m);
+        const VT ev = VEXP_DIFF(FN(col)(x, c), m);
         FN(store)(e + c * W, ev);
-        s += ev;
+        FN(acc_add)(&s, ev);
     }
     return s;
 }
@@ -635,7 +636,12 @@ INLINE VT FN(col_exp_sum)(const T *x, T *e, int64_t C, VT m)
 /* softmax_row, one row per lane (round_dt as there); y may not be x. */
 HOT static void FN(softmax_tile)(const T *x, T *y, int64_t C, int is_log, int round_dt)
 {
-    const VT m = FN(col_max)(x, C), s = FN(col_exp_sum)(x, y, C, m), r = 1 / s;
+    FN(acc_t) one = FN(acc_zero)();
+    FN(acc_add)(&one, FN(splat)(1));
+    const VT m = FN(col_max)(x, C);
+    const FN(acc_t) sd = FN(col_exp_sum)(x, y, C, m);
+    /* 1 / s in double, rounded once; log of s rounded once (half an ulp of s: 2^-24 absolute in the log) */
+    const VT s = FN(acc_div)(sd, one), r = FN(acc_div)(one, sd);
     VT shift = FN(vlog)(s);
     if (round_dt >= 0)
         for (int j = 0; j < W; j++) shift[j] = FN(round_to)((T)LOG_SCALAR(FN(round_to)(s[j], round_dt)), round_dt);
@@ -658,19 +664,23 @@ HOT static void FN(softmax_backward_tile)(const T *y, const T *g, T *gin, int64_
  * hv (W entries: vectors are not returned across the target_clones boundary). */
 HOT static void FN(entropy_logits_tile)(const T *x, T *e, T *g, int64_t C, T *hv)
 {
-    const VT m = FN(col_max)(x, C), s = FN(col_exp_sum)(x, e, C, m), zero = FN(splat)(0);
-    VT sez = zero;
+    FN(acc_t) one = FN(acc_zero)(), sez = FN(acc_zero)();
+    FN(acc_add)(&one, FN(splat)(1));
+    const VT m = FN(col_max)(x, C), zero = FN(splat)(0);
+    const FN(acc_t) sd = FN(col_exp_sum)(x, e, C, m);
     for (int64_t c = 0; c < C; c++) {
         const VT ve = FN(col)(e, c);
-        sez += FN(select)(ve != 0, ve * (FN(col)(x, c) - m), zero);
+        FN(acc_add)(&sez, FN(select)(ve != 0, ve * (FN(col)(x, c) - m), zero));
     }
-    const VT mz = sez / s;
+    const VT mz = FN(acc_div)(sez, sd), s = FN(acc_div)(sd, one);
     if (g)
         for (int64_t c = 0; c < C; c++) {
             const VT ve = FN(col)(e, c);
             FN(store)(g + c * W, FN(select)(ve != 0, ve * (mz - (FN(col)(x, c) - m)), zero) / s);
         }
-    FN(store)(hv, FN(vlog)(s) - mz);
+    /* H = log s - E[z] per lane in double, rounded once: where H is small (a confident row: s ~ 1), a log
+     * of s rounded to T would be off by 2^-24 absolute (25 eps of H = 0.0067, measured) */
+    for (int j = 0; j < W; j++) hv[j] = (T)(log(FN(acc_lane)(&sd, j)) - FN(acc_lane)(&sez, j) / FN(acc_lane)(&sd, j));
 }
 
 /* entropy_probs, one row per lane, H into hv. */
