@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import losskit.functional as LF
 import losskit.nn as LN
 from losskit.kernels import native, native_softmax
-from losskit.testing import assert_close, assert_no_worse_than, assert_same_results, gradcheck, loss_and_grads
+from losskit.testing import assert_close, assert_same_results, assert_within_eps, gradcheck, loss_and_grads
 
 FLOATS = [torch.float64, torch.float32]
 LOW = [torch.bfloat16, torch.float16]
@@ -74,19 +74,34 @@ def _identical(a, b, msg=""):
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=msg or None)
 
 
-def _no_worse_than_reference(name, x, dim):
-    """Values and gradients of the compiled kernel on ``x`` (float32 or lower) judged against torch's
-    error (the torch reference in ``x``'s dtype) from a float64 truth."""
+#: Fixed bounds (eps of the result's dtype) of the compiled kernel against the float64 truth on the same
+#: inputs and the same (rounded) grad_output: (value, d/dinput). Low precision: computed in float32 and
+#: rounded once (half an eps) -- log_softmax rounds the row's sum and its log to the dtype first, as
+#: ATen's last-dim kernel does, so two roundings, times max(1, |value|). float32: an exp of an exact
+#: argument, a sum in double, one rounding of 1/s and of the product (tests/kernels/test_row_accuracy.py
+#: has the bounds at up to 1e6 classes). Gradients are normwise: y (g - sum g y) cancels.
+BOUNDS = {
+    "softmax": (1, 1.5), "log_softmax": (2, 2), "entropy_logits": (1, 1.5), "entropy_probs": (1, 1.5),
+}
+F32_BOUNDS = {"softmax": (4, 4), "log_softmax": (4, 4), "entropy_logits": (8, 8), "entropy_probs": (4, 4)}
+
+
+def _within_bounds_of_float64(name, x, dim):
+    """Values and gradients of the compiled kernel on ``x`` (float32 or lower) within the fixed bounds
+    above of the float64 truth (torch's formula in float64 on the same values)."""
     fn, ref = ROWS[name]
-    if ref is None:  # entropy: torch in x's dtype, step by step
+    if ref is None:  # entropy: the formula in float64
         logits = name == "entropy_logits"
         ref = lambda a, dim: _entropy_reference(a, dim, logits)  # noqa: E731
-    ours = _results(fn, x, dim=dim, impl="compiled")
-    theirs = _results(ref, x, dim=dim)
-    truth = _results(ref, x.double(), dim=dim)
-    for what, a, b, c in zip(("value", "d/dinput"), ours, theirs, truth):
+    value = fn(x, dim=dim, impl="compiled")
+    go = _randn(value.shape, seed=1, scale=1.0).to(x.dtype)  # the same rounded grad_output for both
+    ours = loss_and_grads(_unary(fn, dim=dim, impl="compiled"), x, _NO_TARGET, grad_output=go)[:2]
+    truth = loss_and_grads(_unary(ref, dim=dim), x.double(), _NO_TARGET, grad_output=go.double())[:2]
+    bounds = F32_BOUNDS[name] if x.dtype == torch.float32 else BOUNDS[name]
+    floors = (1 if name == "log_softmax" else None, truth[1].abs().max().item())
+    for what, a, t, n, floor in zip(("value", "d/dinput"), ours, truth, bounds, floors):
         assert a.dtype == x.dtype, what
-        assert_no_worse_than(a, b, c, msg=f"{name} {what}")
+        assert_within_eps(a, t, n, floor=floor, msg=f"{name} {what}")
 
 
 def _check_rows(name, x, dim, dtype=None):
@@ -120,9 +135,9 @@ def test_softmax_dtype_argument(name):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("name", ROWS)
 @pytest.mark.parametrize("shape,dim", [((16, 301), -1), ((4, 21, 30), 1), ((40, 5), -1)], ids=str)
-def test_low_precision_no_worse_than_torch(name, shape, dim, dtype):
+def test_low_precision_within_eps_of_float64(name, shape, dim, dtype):
     # no zero probabilities: torch's xlogy gradient there is infinite (losskit's is 0 by definition)
-    _no_worse_than_reference(name, _row_input(name, shape, dim, dtype, zeros=False), dim)
+    _within_bounds_of_float64(name, _row_input(name, shape, dim, dtype, zeros=False), dim)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -147,10 +162,9 @@ def test_odd_sizes(name, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ROWS)
 def test_rows_larger_than_the_caches(name, dtype):
-    # C = 300007: a float32 row is 1.2 MiB, beyond the 512 KiB L2; the later passes re-read it. Sums over
-    # 3e5 float32 terms move beyond the table's tolerance (which covers ~1e5) in torch too: judged
-    # against torch's own error from float64.
-    _no_worse_than_reference(name, _row_input(name, (2, 300_007), 1, dtype, zeros=False), 1)
+    # C = 300007: a float32 row is 1.2 MiB, beyond a 1 MiB L2; the later passes re-read it. Fixed bounds
+    # from float64, the same at any C (torch's own float32 softmax is 17 eps off here).
+    _within_bounds_of_float64(name, _row_input(name, (2, 300_007), 1, dtype, zeros=False), 1)
 
 
 @pytest.mark.parametrize("name", ROWS)
@@ -306,12 +320,13 @@ def test_nll_non_contiguous_and_low_precision():
         _nll_check(xx, tt)
     for dtype in LOW:
         xl = x.to(dtype)
-        ours = loss_and_grads(LF.nll_loss, xl, t, w.to(dtype), impl="compiled")
-        theirs = loss_and_grads(F.nll_loss, xl, t, w.to(dtype))
-        truth = loss_and_grads(F.nll_loss, xl.double(), t, w.to(dtype).double())
-        for a, b, c in zip(ours[:2], theirs[:2], truth[:2]):
+        go = torch.tensor(0.75, dtype=dtype)  # exact in the dtype, so both sides get the same
+        ours = loss_and_grads(LF.nll_loss, xl, t, w.to(dtype), impl="compiled", grad_output=go)
+        truth = loss_and_grads(F.nll_loss, xl.double(), t, w.to(dtype).double(), grad_output=go.double())
+        # the weighted mean: a float32 sum of 9 products rounded once; gradients -w_y go / sum w rounded once
+        for what, a, c in zip(("loss", "d/dinput"), ours[:2], truth[:2]):
             assert a.dtype == dtype
-            assert_no_worse_than(a, b, c)
+            assert_within_eps(a, c, 1, floor=c.abs().max().item(), msg=f"{dtype} {what}")
 
 
 def test_nll_no_gradient_and_empty():
@@ -455,7 +470,7 @@ def test_bfloat16_pair_rows_match_the_float_row_path(name, shape):
     """Contiguous bfloat16 rows (every operand) run on even/odd pairs, 16 elements a block, the C % 16
     tail (0, 1, 15, 7, 3) in element order; the same values with entries strided (input and
     grad_output) run on float rows. Values and gradients agree to one bfloat16 step (the pair path's
-    exp is of bfloat16 grade and its sums add in another order), and both are no worse than torch's."""
+    exp is of bfloat16 grade and its sums add in another order), and both are within the fixed bounds."""
     fn = ROWS[name][0]
     x = _row_input(name, shape, 1, torch.bfloat16)
     go = _randn(shape if name != "entropy_logits" else shape[:1], torch.bfloat16, seed=5, scale=1.0)
@@ -464,7 +479,7 @@ def test_bfloat16_pair_rows_match_the_float_row_path(name, shape):
                           grad_output=_transposed(go) if go.dim() == 2 else go)[:2]
     for what, a, b in zip(("value", "d/dinput"), pairs, rows):
         _within_one_bf16_step(a, b, f"{name} {shape} {what}")
-    _no_worse_than_reference(name, x, -1)
+    _within_bounds_of_float64(name, x, -1)
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax", "entropy_logits"])
@@ -496,7 +511,7 @@ def test_bfloat16_along_another_dim_stays_on_float_rows(name):
     fn = ROWS[name][0]
     x = _row_input(name, (2, 4100, 3), 1, torch.bfloat16)
     assert torch.equal(fn(x, 1, impl="compiled"), fn(x.float(), 1, impl="compiled").bfloat16())
-    _no_worse_than_reference(name, x, 1)
+    _within_bounds_of_float64(name, x, 1)
 
 
 def test_bfloat16_entropy_of_probabilities_logs_through_a_mantissa_table():
