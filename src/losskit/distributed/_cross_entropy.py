@@ -24,6 +24,7 @@ from .._autograd import attach, needs_grad
 from .._types import REDUCTIONS, Reduction
 from ..functional._classification import _class_dim, _index_shape, check_class_input
 from ..kernels.blocks import Block, accumulation_dtype, as_3d, block_rows, blocks, positions_2d, work_buffer
+from ..kernels.linear_xent import products_dtype, weight_grad_, weight_grad_block
 from ._comm import Comm, Fields, default_device, exchange, float_bits, require_same, resolve
 from ._shard import Shard, ShardXent
 
@@ -218,7 +219,9 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     ``all_reduce`` SUM of ``P x D`` values in the accumulation dtype (``a * D`` bytes per token), in
     the forward pass (in backward for the recomputing "none" case above).
     Memory beside the gradients: one logits chunk, and for float16/bfloat16 float32 accumulators of
-    the ``input`` and ``linear_weight`` gradients.
+    the ``input`` and ``linear_weight`` gradients. The logits and the input gradient are products in
+    the input's dtype; the weight gradient's too where the hardware multiplies it natively (see
+    :func:`losskit.kernels.linear_xent.products_dtype`), summed in float32, and else a float32 product.
 
     Example (one process):
         >>> import torch
@@ -318,14 +321,20 @@ class _Head:
         gh = torch.zeros(n, d, dtype=self.acc, device=dev) if want_h else None
         gw = torch.zeros(v_r, d, dtype=self.acc, device=dev) if want_w else None
         gb = torch.zeros(v_r, dtype=self.acc, device=dev) if want_b else None
+        # The weight gradient's products in bfloat16/float16 where the hardware multiplies them (a float32
+        # sum of blocks, see kernels.linear_xent.weight_grad_), else in float32 from the upcast input.
+        mm = products_dtype(self.h2.dtype, dev)
+        block = weight_grad_block(v_r, d, mm, self.acc, dev) if want_w else None
         if any(want):
             for blk, work in self._chunks():
                 core.grad_block_(blk, work)  # logits -> scale * dloss/dlogits
+                low = None if self.lw.dtype == self.acc else work.to(self.lw.dtype)  # (rows, V_r)
                 if gh is not None:
-                    lw = self.lw
-                    gh[blk.b0:blk.b1] = work @ lw if lw.dtype == self.acc else (work.to(lw.dtype) @ lw)
+                    gh[blk.b0:blk.b1] = (work if low is None else low) @ self.lw
                 if gw is not None:
-                    gw.addmm_(work.t(), self.h2[blk.b0:blk.b1].to(self.acc))
+                    hc = self.h2[blk.b0:blk.b1]  # (rows, D)
+                    g, x = (work, hc.to(self.acc)) if mm == self.acc else (low, hc)
+                    weight_grad_(gw, g, x, first=False, block=block)
                 if gb is not None:
                     gb.add_(work.sum(0))
         if gh is not None:
