@@ -224,11 +224,12 @@ PRODUCTS = {"native": True, "upcast": False}
 #: is a bfloat16 GEMM of the bfloat16-rounded logits' gradient, rounded once: about one eps normwise
 #: (measured 0.4-0.84 eps for eager and both paths at the sizes below); 2 leaves room for another seed.
 LOSS_EPS, GRAD_EPS = 1.0, 2.0
-#: Ours against eager bfloat16's own error: GEMM 3 rounds each chunk's product (per block of classes) to
-#: bfloat16 before the float32 sum, where eager rounds the whole sum once; the exp and the sums run in
-#: another order. Up to 1.5x eager's error, plus 0.05 eps so that two results at rounding level do not
-#: fail on that order.
-EAGER_FACTOR, EAGER_SLACK = 1.5, 0.05
+#: Ours against eager bfloat16's own error. With bfloat16 products the CPU's GEMM has no float32 output,
+#: so GEMM 3 rounds each chunk's product to bfloat16 before the float32 sum, which is rounded once more
+#: at the end: an element that one chunk dominates carries two roundings where eager's carries one.
+#: Hence up to 2x eager's error, plus 0.05 eps so that two results at rounding level do not fail on the
+#: order of the exp and the sums. (Measured below: 0.67 eps against eager's 0.84 for the weight.)
+EAGER_FACTOR, EAGER_SLACK = 2.0, 0.05
 
 
 @pytest.fixture(params=sorted(PRODUCTS))
@@ -349,6 +350,26 @@ def test_bfloat16_options_within_eps_of_float64(products, probabilities, reducti
     # "none": each position's loss within LOSS_EPS of its own value (floor: the largest, as normwise).
     assert_within_eps(ours[0], truth[0], LOSS_EPS, floor=truth[0].abs().max().item(), msg="loss")
     for name, a, tr in zip(("d/dinput", "d/dlinear_weight", "d/dlinear_bias"), ours[1], truth[1]):
+        assert_within_eps(a, tr, GRAD_EPS, floor=tr.abs().max().item(), msg=name)
+
+
+def test_bfloat16_compiles(products):
+    """torch.compile of a bfloat16 call equals the eager call (inside the trace the torch row step runs
+    where eager uses the C kernel) and is within the fixed eps of float64."""
+    x, w, t, b = _problem(torch.bfloat16, n=20, d=8, c=30)
+    def fn(x, w, b):
+        return _ours(x, w, t, b, chunk_size=7)
+
+    torch._dynamo.reset()
+    try:
+        compiled = _loss_and_grads(lambda x, w, t, b: torch.compile(fn, backend="aot_eager")(x, w, b), x, w, t, b)
+    finally:
+        torch._dynamo.reset()
+    eager = _loss_and_grads(lambda x, w, t, b: fn(x, w, b), x, w, t, b)
+    _compare(compiled, eager)
+    truth = _loss_and_grads(_ref, x.double(), w.double(), t, b.double())
+    assert_within_eps(compiled[0], truth[0], LOSS_EPS, floor=truth[0].abs().item(), msg="loss")
+    for name, a, tr in zip(("d/dinput", "d/dlinear_weight", "d/dlinear_bias"), compiled[1], truth[1]):
         assert_within_eps(a, tr, GRAD_EPS, floor=tr.abs().max().item(), msg=name)
 
 

@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from losskit.integrations.transformers import is_patched, patch, unpatch
-from losskit.testing import assert_close, assert_no_worse_than
+from losskit.kernels import linear_xent
+from losskit.testing import assert_close
 
 VOCAB = 512
 SEQ = 64  # tokens = 2 * SEQ = 128 > hidden (32), so tokens x vocab is the largest tensor of a plain step
@@ -157,17 +158,39 @@ def test_no_tokens_by_vocabulary_tensor_in_a_training_step(arch):
     assert sizes["patched"] < tokens_by_vocab
 
 
-def test_bfloat16_loss_no_worse_than_transformers():
+@pytest.mark.parametrize("native", [True, False], ids=["bfloat16 products", "float32 products"])
+def test_bfloat16_model_within_eps_and_no_worse_than_transformers(native, monkeypatch):
+    """A bfloat16 model, with linear_cross_entropy's products in bfloat16 (CPUs with AMX/AVX512-BF16) and
+    in float32 (the others), whatever this CPU is. Against float64 from the same bfloat16 hidden states
+    and head: the float32 loss within 1 bfloat16 eps (its logits are bfloat16 products at most) and the
+    head's gradient within 2 eps normwise (a product of the bfloat16-rounded logits' gradient, rounded
+    once: about one eps, as transformers'); each no worse than 2x transformers' own error + 0.05 eps, the
+    factor of tests/functional/test_linear_cross_entropy.py (chunks there; here the default chunk holds
+    the 24 tokens)."""
+    monkeypatch.setattr(linear_xent, "cpu_multiplies_bfloat16", lambda: native)
     plain = _model("llama", torch.bfloat16)
     patched = patch(copy.deepcopy(plain))
     ids, labels = _batch(seed=4)
     with torch.no_grad():
-        hidden = plain.model(input_ids=ids).last_hidden_state
-        logits64 = hidden.double() @ plain.lm_head.weight.double().T
-        truth = torch.nn.functional.cross_entropy(logits64[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
-        ours = patched(input_ids=ids, labels=labels).loss
-        theirs = plain(input_ids=ids, labels=labels).loss
-    assert_no_worse_than(ours, theirs, truth)
+        hidden = plain.model(input_ids=ids).last_hidden_state  # (2, 12, 32) bfloat16, as both models see it
+    w64 = plain.lm_head.weight.detach().double().requires_grad_()
+    logits64 = hidden.double() @ w64.T
+    truth = torch.nn.functional.cross_entropy(logits64[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+    truth.backward()
+    results = {}
+    for name, model in (("ours", patched), ("transformers", plain)):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        assert loss.dtype == torch.float32 and model.lm_head.weight.grad.dtype == torch.bfloat16
+        results[name] = (_bf16_eps(loss, truth), _bf16_eps(model.lm_head.weight.grad, w64.grad))
+    (loss_err, grad_err), (loss_base, grad_base) = results["ours"], results["transformers"]
+    assert loss_err <= 1 and grad_err <= 2, results
+    assert loss_err <= 2 * loss_base + 0.05 and grad_err <= 2 * grad_base + 0.05, results
+
+
+def _bf16_eps(actual: torch.Tensor, truth: torch.Tensor) -> float:
+    """The largest error of ``actual`` against ``truth``, in bfloat16 eps of ``max |truth|`` (normwise)."""
+    return ((actual.double() - truth).abs().max() / truth.abs().max()).item() / torch.finfo(torch.bfloat16).eps
 
 
 def test_trainer_with_gradient_accumulation_matches_step_for_step(tmp_path):
