@@ -81,11 +81,17 @@ CHUNK_BYTES = 56 << 20
 MIN_ROWS = 128
 
 #: Bytes of the buffer a block of the weight gradient's low-precision product is formed in before it is
-#: added to the float32 accumulator (:func:`weight_grad_`). On the CPU a block of classes rather than the
-#: whole (C, D) product: measured per 448-row chunk at C=32768, D=1024 bfloat16 (2-core EPYC, loaded),
-#: the whole product and its addition 0.56 s, 8 MiB blocks 0.65 s, bfloat16 accumulation without float32
-#: 0.35 s; the whole product would need a (C, D) buffer beside the accumulator.
-WEIGHT_BLOCK_BYTES = 8 << 20
+#: added to the float32 accumulator (:func:`weight_grad_`): a block of classes rather than the whole
+#: (C, D) product, which would need a (C, D) buffer beside the accumulator. torch's CPU add of a bfloat16
+#: tensor to a float32 one makes a float32 copy of it first (twice this size). Measured per 448-row chunk
+#: at C=32768, D=1024 bfloat16 (2-core EPYC, load 3, median / minimum of 9): blocks of 1 MiB 0.66 / 0.22 s,
+#: 2 MiB 0.46 / 0.21, 4 MiB 0.34 / 0.23, 8 MiB 0.35 / 0.23, 16 MiB 0.43 / 0.30; bfloat16 accumulation
+#: with no float32 sum (beta = 1) 0.26 / 0.17.
+WEIGHT_BLOCK_BYTES = 4 << 20
+#: The same on CUDA, where the block is float32 (``out_dtype``) and the add needs no copy: large enough
+#: that each block is a GEMM worth a launch (16384 classes of D=4096: 8 per chunk at V=128256), well
+#: inside a gradients + 1 GiB budget. Not measured: no GPU was available when this was written.
+CUDA_WEIGHT_BLOCK_BYTES = 256 << 20
 
 
 def class_buffers(spec: RowSpec, softcap: float | None, probabilities: bool) -> int:
@@ -163,11 +169,14 @@ def weight_grad_block(n_classes: int, in_features: int, products: torch.dtype, a
                       device: torch.device) -> Tensor | None:
     """The ``(block, D)`` buffer :func:`weight_grad_` forms a low-precision product in, or None when the
     products run in ``acc``: in the products' dtype on the CPU (torch's CPU GEMM has no float32 output
-    for bfloat16 operands), in ``acc`` on CUDA (``out_dtype``). ``WEIGHT_BLOCK_BYTES`` of it, at most C rows."""
+    for bfloat16 operands), in ``acc`` on CUDA (``out_dtype``). ``WEIGHT_BLOCK_BYTES`` of it
+    (``CUDA_WEIGHT_BLOCK_BYTES`` on CUDA), at most C rows."""
     if products == acc:
         return None
-    dtype = acc if device.type == "cuda" else products
-    rows = max(1, min(n_classes, WEIGHT_BLOCK_BYTES // (in_features * dtype.itemsize)))
+    cuda = device.type == "cuda"
+    dtype = acc if cuda else products
+    budget = CUDA_WEIGHT_BLOCK_BYTES if cuda else WEIGHT_BLOCK_BYTES
+    rows = max(1, min(n_classes, budget // (in_features * dtype.itemsize)))
     return torch.empty(rows, in_features, dtype=dtype, device=device)
 
 
