@@ -281,7 +281,7 @@ def test_weight_grad_cuda_form_on_meta_tensors():
     out = torch.empty(10, 4, device="meta")  # (C, D) float32 accumulator
     grad = torch.empty(3, 10, dtype=torch.bfloat16, device="meta")  # (r, C)
     x = torch.empty(3, 4, dtype=torch.bfloat16, device="meta")  # (r, D)
-    block = torch.empty(4, 4, device="meta")  # 4 classes a block: 3 blocks, the last short
+    block = torch.empty(4, 4, device="meta"), None  # 4 classes a block: 3 blocks, the last short
     for first in (True, False):
         linear_xent.weight_grad_(out, grad, x, first=first, block=block)
     assert out.dtype == torch.float32 and out.shape == (10, 4)
@@ -530,7 +530,7 @@ def test_peak_memory_is_gradients_plus_one_chunk_and_flat_in_n(dtype, products):
     accumulator (rounded to bfloat16 at the end, when both exist); with bfloat16 products the chunk is
     the bfloat16 logits and their bfloat16 gradient (as many bytes as float32 logits) plus one block of
     the weight gradient's product (WEIGHT_BLOCK_BYTES or the whole (V, D) product, if smaller) and its
-    float32 copy; upcast,
+    float32 staging copy; upcast,
     the float32 logits and a float32 copy of the head."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, dtype, products], env=env, capture_output=True,
@@ -542,7 +542,7 @@ def test_peak_memory_is_gradients_plus_one_chunk_and_flat_in_n(dtype, products):
     chunk_bytes = chunk * v * 4  # 4 MiB: float32 logits, or bfloat16 logits and their gradient
     if dtype == "bfloat16":
         chunk_bytes += v * d * 4  # the weight gradient's float32 accumulator
-        # native: a block of the product and the float32 copy torch's add makes of it; upcast: the head
+        # native: a block of the product and its float32 staging copy; upcast: the head's float32 copy
         chunk_bytes += 3 * min(v * d * size, linear_xent.WEIGHT_BLOCK_BYTES) if products == "native" else v * d * 4
     # Scratch beyond the chunk: the in-cache sub-block temporaries of kernels.rows (a few 2 MiB blocks),
     # per-position vectors, and the allocator's and interpreter's slack.

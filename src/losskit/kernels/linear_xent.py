@@ -81,12 +81,11 @@ CHUNK_BYTES = 56 << 20
 MIN_ROWS = 128
 
 #: Bytes of the buffer a block of the weight gradient's low-precision product is formed in before it is
-#: added to the float32 accumulator (:func:`weight_grad_`): a block of classes rather than the whole
-#: (C, D) product, which would need a (C, D) buffer beside the accumulator. torch's CPU add of a bfloat16
-#: tensor to a float32 one makes a float32 copy of it first (twice this size). Measured per 448-row chunk
-#: at C=32768, D=1024 bfloat16 (2-core EPYC, load 3, median / minimum of 9): blocks of 1 MiB 0.66 / 0.22 s,
-#: 2 MiB 0.46 / 0.21, 4 MiB 0.34 / 0.23, 8 MiB 0.35 / 0.23, 16 MiB 0.43 / 0.30; bfloat16 accumulation
-#: with no float32 sum (beta = 1) 0.26 / 0.17.
+#: added to the float32 accumulator (:func:`weight_grad_`, which also stages its float32 copy): a block of
+#: classes rather than the whole (C, D) product, which would need (C, D) buffers beside the accumulator.
+#: Measured per 448-row chunk at C=32768, D=1024 bfloat16 (2-core EPYC, load 3-5, median / minimum of 9),
+#: with torch's mixed-dtype add: blocks of 1 MiB 0.66 / 0.22 s, 2 MiB 0.46 / 0.21, 4 MiB 0.34 / 0.23,
+#: 8 MiB 0.35 / 0.23, 16 MiB 0.43 / 0.30; bfloat16 accumulation with no float32 sum (beta = 1) 0.26 / 0.17.
 WEIGHT_BLOCK_BYTES = 4 << 20
 #: The same on CUDA, where the block is float32 (``out_dtype``) and the add needs no copy: large enough
 #: that each block is a GEMM worth a launch (16384 classes of D=4096: 8 per chunk at V=128256), well
@@ -166,21 +165,26 @@ def row_kernel(x: Tensor, spec: RowSpec, softcap: float | None, *, per_position:
 
 
 def weight_grad_block(n_classes: int, in_features: int, products: torch.dtype, acc: torch.dtype,
-                      device: torch.device) -> Tensor | None:
-    """The ``(block, D)`` buffer :func:`weight_grad_` forms a low-precision product in, or None when the
-    products run in ``acc``: in the products' dtype on the CPU (torch's CPU GEMM has no float32 output
-    for bfloat16 operands), in ``acc`` on CUDA (``out_dtype``). ``WEIGHT_BLOCK_BYTES`` of it
-    (``CUDA_WEIGHT_BLOCK_BYTES`` on CUDA), at most C rows."""
+                      device: torch.device) -> tuple[Tensor, Tensor | None] | None:
+    """The buffers in which :func:`weight_grad_` forms a block of a low-precision product, or None when
+    the products run in ``acc``: ``(product, staging)``, each ``(block, D)``. On the CPU the product is in
+    the products' dtype (torch's CPU GEMM has no float32 output for bfloat16 operands) and ``staging``
+    is its float32 copy, made before the add (torch's add of a bfloat16 tensor to a float32 one would
+    allocate that copy on every call: measured 0.13 s against 0.02 s for the (32768, 1024) gradient).
+    On CUDA the product is float32 (``out_dtype``) and there is no staging. ``WEIGHT_BLOCK_BYTES`` of
+    product (``CUDA_WEIGHT_BLOCK_BYTES`` on CUDA), at most C rows."""
     if products == acc:
         return None
-    cuda = device.type == "cuda"
-    dtype = acc if cuda else products
-    budget = CUDA_WEIGHT_BLOCK_BYTES if cuda else WEIGHT_BLOCK_BYTES
-    rows = max(1, min(n_classes, budget // (in_features * dtype.itemsize)))
-    return torch.empty(rows, in_features, dtype=dtype, device=device)
+    if device.type == "cuda":
+        rows = max(1, min(n_classes, CUDA_WEIGHT_BLOCK_BYTES // (in_features * acc.itemsize)))
+        return torch.empty(rows, in_features, dtype=acc, device=device), None
+    rows = max(1, min(n_classes, WEIGHT_BLOCK_BYTES // (in_features * products.itemsize)))
+    return (torch.empty(rows, in_features, dtype=products, device=device),
+            torch.empty(rows, in_features, dtype=acc, device=device))
 
 
-def weight_grad_(out: Tensor, grad: Tensor, x: Tensor, *, first: bool, block: Tensor | None) -> None:
+def weight_grad_(out: Tensor, grad: Tensor, x: Tensor, *, first: bool,
+                 block: tuple[Tensor, Tensor | None] | None) -> None:
     """GEMM 3: ``out = grad.T @ x`` (``first``) or ``out += grad.T @ x``; ``out`` (C, D) acc, ``grad``
     (r, C) and ``x`` (r, D) in the products' dtype. Low-precision products (``block`` from
     :func:`weight_grad_block`) are formed a block of classes at a time and added to ``out``, so the
@@ -188,13 +192,16 @@ def weight_grad_(out: Tensor, grad: Tensor, x: Tensor, *, first: bool, block: Te
     if block is None:
         torch.mm(grad.T, x, out=out) if first else out.addmm_(grad.T, x)
         return
-    for c0 in range(0, out.shape[0], block.shape[0]):
-        c1 = min(out.shape[0], c0 + block.shape[0])
-        part = block[:c1 - c0]  # (c, D)
-        if part.dtype == out.dtype:  # CUDA: bfloat16/float16 operands, float32 output
+    product, staging = block
+    for c0 in range(0, out.shape[0], product.shape[0]):
+        c1 = min(out.shape[0], c0 + product.shape[0])
+        part = product[:c1 - c0]  # (c, D)
+        if staging is None:  # CUDA: bfloat16/float16 operands, float32 output
             torch.mm(grad[:, c0:c1].T, x, out_dtype=out.dtype, out=part)
         else:
             torch.mm(grad[:, c0:c1].T, x, out=part)
+            if not first:
+                part = staging[:c1 - c0].copy_(part)
         out[c0:c1].copy_(part) if first else out[c0:c1].add_(part)
 
 
