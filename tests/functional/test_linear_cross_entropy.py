@@ -643,8 +643,9 @@ def test_module_equals_functional_with_extras():
 
 def test_autocast_mixed_dtypes_as_torch():
     """Under CPU autocast torch's linear casts a float32 head to the bfloat16 activations' dtype and runs
-    cross_entropy in float32; ours accepts the mixed dtypes, computes in float32 and returns float32.
-    Tolerance: bfloat16's, since torch rounds the head and the logits to bfloat16 and we do not."""
+    cross_entropy in float32; ours accepts the mixed dtypes and returns float32, its products in the
+    input's dtype (the head cast to it) where bfloat16 products are native, else in float32.
+    Tolerance: bfloat16's, since torch rounds the head and the logits to bfloat16 and we may not."""
     x, w, t, b = _problem(torch.float32, n=16, d=8, c=20)
     x = x.bfloat16()
     results = []

@@ -241,7 +241,7 @@ def _validate(input: object, linear_weight: object, target: object, linear_bias:
 
 def _same_dtype(name: str, value: Tensor, x: Tensor) -> None:
     """Operands of the linear layer share a dtype, as for F.linear; under autocast, where torch casts them
-    to a common dtype, any floating dtypes are accepted (the products run in input's dtype or float32,
+    to a common dtype, any floating dtypes are accepted (the products run in the input's dtype or float32,
     the head cast to it)."""
     if value.dtype != x.dtype and not _autocast.enabled(x.device.type):
         raise TypeError(f"{name} has dtype {value.dtype} but input has {x.dtype}; they must match, as for F.linear")
