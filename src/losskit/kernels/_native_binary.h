@@ -270,7 +270,7 @@ INLINE double FN(lane_total)(VT sum, VI out_of_range, int *bad)
     }                                                                                                     \
     /* x's functions from the bfloat16 tables when x is stored as bfloat16 (T float; the values in x are  \
      * then bfloat16 values, converted exactly), else computed */                                         \
-    HOT static double FN(NAME)(const struct binary_args *a, int64_t n, const T *x, const T *y, const T *w,\
+    HOT_AVX512 static double FN(NAME)(const struct binary_args *a, int64_t n, const T *x, const T *y, const T *w,\
                                const T *p, T *loss, T *gx, T *gy, int *bad)                               \
     {                                                                                                     \
         if (sizeof(T) == 4 && a->x.dtype == DT_BF16)                                                      \
@@ -299,7 +299,7 @@ INLINE double FN(lane_total)(VT sum, VI out_of_range, int *bad)
  * when x is stored as bfloat16 (with a weight, say: the converted values' high halves): log1p(exp(-|x|)),
  * sigmoid(x) and sigmoid(-x) for the logit losses (logsigmoid(+-x) = min(+-x, 0) - the first, as the
  * float path forms it), log x and log1p(-x) for BCE. build_tables fills each entry with the float path's
- * own vector code on that value, in the same clone of the kernels (HOT), so every output stays the float
+ * own vector code on that value, in the same clone of the kernels (HOT_AVX512), so every output stays the float
  * path's value rounded once, bit for bit (tested over every bit pattern). What is left per element is
  * loads, a few multiply-adds, the rounding and BCE's one division. 256 KiB a table, float, built on the
  * first call that reads them (pthread_once; about 0.2 ms): 768 KiB for the logit losses, 512 KiB for
@@ -355,7 +355,7 @@ INLINE void FN(store_pairs)(uint16_t *dst, VT even, VT odd, const int no_nan, VT
     }                                                                                                     \
     /* A block of n elements; the tail of a block, and of a row, through pair_tail (defined below, before \
      * the macro's uses). */                                                                              \
-    HOT static double FN(NAME##_pairs)(const struct binary_args *a, int64_t n, const uint16_t *x,          \
+    HOT_AVX512 static double FN(NAME##_pairs)(const struct binary_args *a, int64_t n, const uint16_t *x,          \
                                        const uint16_t *y, uint16_t *loss, uint16_t *gx, uint16_t *gy,     \
                                        int *bad)                                                          \
     {                                                                                                     \
@@ -401,9 +401,9 @@ DEFINE_LOOPS(soft_margin_block, FN(soft_margin_v), 0)
 DEFINE_LOOPS(focal_block, FN(focal_v), 0)
 
 /* The entries of the bfloat16 tables (bce: TAB_LOG and TAB_LOG1P_NEG, else the three sigmoid tables): the
- * float path's functions of x on every bit pattern, by the same clone of the kernels (HOT) as the pair
+ * float path's functions of x on every bit pattern, by the same clone of the kernels (HOT_AVX512) as the pair
  * loops that read them, so a table read gives the bits the float path computes. T is float. */
-HOT static void FN(build_tables)(int bce)
+HOT_AVX512 static void FN(build_tables)(int bce)
 {
     for (int64_t i = 0; i < 65536; i += W) {
         VT x;

@@ -10,7 +10,8 @@
  * test_exp_accuracy_in_ulp asserts < 1.5 ulp. exp_v8f_bf16, for results rounded to bfloat16, is shorter.
  *
  * Function multiversioning: on x86-64 the hot functions are compiled twice, for x86-64-v3 (AVX2, FMA,
- * F16C) and for the baseline, and the loader picks one at start-up, so one binary runs on any x86-64.
+ * F16C) and for the baseline (HOT), some three times with x86-64-v4 (HOT_AVX512), and the loader picks
+ * one at start-up, so one binary runs on any x86-64.
  */
 #ifndef LOSSKIT_NATIVE_COMMON_H
 #define LOSSKIT_NATIVE_COMMON_H
@@ -24,12 +25,23 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* LOSSKIT_BASELINE_ONLY: build the baseline code alone (no x86-64-v3 clone), to test on an AVX2 machine
- * what a machine without AVX2 runs: CFLAGS=-DLOSSKIT_BASELINE_ONLY pip install --no-build-isolation . */
+/* LOSSKIT_BASELINE_ONLY: build the baseline code alone (no x86-64-v3 or -v4 clone), to test on an AVX2
+ * machine what a machine without AVX2 runs: CFLAGS=-DLOSSKIT_BASELINE_ONLY pip install --no-build-isolation .
+ * HOT_AVX512: a third clone for x86-64-v4 (AVX-512F/BW/DQ/VL), only where it measured faster: the binary
+ * losses, bound by their log, log1p and division (AMD Zen 4, 1024x8192 float32 from memory on 2 threads:
+ * BCE 7%, BCE with logits 6%, sigmoid focal 4-6% faster; the row kernels, bound by memory, are not).
+ * LOSSKIT_NO_AVX512 leaves it out, so that an AVX-512 machine can test the x86-64-v3 clone that AVX2
+ * machines run (.ci/sanitize builds so). */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(LOSSKIT_BASELINE_ONLY)
 #define HOT __attribute__((target_clones("arch=x86-64-v3", "default"), unused))
+#ifndef LOSSKIT_NO_AVX512
+#define HOT_AVX512 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused))
+#else
+#define HOT_AVX512 HOT
+#endif
 #else
 #define HOT __attribute__((unused))
+#define HOT_AVX512 HOT
 #endif
 #define INLINE static inline __attribute__((always_inline))
 
@@ -42,6 +54,8 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef double v4d __attribute__((vector_size(32)));
 typedef int64_t v4l __attribute__((vector_size(32)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+typedef uint64_t v4u64 __attribute__((vector_size(32)));
 
 /* ---- exp ---------------------------------------------------------------------------------------- */
 
@@ -66,8 +80,9 @@ INLINE v8f exp_v8f_impl(v8f x, float magic, float lo, v8f corr, const int diff)
     const v8f q = (4.9999994040e-1f + 1.6666521132e-1f * r) +
                   r2 * ((4.1668388993e-2f + 8.3687100559e-3f * r) + 1.3814612757e-3f * r2);
     const v8f p = q * r2 + r + 1.0f;
-    /* 2^(k - K) p: (k - K + 2^22) << 23 == (k - K) << 23 (mod 2^32) */
-    return (v8f)(~under & ((v8i)p + ((v8i)t << 23)));
+    /* 2^(k - K) p: (k - K + 2^22) << 23 == (k - K) << 23 (mod 2^32), in unsigned arithmetic (wrapping by
+     * definition, as a signed shift and add are not) */
+    return (v8f)(~under & (v8i)((v8u32)p + ((v8u32)t << 23)));
 }
 
 #define EXP_MAGIC 12582912.0f /* 1.5 * 2^23 */
@@ -102,9 +117,10 @@ INLINE v8f exp_v8f_diff(v8f x, v8f m)
 /* exp of 8 floats whose results are rounded to bfloat16 (a step of 2^-8) before anyone sees them: e^x =
  * 2^k 2^f with k = round(x log2 e) and f = x log2 e - k (one FMA: log2 e's float rounding puts up to
  * 1.7e-6 into f at k = -125), 2^f by a degree-4 polynomial fitted for minimax relative error on
- * |f| <= 1/2 (2.9e-6); total relative error 4.0e-6 = 2^-18 (tested < 4.5e-6). Eleven vector operations
- * against exp_v8f's thirteen: the exp pass of a bfloat16 row, 1 thread in L2, 0.35 -> 0.30 ns an element
- * (an ad-hoc microbenchmark). Flushing, -inf and NaN as exp_v8f. */
+ * |f| <= 1/2 (2.9e-6); total relative error 4.0e-6 = 2^-18 (6.6e-6 in the baseline clone, which has no
+ * FMA; tested < 2^-17). Eleven vector operations against exp_v8f's thirteen: the exp pass of a bfloat16
+ * row, 1 thread in L2, 0.35 -> 0.30 ns an element (an ad-hoc microbenchmark). Flushing, -inf and NaN as
+ * exp_v8f. */
 INLINE v8f exp_v8f_bf16(v8f x)
 {
     const v8f lo = (v8f){0} + EXP_LO;
@@ -117,7 +133,7 @@ INLINE v8f exp_v8f_bf16(v8f x)
     p = p * f + 2.4024040997e-1f;
     p = p * f + 6.9312417507e-1f;
     p = p * f + 1.0f;
-    return (v8f)(~under & ((v8i)p + ((v8i)t << 23)));
+    return (v8f)(~under & (v8i)((v8u32)p + ((v8u32)t << 23)));
 }
 
 INLINE v4d exp_v4d(v4d x)
@@ -144,8 +160,8 @@ INLINE v4d exp_v4d(v4d x)
     p = p * r + 1.0 / 6.0;
     p = p * r + 0.5;
     p = p * (r * r) + r + 1.0;
-    /* 2^k p: t's low bits hold k + 2^51, and (k + 2^51) << 52 == k << 52 (mod 2^64) */
-    return (v4d)(~under & ((v4l)p + ((v4l)t << 52)));
+    /* 2^k p: t's low bits hold k + 2^51, and (k + 2^51) << 52 == k << 52 (mod 2^64), unsigned */
+    return (v4d)(~under & (v4l)((v4u64)p + ((v4u64)t << 52)));
 }
 
 /* exp(x - m) in double: x - m rounds to 2^-53 relative, which the float64 results' tolerance absorbs. */
@@ -183,7 +199,6 @@ INLINE int64_t row_offset(const struct view *v, int64_t r, int64_t L) { return (
  * (quiet) NaN, as f32_to_bf16; float -> float16 uses F16C where the clone has it (float16 -> float is
  * left to the compiler's loop, which measured faster than the vector conversion: 0.31 vs 0.51 ns). */
 typedef uint16_t v8u16 __attribute__((vector_size(16)));
-typedef uint32_t v8u32 __attribute__((vector_size(32)));
 typedef _Float16 v8h __attribute__((vector_size(16)));
 
 /* 8 bfloat16 -> float (a shift), and float -> bfloat16 rounded to nearest even, NaN kept a quiet NaN. */

@@ -30,7 +30,7 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, const uint16_t *xb,
 {
     const int64_t C = a->C;
     const T *w = (const T *)a->weight;
-    const T ls = (T)a->label_smoothing, scale = (T)a->scale;
+    const T ls = (T)a->label_smoothing;
     const int smooth = ls != 0;
     const T m = xb ? FN(row_max_bf16)(xb, C) : FN(row_max)(x, C);
     const T x_y = y == a->ignore_index ? 0 : xb ? (T)bf16_to_f32(xb[y]) : x[y];
