@@ -93,7 +93,7 @@ def _rows(r: Result) -> list[list[str]]:
         peak = r.peak.get(impl)
         baseline = impl != LOSSKIT
         mem_ratio = ours_peak / peak if baseline and peak and ours_peak is not None else None
-        agrees = "no worse than torch vs float64" if r.unit.dtype in LOW_PRECISION else "matches reference"
+        agrees = "within 2 eps of float64" if r.unit.dtype in LOW_PRECISION else "matches reference"
         note = "; ".join(filter(None, [r.check or agrees, r.memory_error])) if impl == LOSSKIT else ""
         rows.append([*(head if not rows else [""] * 3), impl, number(ms), _ratio(ms / ours_ms if baseline else None),
                      "" if peak is None else number(peak / MIB),
