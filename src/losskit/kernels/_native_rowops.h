@@ -167,10 +167,25 @@ INLINE double FN(exp_sum_impl)(const T *x, int64_t C, T m, T *e, const T *w, dou
     const int K = scaled ? (int)floor((double)m * M_LOG2E) : 0;
     FN(acc_t) sum = FN(acc_zero)(), swx = sum;
     int64_t c = 0;
-    for (; c + 2 * W <= C; c += 2 * W) {
+    /* Four vectors a step, added as a tree in T ((e0 + e1) + (e2 + e3): two roundings, 2^-23 relative
+     * at most for terms of one sign) and then into double: a conversion per 4W terms, not per 2W (the
+     * double sums cost cross_entropy 4096x32768 about 12% at two conversions per 2W). */
+    for (; c + 4 * W <= C; c += 4 * W) {
         /* one 64-byte line of the next row per 2W elements of this one (at least as fast as this row
          * goes, as the next row is at most as wide in bytes): it is in L2 when pass 1 needs it */
-        if (next && c * (int64_t)sizeof(T) < next_bytes) __builtin_prefetch((const char *)next + c * sizeof(T), 0, 2);
+        if (next && c * (int64_t)sizeof(T) < next_bytes) {
+            __builtin_prefetch((const char *)next + c * sizeof(T), 0, 2);
+            __builtin_prefetch((const char *)next + (c + 2 * W) * sizeof(T), 0, 2);
+        }
+        VT pw = FN(splat)(0);
+        const VT e0 = FN(exp_step)(x, c, W, vm, K, e, w, &pw, smooth, scaled);
+        const VT e1 = FN(exp_step)(x, c + W, W, vm, K, e, w, &pw, smooth, scaled);
+        const VT e2 = FN(exp_step)(x, c + 2 * W, W, vm, K, e, w, &pw, smooth, scaled);
+        const VT e3 = FN(exp_step)(x, c + 3 * W, W, vm, K, e, w, &pw, smooth, scaled);
+        FN(acc_add)(&sum, (e0 + e1) + (e2 + e3));
+        if (smooth) FN(acc_add)(&swx, pw);
+    }
+    for (; c + 2 * W <= C; c += 2 * W) {
         VT pw = FN(splat)(0);
         const VT e0 = FN(exp_step)(x, c, W, vm, K, e, w, &pw, smooth, scaled);
         FN(acc_add)(&sum, e0 + FN(exp_step)(x, c + W, W, vm, K, e, w, &pw, smooth, scaled));
