@@ -636,12 +636,10 @@ INLINE FN(acc_t) FN(col_exp_sum)(const T *x, T *e, int64_t C, VT m)
 /* softmax_row, one row per lane (round_dt as there); y may not be x. */
 HOT static void FN(softmax_tile)(const T *x, T *y, int64_t C, int is_log, int round_dt)
 {
-    FN(acc_t) one = FN(acc_zero)();
-    FN(acc_add)(&one, FN(splat)(1));
     const VT m = FN(col_max)(x, C);
     const FN(acc_t) sd = FN(col_exp_sum)(x, y, C, m);
     /* 1 / s in double, rounded once; log of s rounded once (half an ulp of s: 2^-24 absolute in the log) */
-    const VT s = FN(acc_div)(sd, one), r = FN(acc_div)(one, sd);
+    const VT s = FN(narrow)(sd.lo, sd.hi), r = FN(narrow)(1 / sd.lo, 1 / sd.hi);
     VT shift = FN(vlog)(s);
     if (round_dt >= 0)
         for (int j = 0; j < W; j++) shift[j] = FN(round_to)((T)LOG_SCALAR(FN(round_to)(s[j], round_dt)), round_dt);
@@ -664,15 +662,14 @@ HOT static void FN(softmax_backward_tile)(const T *y, const T *g, T *gin, int64_
  * hv (W entries: vectors are not returned across the target_clones boundary). */
 HOT static void FN(entropy_logits_tile)(const T *x, T *e, T *g, int64_t C, T *hv)
 {
-    FN(acc_t) one = FN(acc_zero)(), sez = FN(acc_zero)();
-    FN(acc_add)(&one, FN(splat)(1));
+    FN(acc_t) sez = FN(acc_zero)();
     const VT m = FN(col_max)(x, C), zero = FN(splat)(0);
     const FN(acc_t) sd = FN(col_exp_sum)(x, e, C, m);
     for (int64_t c = 0; c < C; c++) {
         const VT ve = FN(col)(e, c);
         FN(acc_add)(&sez, FN(select)(ve != 0, ve * (FN(col)(x, c) - m), zero));
     }
-    const VT mz = FN(acc_div)(sez, sd), s = FN(acc_div)(sd, one);
+    const VT mz = FN(acc_div)(sez, sd), s = FN(narrow)(sd.lo, sd.hi);
     if (g)
         for (int64_t c = 0; c < C; c++) {
             const VT ve = FN(col)(e, c);
