@@ -31,19 +31,6 @@ def assert_close(actual: Tensor, expected: Tensor, *, dtype: torch.dtype | None 
                                equal_nan=True, msg=(lambda m: f"{msg}\n{m}") if msg else None)
 
 
-def assert_no_worse_than(actual: Tensor, baseline: Tensor, truth: Tensor, *, factor: float = 2.0,
-                         msg: str = "") -> None:
-    """Low precision: the error of ``actual`` against a float64 ``truth`` is at most ``factor`` times the
-    error of ``baseline`` (torch's own result in the same dtype), plus one ulp of the dtype at the
-    result's scale so that an exact baseline does not demand exactness."""
-    truth = truth.double()
-    err = (actual.double() - truth).abs().max().item()
-    base = (baseline.double() - truth).abs().max().item()
-    ulp = torch.finfo(actual.dtype).eps * max(1.0, truth.abs().max().item())
-    if not err <= factor * base + ulp:
-        raise AssertionError(f"{msg} error {err:.3g} > {factor} x torch's error {base:.3g} + ulp {ulp:.3g}")
-
-
 def eps_error(actual: Tensor, truth: Tensor, *, floor: float | None = None) -> float:
     """The largest error of ``actual`` against a float64 ``truth``, in epsilons of ``actual``'s dtype and
     relative to ``max(|truth|, floor)`` per element (see :func:`assert_within_eps`); NaN where the two
