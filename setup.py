@@ -1,6 +1,6 @@
 """The C extension of losskit (everything else is declared in pyproject.toml).
 
-``losskit.kernels._native*`` hold the compiled CPU kernels. Each is optional: if one cannot be built
+``losskit.ops.cpu._native*`` hold the compiled CPU kernels. Each is optional: if one cannot be built
 (no C compiler, an unsupported one), the install still succeeds, losskit runs on its pure-torch path and
 ``impl="compiled"`` raises an ImportError that says how to get the kernels.
 """
@@ -25,13 +25,13 @@ if os.environ.get("LOSSKIT_SANITIZE") == "1":
     sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     unix_flags += [*sanitize, "-O1", "-fexpensive-optimizations", "-g1"]
     unix_link += sanitize
-# One extension module per C file: losskit/kernels/_native*.c -> losskit.kernels._native*; the headers
+# One extension module per C file: losskit/ops/cpu/_native*.c -> losskit.ops.cpu._native*; the headers
 # (_native_*.h) are shared and included by each.
-kernels = Path("src/losskit/kernels")
+kernels = Path("src/losskit/ops/cpu")
 headers = sorted(str(h) for h in kernels.glob("_native*.h"))
 extensions = [
     Extension(
-        f"losskit.kernels.{source.stem}",
+        f"losskit.ops.cpu.{source.stem}",
         sources=[str(source)],
         depends=headers,
         extra_compile_args=[] if sys.platform == "win32" else unix_flags,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import losskit.functional as LF
-from losskit.kernels import native
+from losskit.ops.cpu import native
 
 N, C = (int(v) for v in os.environ.get("ENGINE_SIZE", "4096,32768").split(","))
 REPS = 5
@@ -112,7 +112,7 @@ elif engine == "torch.compile":
 else:
     import losskit.functional as LF
     t1 = time.perf_counter()  # the engine's own import: the extension module, losskit being loaded
-    import losskit.kernels._native
+    import losskit.ops.cpu._native
     t2 = time.perf_counter()
     fn = lambda x, y: LF.cross_entropy(x, y, impl="compiled").backward()
 t3 = time.perf_counter()

@@ -4,7 +4,7 @@ The case of issue 16: N=2048 tokens, D=1024, V=32768, forward+backward (mean los
 gradients). Implementations, called in interleaved rounds so that load affects them alike:
 
 - ``losskit bf16``: ``linear_cross_entropy`` as this CPU runs it (bfloat16 products where the CPU
-  multiplies bfloat16, see ``losskit.kernels.linear_xent.products_dtype``);
+  multiplies bfloat16, see ``losskit.ops.linear_xent.products_dtype``);
 - ``losskit bf16, upcast``: the same call with the float32 upcast forced, i.e. what CPUs without native
   bfloat16 run (and what losskit ran everywhere before bfloat16 products; skipped with --quick);
 - ``eager bf16``: ``F.cross_entropy((h @ W.T).float(), y)``, what transformers does;
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import losskit.functional as LF
 from losskit.bench._env import machine
-from losskit.kernels import linear_xent
+from losskit.ops import linear_xent
 from losskit.testing import measure_peaks_in_child
 
 N, D, V = (int(v) for v in os.environ.get("LCE_SIZE", "2048,1024,32768").split(","))

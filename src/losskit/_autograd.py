@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .kernels import native_pointwise
+from .ops.cpu import native_pointwise
 
 
 def _scale_(grad: Tensor, grad_output: Tensor, expand_dim: int | None) -> Tensor:

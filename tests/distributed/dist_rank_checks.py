@@ -22,8 +22,8 @@ import losskit.functional as LF
 from losskit.distributed import _cross_entropy, global_mean, global_token_count
 from losskit.distributed import vocab_parallel_cross_entropy as vp_cross_entropy
 from losskit.distributed import vocab_parallel_linear_cross_entropy as vp_linear_cross_entropy
-from losskit.kernels import blocks as kblocks
-from losskit.kernels import linear_xent
+from losskit.ops import blocks as kblocks
+from losskit.ops import linear_xent
 from losskit.testing import assert_close, assert_within_eps, peak_memory_above
 
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from losskit.distributed import _cross_entropy, vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
-from losskit.kernels import blocks as kblocks
+from losskit.ops import blocks as kblocks
 from losskit.testing import assert_close, assert_within_eps, gradcheck
 
 REDUCTIONS = ("mean", "sum", "none")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import losskit
 import losskit.functional as LF
-import losskit.kernels.elementwise as elementwise
+import losskit.ops.reference.elementwise as elementwise
 from losskit.functional import _binary
 from losskit import LosskitWarning
 from losskit.testing import (assert_close, assert_matches_reference, assert_same_results, assert_within_eps,

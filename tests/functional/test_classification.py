@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import losskit.functional as LF
-import losskit.kernels.blocks as blocks
+import losskit.ops.blocks as blocks
 from losskit.testing import (assert_close, assert_matches_reference, assert_same_results, assert_within_eps,
                              gradcheck, loss_and_grads)
 

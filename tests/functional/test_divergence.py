@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import losskit
 import losskit.functional as LF
-import losskit.kernels.blocks as blocks
-import losskit.kernels.elementwise as elementwise
+import losskit.ops.blocks as blocks
+import losskit.ops.reference.elementwise as elementwise
 import losskit.nn as LN
 from losskit.testing import assert_close, assert_within_eps, gradcheck, measure_peaks_in_child
 

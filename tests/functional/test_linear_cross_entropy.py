@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 import losskit.functional as LF
 import losskit.functional._linear_cross_entropy as lce_module
 import losskit.nn as LN
-from losskit.kernels import linear_xent
-from losskit.kernels.linear_xent import CHUNK_BYTES, MIN_ROWS, chunk_rows, class_buffers, products_dtype
-from losskit.kernels.native import available as native_available
-from losskit.kernels.rows import RowSpec
+from losskit.ops import linear_xent
+from losskit.ops.linear_xent import CHUNK_BYTES, MIN_ROWS, chunk_rows, class_buffers, products_dtype
+from losskit.ops.cpu.native import available as native_available
+from losskit.ops.reference.rows import RowSpec
 from losskit.testing import assert_close, assert_within_eps, gradcheck
 
 N, D, C = 7, 5, 11  # N is not a multiple of the chunk sizes used below
@@ -499,7 +499,7 @@ def test_chunk_rows_follows_the_budget():
 _MEMORY_CHILD = textwrap.dedent("""
     import json, sys, torch
     import losskit.functional as LF
-    from losskit.kernels import linear_xent
+    from losskit.ops import linear_xent
     from losskit.testing import peak_memory_above
     torch.set_num_threads(1)
     dtype, native = getattr(torch, sys.argv[1]), sys.argv[2] == "native"
@@ -544,7 +544,7 @@ def test_peak_memory_is_gradients_plus_one_chunk_and_flat_in_n(dtype, products):
         chunk_bytes += v * d * 4  # the weight gradient's float32 accumulator
         # native: a block of the product and its float32 staging copy; upcast: the head's float32 copy
         chunk_bytes += 3 * min(v * d * size, linear_xent.WEIGHT_BLOCK_BYTES) if products == "native" else v * d * 4
-    # Scratch beyond the chunk: the in-cache sub-block temporaries of kernels.rows (a few 2 MiB blocks),
+    # Scratch beyond the chunk: the in-cache sub-block temporaries of ops.reference.rows (a few 2 MiB blocks),
     # per-position vectors, and the allocator's and interpreter's slack.
     slack = 10 * mib
     extra = {n: p - (n * d + v * d) * size for n, p in peaks.items()}  # minus grad_input and grad_weight

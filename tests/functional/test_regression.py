@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import losskit.functional as LF
-import losskit.kernels.elementwise as elementwise
+import losskit.ops.reference.elementwise as elementwise
 from losskit.testing import (assert_close, assert_matches_reference, assert_same_results, assert_within_eps,
                              gradcheck, loss_and_grads)
 

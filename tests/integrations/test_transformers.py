@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from losskit.integrations.transformers import is_patched, patch, unpatch
-from losskit.kernels import linear_xent
+from losskit.ops import linear_xent
 from losskit.testing import assert_close
 
 VOCAB = 512

@@ -23,8 +23,8 @@ from .. import _checks
 from .._autograd import attach, needs_grad
 from .._types import REDUCTIONS, Reduction
 from ..functional._classification import _class_dim, _index_shape, check_class_input
-from ..kernels.blocks import Block, accumulation_dtype, as_3d, block_rows, blocks, positions_2d, work_buffer
-from ..kernels.linear_xent import products_dtype, weight_grad_, weight_grad_block
+from ..ops.blocks import Block, accumulation_dtype, as_3d, block_rows, blocks, positions_2d, work_buffer
+from ..ops.linear_xent import products_dtype, weight_grad_, weight_grad_block
 from ._comm import Comm, Fields, default_device, exchange, float_bits, require_same, resolve
 from ._shard import Shard, ShardXent
 
@@ -221,7 +221,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     Memory beside the gradients: one logits chunk, and for float16/bfloat16 float32 accumulators of
     the ``input`` and ``linear_weight`` gradients. The logits and the input gradient are products in
     the input's dtype; the weight gradient's too where the hardware multiplies it natively (see
-    :func:`losskit.kernels.linear_xent.products_dtype`), summed in float32, and else a float32 product.
+    :func:`losskit.ops.linear_xent.products_dtype`), summed in float32, and else a float32 product.
 
     Example (one process):
         >>> import torch
@@ -322,7 +322,7 @@ class _Head:
         gw = torch.zeros(v_r, d, dtype=self.acc, device=dev) if want_w else None
         gb = torch.zeros(v_r, dtype=self.acc, device=dev) if want_b else None
         # The weight gradient's products in bfloat16/float16 where the hardware multiplies them (a float32
-        # sum of blocks, see kernels.linear_xent.weight_grad_), else in float32 from the upcast input.
+        # sum of blocks, see ops.linear_xent.weight_grad_), else in float32 from the upcast input.
         mm = products_dtype(self.h2.dtype, dev)
         block = weight_grad_block(v_r, d, mm, self.acc, dev) if want_w else None
         if any(want):

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 from .. import _checks
-from ..kernels.blocks import accumulation_dtype
+from ..ops.blocks import accumulation_dtype
 from ._comm import default_device, raise_shared, resolve
 
 __all__ = ["global_mean", "global_token_count"]

@@ -16,7 +16,7 @@ Two passes over the local logits, in cache-sized ``(rows, V_r)`` blocks in the a
    now, so no term grows with the logits' magnitude) and one ``all_reduce_sum`` of the packed
    ``(s, x_y, t)`` gives ``lse = M + log S``, the target logit and the smoothing sum on every rank: the
    loss of every position, identical on all ranks.
-2. the gradient, as in :mod:`losskit.kernels.rows`: ``p_c = exp(x_c - M) / S``,
+2. the gradient, as in :mod:`losskit.ops.reference.rows`: ``p_c = exp(x_c - M) / S``,
    ``grad_c = scale * (alpha * p_c - beta * [c == y] - g * w_c)``.
 
 Pass 2 recomputes ``exp`` from the input instead of keeping pass 1's values: that is the price of never
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _reduction
-from ..kernels.blocks import Block
+from ..ops.blocks import Block
 from ._comm import Comm
 
 

@@ -2,10 +2,10 @@
 ``binary_cross_entropy_with_logits``, ``multilabel_soft_margin_loss`` and ``sigmoid_focal_loss``.
 
 Each is one fused pass: ``impl="torch"`` runs the ``_*_kernel`` functions below piece by piece
-(:mod:`losskit.kernels.elementwise`); they give the loss of a piece and its gradients with respect to
+(:mod:`losskit.ops.reference.elementwise`); they give the loss of a piece and its gradients with respect to
 input and target (for a grad_output of ones, before the reduction's factor), in the accumulation dtype,
 and are the reference expressions of the C kernels that ``impl="compiled"`` runs
-(:mod:`losskit.kernels.native_binary`). Gradients follow torch's backward formulas.
+(:mod:`losskit.ops.cpu.native_binary`). Gradients follow torch's backward formulas.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from torch import Tensor
 from .. import _checks, _learner
 from .._autocast import float32_under_autocast
 from .._types import Impl, Reduction
-from ..kernels import elementwise, native_binary
+from ..ops.cpu import native_binary
+from ..ops.reference import elementwise
 from ._elementwise import check_constant, check_pair, elementwise_loss
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "multilabel_soft_margin_loss",
@@ -188,7 +189,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tens
     input and target are torch's.
 
     ``impl`` chooses the implementation: ``"compiled"`` losskit's C kernel (CPU tensors, see
-    :mod:`losskit.kernels.native_binary`), ``"torch"`` the pure-torch path (any device; the reference),
+    :mod:`losskit.ops.cpu.native_binary`), ``"torch"`` the pure-torch path (any device; the reference),
     ``"auto"`` the compiled kernel for CPU tensors when it is built, else torch. Both agree to the dtype's
     tolerance.
 

@@ -2,7 +2,7 @@
 
 All three take ``input`` of shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (classes on dim 1, on
 dim 0 for a single sample) and compute the loss and its gradient block by block in one pass
-(:mod:`losskit.kernels.rows`); nothing the size of the input but the gradient is allocated.
+(:mod:`losskit.ops.reference.rows`); nothing the size of the input but the gradient is allocated.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from .. import _checks, _learner, _reduction
 from .._autocast import float32_under_autocast
 from .._autograd import attach, needs_grad
 from .._types import Impl, Reduction
-from ..kernels import native, native_softmax
-from ..kernels.blocks import accumulation_dtype, as_3d, block_rows, blocks, positions_2d, work_buffer
-from ..kernels.rows import RowSpec, xent_rows_
+from ..ops.cpu import native, native_softmax
+from ..ops.blocks import accumulation_dtype, as_3d, block_rows, blocks, positions_2d, work_buffer
+from ..ops.reference.rows import RowSpec, xent_rows_
 
 __all__ = ["cross_entropy", "focal_loss", "nll_loss"]
 
@@ -167,7 +167,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, *
     ``input`` (and to probability targets) is computed in the forward pass.
 
     ``impl`` chooses the implementation: ``"compiled"`` losskit's C kernel (CPU tensors, see
-    :mod:`losskit.kernels.native`), ``"torch"`` the pure-torch path (any device; the reference), ``"auto"``
+    :mod:`losskit.ops.cpu.native`), ``"torch"`` the pure-torch path (any device; the reference), ``"auto"``
     the compiled kernel for CPU tensors when it is built, else torch. Both agree to the dtype's tolerance.
 
     Example:
@@ -231,7 +231,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ign
     The gradient is zero but for :math:`-w_y` times the reduction's factor at each target; its
     input-sized work is writing it. ``impl="compiled"`` (``"auto"`` on CPU) writes each gradient entry
     once, in cache-sized tiles on all intra-op threads, with the C kernel of
-    :mod:`losskit.kernels.native_softmax`; ``"torch"`` is ``zeros`` + ``scatter_`` (the reference).
+    :mod:`losskit.ops.cpu.native_softmax`; ``"torch"`` is ``zeros`` + ``scatter_`` (the reference).
 
     Example:
         >>> import torch, losskit.functional as LF

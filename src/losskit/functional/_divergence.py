@@ -1,9 +1,9 @@
 """Divergence losses: ``kl_div`` (drop-in for ``torch.nn.functional.kl_div``) and ``entropy``.
 
 Both compute the loss and every gradient that is needed in one pass over the input under
-``torch.no_grad()`` (``kl_div`` in elementwise pieces, :mod:`losskit.kernels.elementwise`, or in the C
-kernel of :mod:`losskit.kernels.native_pointwise`; ``entropy`` in row blocks, :mod:`losskit.kernels.blocks`,
-or in :mod:`losskit.kernels.native_softmax`) and hand the gradients to autograd with
+``torch.no_grad()`` (``kl_div`` in elementwise pieces, :mod:`losskit.ops.reference.elementwise`, or in the C
+kernel of :mod:`losskit.ops.cpu.native_pointwise`; ``entropy`` in row blocks, :mod:`losskit.ops.blocks`,
+or in :mod:`losskit.ops.cpu.native_softmax`) and hand the gradients to autograd with
 :func:`losskit._autograd.attach`.
 """
 
@@ -21,8 +21,9 @@ from .. import _checks, _learner, _reduction
 from .._autocast import float32_under_autocast
 from .._autograd import attach, needs_grad
 from .._types import Impl, KLReduction
-from ..kernels import blocks as _blocks
-from ..kernels import elementwise, native, native_pointwise, native_softmax
+from ..ops import blocks as _blocks
+from ..ops.cpu import native, native_pointwise, native_softmax
+from ..ops.reference import elementwise
 
 __all__ = ["entropy", "kl_div"]
 
@@ -67,7 +68,7 @@ def kl_div(input: Tensor, target: Tensor, *, reduction: KLReduction = "mean", lo
     floating dtypes; the output has their promoted dtype, computed in float32 (float64 for float64).
 
     ``impl``: ``"compiled"`` losskit's C kernel (CPU tensors: one read of each operand and one write of
-    each gradient per element, see :mod:`losskit.kernels.native_pointwise`), ``"torch"`` the piece-wise
+    each gradient per element, see :mod:`losskit.ops.cpu.native_pointwise`), ``"torch"`` the piece-wise
     torch path (any device; the reference), ``"auto"`` the compiled kernel for CPU tensors when built.
 
     Example:
@@ -179,7 +180,7 @@ def entropy(input: Tensor, dim: int = -1, *, logits: bool = False, impl: Impl = 
     There is no reduction: reduce the result yourself (``.mean()``).
 
     ``impl``: ``"compiled"`` losskit's C row kernel (CPU tensors: one read of the input and one write of
-    the gradient per element, see :mod:`losskit.kernels.native_softmax`), ``"torch"`` the block-wise
+    the gradient per element, see :mod:`losskit.ops.cpu.native_softmax`), ``"torch"`` the block-wise
     torch path (any device; the reference), ``"auto"`` the compiled kernel for CPU tensors when built.
 
     Example:

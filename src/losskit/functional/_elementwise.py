@@ -1,5 +1,5 @@
 """What every elementwise loss shares: argument checks and the fused driver over
-:mod:`losskit.kernels.elementwise` (validate -> loss and gradients piece by piece -> reduce -> attach)."""
+:mod:`losskit.ops.reference.elementwise` (validate -> loss and gradients piece by piece -> reduce -> attach)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from torch import Tensor
 
 from .. import _checks, _reduction
 from .._autograd import attach, needs_grad
-from ..kernels.blocks import accumulation_dtype
-from ..kernels.elementwise import Kernel, run
-from ..kernels.native_elementwise import Runner
+from ..ops.blocks import accumulation_dtype
+from ..ops.reference.elementwise import Kernel, run
+from ..ops.cpu.native_elementwise import Runner
 
 
 def check_pair(input: object, target: object, *, integer_target: bool = False,

@@ -1,6 +1,6 @@
 """``linear_cross_entropy``: a linear layer (a language-model head) and softmax cross-entropy, fused.
 
-The ``(N, C)`` logits are never materialised: :mod:`losskit.kernels.linear_xent` computes them a chunk
+The ``(N, C)`` logits are never materialised: :mod:`losskit.ops.linear_xent` computes them a chunk
 of samples at a time and turns each chunk into the gradients for input, weight and bias before the next
 one, so memory above the inputs is the gradients plus one chunk, whatever N is.
 """
@@ -18,9 +18,9 @@ from torch.autograd.function import once_differentiable
 from .. import _autocast, _checks, _reduction
 from .._autograd import attach, needs_grad
 from .._types import Reduction
-from ..kernels.blocks import accumulation_dtype
-from ..kernels.linear_xent import Problem, Sweep, chunk_rows, class_buffers, products_dtype, row_kernel, sweep
-from ..kernels.rows import RowSpec
+from ..ops.blocks import accumulation_dtype
+from ..ops.linear_xent import Problem, Sweep, chunk_rows, class_buffers, products_dtype, row_kernel, sweep
+from ..ops.reference.rows import RowSpec
 
 __all__ = ["LinearCrossEntropyResult", "linear_cross_entropy", "linear_cross_entropy_with_stats"]
 
@@ -102,7 +102,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     Keyword-only extras: ``z_loss`` (coefficient of ``logsumexp^2``), ``softcap`` (``c * tanh(z / c)``
     applied to the logits before the softmax), ``chunk_size`` (samples per chunk, overriding the choice
-    from the memory budget in :func:`losskit.kernels.linear_xent.chunk_rows`).
+    from the memory budget in :func:`losskit.ops.linear_xent.chunk_rows`).
 
     Gradients for whichever of ``input``, ``linear_weight``, ``linear_bias`` (and probability
     ``target``) require grad are computed chunk by chunk in the forward pass for "mean" and "sum". For

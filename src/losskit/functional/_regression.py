@@ -1,5 +1,5 @@
-"""Regression losses: ``mse_loss`` and ``rmse_loss``, fused passes of :mod:`losskit.kernels.elementwise`
-(``impl="torch"``) or of the C kernel :mod:`losskit.kernels.native_pointwise` (``impl="compiled"``)."""
+"""Regression losses: ``mse_loss`` and ``rmse_loss``, fused passes of :mod:`losskit.ops.reference.elementwise`
+(``impl="torch"``) or of the C kernel :mod:`losskit.ops.cpu.native_pointwise` (``impl="compiled"``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from .. import _checks, _reduction
 from .._autocast import float32_under_autocast
 from .._autograd import attach, needs_grad
 from .._types import Impl, Reduction
-from ..kernels import elementwise, native_pointwise
-from ..kernels.blocks import accumulation_dtype
-from ..kernels.native_elementwise import Runner
+from ..ops.cpu import native_pointwise
+from ..ops.reference import elementwise
+from ..ops.blocks import accumulation_dtype
+from ..ops.cpu.native_elementwise import Runner
 from ._elementwise import check_constant, check_pair, elementwise_loss, forward
 
 __all__ = ["mse_loss", "rmse_loss"]
@@ -69,7 +70,7 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: Reduction = "mean", we
     respect to input and target are computed in the forward pass.
 
     ``impl``: ``"compiled"`` losskit's C kernel (CPU tensors: one read of each operand and one write of
-    each gradient per element, see :mod:`losskit.kernels.native_pointwise`), ``"torch"`` the piece-wise
+    each gradient per element, see :mod:`losskit.ops.cpu.native_pointwise`), ``"torch"`` the piece-wise
     torch path (any device; the reference), ``"auto"`` the compiled kernel for CPU tensors when built.
 
     Example:

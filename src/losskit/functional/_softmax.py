@@ -3,7 +3,7 @@
 torch computes both in one fused, max-subtracted pass (and ``log_softmax`` as
 ``x - max - log(sum(exp(x - max)))``, never as the log of a softmax), so the pure-torch path
 (``impl="torch"``, the reference) calls them. ``impl="compiled"`` runs
-:mod:`losskit.kernels.native_softmax`: forward and backward each read every element once and write every
+:mod:`losskit.ops.cpu.native_softmax`: forward and backward each read every element once and write every
 output element once, on all intra-op threads; its backward, from the saved output ``y``, is
 ``y * (g - sum(g * y))`` (softmax) and ``g - exp(y) * sum(g)`` (log_softmax).
 """
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._types import Impl
-from ..kernels import native, native_softmax
+from ..ops.cpu import native, native_softmax
 
 
 def _dim(input: Tensor, dim: int | None, name: str) -> int:
@@ -86,7 +86,7 @@ def softmax(input: Tensor, dim: int | None = None, dtype: torch.dtype | None = N
 
     ``dtype``, when given, is the dtype the input is cast to before the operation (and of the output).
     ``impl``: ``"compiled"`` losskit's C row kernel (CPU tensors; forward and backward each one read and
-    one write per element, see :mod:`losskit.kernels.native_softmax`), ``"torch"`` ``torch.softmax``
+    one write per element, see :mod:`losskit.ops.cpu.native_softmax`), ``"torch"`` ``torch.softmax``
     (any device; the reference), ``"auto"`` the compiled kernel for CPU tensors when it is built.
     Gradients: :math:`y (g - \sum g y)`; double backward works (in torch ops).
 

@@ -18,7 +18,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from ..kernels import native
+from ..ops.cpu import native
 
 #: The environment a process measured with :func:`peak_memory_above` starts with (glibc reads it at start).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -41,7 +41,7 @@ def peak_memory_above(fn: Callable[[], object]) -> int:
     """
     if not _CLEAR.exists():
         raise RuntimeError("peak_memory_above needs Linux /proc/self/clear_refs")
-    # An output buffer kept from an earlier call (losskit.kernels.native.empty) would make this call's
+    # An output buffer kept from an earlier call (losskit.ops.cpu.native.empty) would make this call's
     # new memory look free: release it, so that the peak counts every buffer the call needs.
     native.release_buffer_cache()
     _CLEAR.write_text("5")

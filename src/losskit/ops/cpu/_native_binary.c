@@ -1,11 +1,11 @@
-/* losskit.kernels._native_binary: compiled CPU kernels of the binary (sigmoid / probability) losses:
+/* losskit.ops.cpu._native_binary: compiled CPU kernels of the binary (sigmoid / probability) losses:
  * binary_cross_entropy, binary_cross_entropy_with_logits, multilabel_soft_margin_loss, sigmoid_focal_loss.
  *
  * Plain C11 with GCC/Clang vector extensions and POSIX threads, as _native.c; the vector exp, dtypes and
  * thread runner come from _native_common.h, the vector log and log1p from _native_log.h, the formulas
  * from _native_binary.h. One call does n contiguous elements: it reads each input once and writes each
  * gradient (and the unreduced loss, if asked) once, split over threads by blocks. The Python side
- * (losskit/kernels/native_binary.py) validates every operand before it hands over a pointer.
+ * (losskit/ops/cpu/native_binary.py) validates every operand before it hands over a pointer.
  */
 
 #pragma GCC diagnostic push
@@ -107,7 +107,7 @@ static int parse_periodic(PyObject *tuple, struct periodic *q)
 
 static const char binary_doc[] =
     "binary(kind, double, x, y, gx, gy, out, w, p, n, row_len, alpha, gamma, scale, nthreads) -> float\n\n"
-    "Loss and gradients of n contiguous elements; see losskit/kernels/native_binary.py, which validates the\n"
+    "Loss and gradients of n contiguous elements; see losskit/ops/cpu/native_binary.py, which validates the\n"
     "operands. kind: 0 BCE, 1 BCE with logits, 2 soft margin, 3 sigmoid focal. double: accumulate in\n"
     "double (out is then float64). x, y, gx, gy, out: (data_ptr, dtype_code), ptr 0 when absent; w, p:\n"
     "(data_ptr, start, div, period) in the accumulation type. Returns the sum of the losses.";

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import losskit.functional as LF
-from losskit.kernels import native, native_binary, native_pointwise, native_softmax
+from losskit.ops.cpu import native, native_binary, native_pointwise, native_softmax
 
 EXTENSIONS = (native.XENT, native_binary.EXTENSION, native_pointwise.EXTENSION, native_softmax.EXTENSION)
 

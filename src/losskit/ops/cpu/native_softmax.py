@@ -14,9 +14,9 @@ Each row is read from memory once and its output (or gradient) written once: the
 row find it in L1/L2 (see ``_native_softmax_rows.h``); one exp per element. Rows whose entries are
 strided (the reduced dim not innermost, ``L > 1``; C up to 4096) and rows shorter than 16 run 8
 (float64: 4) at a time in column tiles, one row per vector lane, so that memory is read in runs and the
-per-row cost is shared. Rows (or tiles) are split over :func:`losskit.kernels.native.threads_for`
+per-row cost is shared. Rows (or tiles) are split over :func:`losskit.ops.cpu.native.threads_for`
 threads. Operands are ``(N, C, L)`` tensors of any strides
-(the reduced dimension in the middle, as :func:`losskit.kernels.blocks.as_3d` gives for classes);
+(the reduced dimension in the middle, as :func:`losskit.ops.blocks.as_3d` gives for classes);
 float32/float64/bfloat16/float16 are read and written as they are, and computed in float32 (float64 for
 float64); when every operand is a contiguous bfloat16 row (the reduced dim innermost), rows are read and
 written in registers as even/odd pairs with an exp of bfloat16 grade, and agree with the float rows' to
@@ -26,7 +26,7 @@ over the 65536 bit patterns, filled by the float rows' own code: each entry is t
 the bit (the entropy of probabilities equals the float rows' bit for bit; log_softmax's backward still
 sums grad_output in pair order). log_softmax's forward sums ``exp(x)`` from a table in double, times
 ``exp(-max)`` (logits within about +-660; else the exps are computed), and stays torch's to the bit.
-Outputs must be contiguous; :func:`losskit.kernels.native.empty` allocates them.
+Outputs must be contiguous; :func:`losskit.ops.cpu.native.empty` allocates them.
 
 Safety: every operand handed to C is checked here (CPU device, dtype, shape, contiguity of outputs,
 target count and dtype); nll_loss targets are validated by the loss first and again by the kernel
@@ -54,7 +54,7 @@ _NLL_TILE = 1 << 14
 
 
 def _operand(name: str, t: Tensor, shape: tuple[int, int, int], *, output: bool = False) -> tuple[int, ...]:
-    """The kernel's view of ``t`` (:func:`losskit.kernels.native._view`), after checking that ``t`` is an
+    """The kernel's view of ``t`` (:func:`losskit.ops.cpu.native._view`), after checking that ``t`` is an
     ``(N, C, L)`` CPU tensor of ``shape`` and a floating dtype, and contiguous when the kernel writes it."""
     if not isinstance(t, Tensor):
         raise ValueError(f"native_softmax operand {name}: expected a tensor, got {type(t).__name__}")

@@ -1,4 +1,4 @@
-/* Binary-loss kernels of losskit.kernels._native_binary, written once for an accumulation type T.
+/* Binary-loss kernels of losskit.ops.cpu._native_binary, written once for an accumulation type T.
  *
  * Instantiated by _native_binary.c through _native_instantiate.h (T = float for float32, bfloat16 and
  * float16 storage; T = double for float64). Reference expressions, per element (x input, y target,

@@ -1,4 +1,4 @@
-"""The compiled binary-loss kernels (``impl="compiled"``, losskit.kernels.native_binary) against the
+"""The compiled binary-loss kernels (``impl="compiled"``, losskit.ops.cpu.native_binary) against the
 pure-torch path (``impl="torch"``, the reference) and torch: values and gradients, every option, odd and
 large sizes, strided and broadcast operands, thread counts, edge values, and invalid operands."""
 
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import losskit.functional as LF
-import losskit.kernels.elementwise as elementwise
+import losskit.ops.reference.elementwise as elementwise
 import losskit.nn as LN
-from losskit.kernels import native_binary
+from losskit.ops.cpu import native_binary
 from losskit.testing import (TOLERANCES, assert_matches_reference, assert_same_results, assert_within_eps,
                              loss_and_grads)
 

@@ -1,4 +1,4 @@
-/* Row kernels of losskit.kernels._native, written once for an accumulation type.
+/* Row kernels of losskit.ops.cpu._native, written once for an accumulation type.
  *
  * Instantiated by _native.c through _native_instantiate.h (T = float and T = double); the shared row
  * passes (max, exp and sum, affine) come from _native_rowops.h.
@@ -41,7 +41,7 @@ static T FN(xent_row)(const struct xent_args *a, const T *x, const uint16_t *xb,
                         : FN(exp_sum_next)(x, C, m, g, w, smooth ? &wx : NULL, next, next_bytes);
     /* The row's scalars in double (s comes in double): a coefficient is rounded to T once, when pass 3
      * takes it, so a gradient entry a e_c has e's error (~1 ulp), a's and its product's (half an ulp
-     * each): within 4 eps of the truth at any C (tests/kernels/test_row_accuracy.py). log_s is the
+     * each): within 4 eps of the truth at any C (tests/ops/cpu/test_row_accuracy.py). log_s is the
      * log-sum-exp relative to m (float rows' exps are scaled: _native_rowops.h). */
     const double log_s = log(s) + (xb ? 0 : FN(exp_offset)(m));
 

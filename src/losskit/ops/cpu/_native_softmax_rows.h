@@ -1,4 +1,4 @@
-/* Row kernels of losskit.kernels._native_softmax, written once for an accumulation type T.
+/* Row kernels of losskit.ops.cpu._native_softmax, written once for an accumulation type T.
  *
  * Instantiated by _native_softmax.c through _native_instantiate.h (T = float and T = double); the
  * shared row passes (max, exp and sum, affine, vector load/store) come from _native_rowops.h.

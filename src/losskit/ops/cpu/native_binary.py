@@ -31,12 +31,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import _checks
-from . import elementwise, native, native_elementwise
-from .elementwise import Kernel
+from ... import _checks
+from ..reference import elementwise
+from . import native, native_elementwise
+from ..reference.elementwise import Kernel
 from .native_elementwise import Runner
 
-#: The extension module's name under ``losskit.kernels``.
+#: The extension module's name under ``losskit.ops.cpu``.
 EXTENSION = "_native_binary"
 #: Loss kinds of the C kernel.
 KINDS = {"bce": 0, "logits": 1, "soft_margin": 2, "focal": 3}
@@ -127,7 +128,7 @@ def _periodic_values(c: Tensor, shape: torch.Size, acc: torch.dtype) -> tuple[Te
 def _run(kind: str, alpha: float, gamma: float, kernel: Kernel, operands: Sequence[Tensor | None],
          want: Sequence[bool], *, acc: torch.dtype, out_dtype: torch.dtype, keep: bool,
          grad_scale: Tensor | float = 1.0, sum_last_dim: bool = False) -> tuple[Tensor, list[Tensor | None]]:
-    """:func:`losskit.kernels.elementwise.run` of ``kernel`` (the reference of ``kind``), computed in C.
+    """:func:`losskit.ops.reference.elementwise.run` of ``kernel`` (the reference of ``kind``), computed in C.
 
     ``operands``: input, target, then weight and pos_weight (BCE with logits) or weight (BCE, soft
     margin), each broadcastable to the input or None. Contiguous input and target with constants that
@@ -170,8 +171,8 @@ def _run(kind: str, alpha: float, gamma: float, kernel: Kernel, operands: Sequen
 def runner(impl: object, kind: str, *tensors: Tensor | None, alpha: float = 0.0, gamma: float = 0.0
            ) -> Runner | None:
     """The compiled runner of ``kind`` (with focal's ``alpha`` and ``gamma``) when ``impl`` selects it for
-    ``tensors`` (see :func:`losskit.kernels.native.use_compiled`), else None: the caller runs
-    :func:`losskit.kernels.elementwise.run`. A floating dtype the kernel does not store (float8) is the
+    ``tensors`` (see :func:`losskit.ops.cpu.native.use_compiled`), else None: the caller runs
+    :func:`losskit.ops.reference.elementwise.run`. A floating dtype the kernel does not store (float8) is the
     torch path's under ``"auto"``, a ValueError under ``"compiled"``; integer targets are converted."""
     present = [t for t in tensors if t is not None]
     if not native.use_compiled(impl, *present, extension=EXTENSION):

@@ -8,10 +8,10 @@ contiguous operands, or contiguous pieces of the others.
 The inputs are broadcastable to ``shape`` (input, target, weight, ...); the outputs have ``shape``
 (gradients, the unreduced loss), except a *row output* of ``shape[:-1]`` (the loss sum of each row over
 the last dim). When every input is contiguous and of the full shape, that is one call. Otherwise the
-call is repeated over the pieces of :func:`losskit.kernels.elementwise.pieces` (at most ``CHUNK``
+call is repeated over the pieces of :func:`losskit.ops.reference.elementwise.pieces` (at most ``CHUNK``
 elements, cache-sized): each is a contiguous range of the flattened shape, so the outputs are written in
 place and only the piece of an input that is strided or broadcast is copied. Never a copy of a whole
-input. :data:`Runner` is the signature of :func:`losskit.kernels.elementwise.run`, which the compiled
+input. :data:`Runner` is the signature of :func:`losskit.ops.reference.elementwise.run`, which the compiled
 losses implement with this.
 """
 
@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import elementwise
+from ..reference import elementwise
 
 #: ``runner(kernel, operands, want, *, acc, out_dtype, keep, grad_scale=1.0, sum_last_dim=False)
-#: -> (loss, grads)``: :func:`losskit.kernels.elementwise.run`, or a compiled equivalent (``kernel`` is
+#: -> (loss, grads)``: :func:`losskit.ops.reference.elementwise.run`, or a compiled equivalent (``kernel`` is
 #: then the reference expression of the C kernel that computes it).
 Runner = Callable[..., tuple[Tensor, list[Tensor | None]]]
 

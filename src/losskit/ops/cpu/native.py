@@ -1,12 +1,12 @@
 """Compiled CPU kernels (``impl="compiled"``): C extensions built with the package, and what they share.
 
-This module loads the extensions (``losskit.kernels._native*``, one per ``_native*.c``; each optional),
+This module loads the extensions (``losskit.ops.cpu._native*``, one per ``_native*.c``; each optional),
 resolves ``impl`` (:func:`use_compiled`), allocates kernel outputs (:func:`empty`) and drives the
 softmax cross-entropy kernel of ``_native.c`` (:func:`xent_rows`, for ``cross_entropy`` and
 ``focal_loss``); ``native_softmax``, ``native_binary`` and ``native_pointwise`` drive the others.
 
 Reference expression of :func:`xent_rows`: the same per-row loss and gradient as
-:func:`losskit.kernels.rows.xent_rows_`, i.e. ``F.cross_entropy(x, y, weight, ignore_index=...,
+:func:`losskit.ops.reference.rows.xent_rows_`, i.e. ``F.cross_entropy(x, y, weight, ignore_index=...,
 label_smoothing=...)`` and the focal loss, per row, with ``grad = scale * dloss/dx``. Each row is read
 from memory once and its gradient written once: pass 1 finds the max, pass 2 (on the row now in L1/L2,
 the next row being prefetched meanwhile) writes ``e = exp(x - max)`` into the gradient row and sums it,
@@ -41,7 +41,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .._types import IMPLS
+from ..._types import IMPLS
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 #: Below this many elements one thread does the work: starting a thread costs tens of microseconds.
@@ -55,10 +55,10 @@ XENT = "_native"
 
 
 def load(name: str = XENT) -> ModuleType | ImportError:
-    """``losskit.kernels.<name>``, or the ImportError that importing it raised."""
+    """``losskit.ops.cpu.<name>``, or the ImportError that importing it raised."""
     if name not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(f"losskit.kernels.{name}")
+            _loaded[name] = importlib.import_module(f"losskit.ops.cpu.{name}")
         except ImportError as err:
             _loaded[name] = err
         else:
@@ -111,11 +111,11 @@ def _find_openmp() -> tuple[str, int]:
 
 
 def module(name: str = XENT) -> ModuleType:
-    """``losskit.kernels.<name>``; ImportError saying how to build it when it did not load."""
+    """``losskit.ops.cpu.<name>``; ImportError saying how to build it when it did not load."""
     loaded = load(name)
     if isinstance(loaded, ImportError):
         raise ImportError(
-            f"impl='compiled' needs losskit's C extension (losskit.kernels.{name}), which did not load "
+            f"impl='compiled' needs losskit's C extension (losskit.ops.cpu.{name}), which did not load "
             f"({loaded}); reinstall losskit from source with a C compiler present (`pip install "
             "--force-reinstall --no-binary losskit losskit`, or `pip install -e .` in a checkout), or use "
             "impl='torch'"

@@ -1,4 +1,4 @@
-/* Pointwise losses of losskit.kernels._native_pointwise, written once for an accumulation type T.
+/* Pointwise losses of losskit.ops.cpu._native_pointwise, written once for an accumulation type T.
  *
  * Instantiated by _native_pointwise.c through _native_instantiate.h: T = float (float32, bfloat16 and
  * float16 storage), T = double (float64). Reference expressions, per element (s: the gradient scale,

@@ -16,7 +16,7 @@
  * Error, measured over dense sweeps of every binade against long-double log/log1p (subnormals included,
  * log1p over (-1, 1e6)): log at most 0.82 ulp (float32) and 0.74 ulp (float64); log1p at most 1.44 ulp
  * (float32 and float64), its worst case at tiny negative u where w = 1 + u rounds. glibc's logf/log are
- * within about 0.5 ulp. tests/kernels/test_native_log.py asserts < 1 ulp (log) and < 2 ulp (log1p).
+ * within about 0.5 ulp. tests/ops/cpu/test_native_log.py asserts < 1 ulp (log) and < 2 ulp (log1p).
  */
 #ifndef LOSSKIT_NATIVE_LOG_H
 #define LOSSKIT_NATIVE_LOG_H

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import losskit.functional as LF
-from losskit.kernels import native, native_softmax
+from losskit.ops.cpu import native, native_softmax
 from losskit.testing import assert_same_results, loss_and_grads
 
 N, C = 64, 4099  # 262336 elements: two threads (one per 64K elements) split the rows unevenly

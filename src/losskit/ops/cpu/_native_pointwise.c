@@ -1,4 +1,4 @@
-/* losskit.kernels._native_pointwise: compiled CPU kernels of the pointwise losses (mse_loss and
+/* losskit.ops.cpu._native_pointwise: compiled CPU kernels of the pointwise losses (mse_loss and
  * rmse_loss, kl_div with probability or log-probability targets).
  *
  * One call computes, over n contiguous elements, the loss (written per element for reduction="none",
@@ -7,7 +7,7 @@
  * threads by parallel_for. The maths and the storage handling are in _native_pointwise.h; the vector
  * exp, dtypes and the thread runner in _native_common.h, the vector log in _native_log.h. No Python or
  * torch object crosses the boundary but integers (data pointers, dtype codes, sizes) and floats; the
- * Python side (losskit/kernels/native_pointwise.py) validates every operand, and this binding checks
+ * Python side (losskit/ops/cpu/native_pointwise.py) validates every operand, and this binding checks
  * the sizes, kinds and dtype codes again.
  */
 
@@ -86,7 +86,7 @@ static const char pointwise_doc[] =
     "pointwise(kind, double, n, x, y, w, loss, gx, gy, scale, nthreads) -> float\n\n"
     "The loss sum over n contiguous elements of kind 0 (mse), 1 (kl_div) or 2 (kl_div, log target), in\n"
     "double accumulation if double, else float; writes the outputs given. x, y, w, loss, gx, gy:\n"
-    "(data_ptr, dtype_code), data_ptr 0 for an absent one. See losskit/kernels/native_pointwise.py.";
+    "(data_ptr, dtype_code), data_ptr 0 for an absent one. See losskit/ops/cpu/native_pointwise.py.";
 
 static PyObject *py_pointwise(PyObject *self, PyObject *args)
 {
@@ -129,7 +129,7 @@ static PyObject *py_pointwise(PyObject *self, PyObject *args)
 static const char scale_doc[] =
     "scale(g_ptr, s_ptr, dtype_code, A, C, B, nthreads)\n\n"
     "g[a, c, b] *= s[a, b] in place: g (A, C, B) and s (A, B) contiguous, both of the floating dtype code.\n"
-    "See losskit/kernels/native_pointwise.py (scale_), which validates the operands.";
+    "See losskit/ops/cpu/native_pointwise.py (scale_), which validates the operands.";
 
 static PyObject *py_scale(PyObject *self, PyObject *args)
 {

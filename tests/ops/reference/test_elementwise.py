@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from losskit.kernels.elementwise import CHUNK, pieces
+from losskit.ops.reference.elementwise import CHUNK, pieces
 from losskit.testing import measure_peaks_in_child
 
 

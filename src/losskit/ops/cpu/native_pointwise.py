@@ -4,7 +4,7 @@ Reference expressions: the torch kernels these replace, :func:`losskit.functiona
 (``w (x - y)**2``, gradients ``2 w (x - y)`` and its negation) and ``_kl_prob_target`` /
 ``_kl_log_target`` of :mod:`losskit.functional._divergence` (``xlogy(t, t) - t x``; ``exp(tau) (tau -
 x)``), with the same NaN and infinity behaviour, each gradient times the reduction's factor, as
-:func:`losskit.kernels.elementwise.run` computes them. :func:`runner` returns a function with ``run``'s
+:func:`losskit.ops.reference.elementwise.run` computes them. :func:`runner` returns a function with ``run``'s
 signature that computes them in C instead.
 
 One call reads each element of each operand once and writes each output (gradients, and the unreduced
@@ -12,7 +12,7 @@ loss for ``reduction="none"``) once, over ``torch.get_num_threads()`` threads; b
 operands are converted in registers and computed in float32, float64 in float64. The loss sum is
 formed in float lanes over blocks of 1024 elements, the blocks summed in double in a fixed order (the
 same total for any thread count). Contiguous operands of the output's shape go to C in one call;
-strided or broadcast ones in contiguous pieces (:mod:`losskit.kernels.native_elementwise`).
+strided or broadcast ones in contiguous pieces (:mod:`losskit.ops.cpu.native_elementwise`).
 
 Safety: :func:`pointwise` checks every operand it hands to C (CPU, contiguous, element count, dtype);
 the C binding checks the kind, sizes and dtype codes again and only indexes ``[0, n)``.
@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from . import native, native_elementwise
-from .elementwise import Kernel
+from ..reference.elementwise import Kernel
 from .native_elementwise import Runner
 
-#: The extension module's name under ``losskit.kernels``.
+#: The extension module's name under ``losskit.ops.cpu``.
 EXTENSION = "_native_pointwise"
 
 #: Kernel kinds of the C extension.
@@ -88,7 +88,7 @@ def pointwise(kind: int, x: Tensor, y: Tensor, w: Tensor | None = None, loss: Te
 
 def _run(kind: int, kernel: Kernel, operands: Sequence[Tensor | None], want: Sequence[bool], *, acc: torch.dtype,
          out_dtype: torch.dtype, keep: bool, grad_scale: Tensor | float = 1.0) -> tuple[Tensor, list[Tensor | None]]:
-    """:func:`losskit.kernels.elementwise.run` of ``kernel`` (the reference of ``kind``), computed in C.
+    """:func:`losskit.ops.reference.elementwise.run` of ``kernel`` (the reference of ``kind``), computed in C.
 
     ``operands``: input, target (broadcastable to the input) and an optional weight. Returns the
     unreduced loss (``out_dtype``, the input's shape) if ``keep``, else a 1-element ``acc`` tensor holding
@@ -115,7 +115,7 @@ def _run(kind: int, kernel: Kernel, operands: Sequence[Tensor | None], want: Seq
 
 def runner(impl: object, kind: int, *tensors: Tensor | None) -> Runner | None:
     """The compiled runner of ``kind`` when ``impl`` selects it for ``tensors`` (see
-    :func:`losskit.kernels.native.use_compiled`), else None (the caller runs its torch path). A dtype the
+    :func:`losskit.ops.cpu.native.use_compiled`), else None (the caller runs its torch path). A dtype the
     kernel does not take (an unsigned integer target wider than 8 bits, a float8 operand) is the torch
     path's under ``"auto"``, a ValueError under ``"compiled"``."""
     present = [t for t in tensors if t is not None]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import losskit.functional as LF
 import losskit.nn as LN
-from losskit.kernels import native, native_softmax
+from losskit.ops.cpu import native, native_softmax
 from losskit.testing import assert_close, assert_same_results, assert_within_eps, gradcheck, loss_and_grads
 
 FLOATS = [torch.float64, torch.float32]
@@ -78,7 +78,7 @@ def _identical(a, b, msg=""):
 #: inputs and the same (rounded) grad_output: (value, d/dinput). Low precision: computed in float32 and
 #: rounded once (half an eps) -- log_softmax rounds the row's sum and its log to the dtype first, as
 #: ATen's last-dim kernel does, so two roundings, times max(1, |value|). float32: an exp of an exact
-#: argument, a sum in double, one rounding of 1/s and of the product (tests/kernels/test_row_accuracy.py
+#: argument, a sum in double, one rounding of 1/s and of the product (tests/ops/cpu/test_row_accuracy.py
 #: has the bounds at up to 1e6 classes). Gradients are normwise: y (g - sum g y) cancels.
 BOUNDS = {
     "softmax": (1, 1.5), "log_softmax": (2, 2), "entropy_logits": (1, 1.5), "entropy_probs": (1, 1.5),

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import losskit.functional as LF
-from losskit.kernels import native
+from losskit.ops.cpu import native
 from losskit.testing import assert_close, assert_within_eps, gradcheck, measure_peaks_in_child
 
 # Every option of the row family: (loss, kwargs, target kind). "index_ignored" puts ignore_index on
@@ -326,7 +326,7 @@ def test_impl_is_validated():
 def test_missing_extension_falls_back_and_says_how_to_build(monkeypatch):
     x, t, _ = _inputs((4, 6), "index")
     expected = _run(LF.cross_entropy, x, t, impl="torch")
-    monkeypatch.setitem(native._loaded, native.XENT, ImportError("No module named 'losskit.kernels._native'"))
+    monkeypatch.setitem(native._loaded, native.XENT, ImportError("No module named 'losskit.ops.cpu._native'"))
     assert not native.available()
     with pytest.raises(ImportError, match="impl='compiled'.*pip install"):
         LF.cross_entropy(x, t, impl="compiled")

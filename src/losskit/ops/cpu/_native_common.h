@@ -6,7 +6,7 @@
  * to the exponent field. Domain x <= 0 (every argument here is a logit minus the row max or the
  * log-sum-exp); results below 1.5x the smallest normal number are flushed to 0. Error, measured over
  * dense sweeps of the domain against extended-precision exp: at most 1.013 ulp (float32) and 0.99 ulp
- * (float64); torch's own exp is within 0.57 / 0.52 ulp. tests/kernels/test_native.py::
+ * (float64); torch's own exp is within 0.57 / 0.52 ulp. tests/ops/cpu/test_native.py::
  * test_exp_accuracy_in_ulp asserts < 1.5 ulp. exp_v8f_bf16, for results rounded to bfloat16, is shorter.
  *
  * Function multiversioning: on x86-64 the hot functions are compiled twice, for x86-64-v3 (AVX2, FMA,
@@ -345,7 +345,7 @@ static void *run_work(void *p)
     return NULL;
 }
 
-/* The OpenMP runtime torch's ops run on, when Python found it loaded (set_openmp, losskit/kernels/
+/* The OpenMP runtime torch's ops run on, when Python found it loaded (set_openmp, losskit/ops/cpu/
  * native.py): GOMP_parallel(fn, data, n, 0) runs fn(data) on a team of n threads, the caller one of them
  * (the entry point GCC emits for `#pragma omp parallel`; LLVM's and Intel's runtimes export it too).
  * parallel_for then runs on torch's own worker threads instead of starting threads of its own. After a

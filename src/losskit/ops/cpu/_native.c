@@ -1,8 +1,8 @@
-/* losskit.kernels._native: compiled CPU row kernels (softmax cross-entropy family).
+/* losskit.ops.cpu._native: compiled CPU row kernels (softmax cross-entropy family).
  *
  * Plain C11 with GCC/Clang vector extensions and POSIX threads; no Python or torch object crosses the
  * boundary but integers (data pointers, dtype codes, strides in elements) and floats. The Python side
- * (losskit/kernels/native.py) validates every operand first: shapes, strides and dtypes come from live
+ * (losskit/ops/cpu/native.py) validates every operand first: shapes, strides and dtypes come from live
  * torch tensors, and targets are checked to lie in [0, C) or equal ignore_index. The kernel checks the
  * targets again before it indexes with them, so an out-of-range class is an error, never a stray access.
  *
@@ -50,7 +50,7 @@ static int xent_range(void *ctx, int64_t r0, int64_t r1)
 static const char xent_doc[] =
     "xent(x, t, g, tg, target_ptr, loss_ptr, weight_ptr, rows, L, C, ignore_index, label_smoothing, gamma,\n"
     "     scale, weight_sum, nthreads)\n\n"
-    "Softmax cross-entropy of each row; see losskit/kernels/native.py, which validates the operands.\n"
+    "Softmax cross-entropy of each row; see losskit/ops/cpu/native.py, which validates the operands.\n"
     "x, t, g, tg: (data_ptr, dtype_code, stride_n, stride_l, stride_c); ptr 0 for an absent operand.";
 
 static PyObject *py_xent(PyObject *self, PyObject *args)
@@ -180,7 +180,7 @@ static int block_getbuffer(Block *self, Py_buffer *view, int flags)
 static PyBufferProcs block_as_buffer = {.bf_getbuffer = (getbufferproc)block_getbuffer};
 
 static PyTypeObject BlockType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "losskit.kernels._native.Block",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "losskit.ops.cpu._native.Block",
     .tp_basicsize = sizeof(Block),
     .tp_dealloc = (destructor)block_dealloc,
     .tp_as_buffer = &block_as_buffer,

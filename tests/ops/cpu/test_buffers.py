@@ -1,4 +1,4 @@
-"""losskit.kernels.native.empty: kernel outputs in the extension's huge-page mappings, the last freed one
+"""losskit.ops.cpu.native.empty: kernel outputs in the extension's huge-page mappings, the last freed one
 kept for reuse; never handed out while a tensor still uses it, and released on request."""
 
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import losskit.functional as LF
-from losskit.kernels import native
+from losskit.ops.cpu import native
 
 MIB = 1 << 20
 
@@ -109,7 +109,7 @@ def test_environment_turns_the_cache_off():
     code = textwrap.dedent("""
         import re, torch
         from pathlib import Path
-        from losskit.kernels import native
+        from losskit.ops.cpu import native
         rss = lambda: int(re.search(r"VmRSS:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) << 10
         t = native.empty((64, 1 << 20), torch.float32, torch.device("cpu"))
         t.fill_(1)

@@ -1,9 +1,9 @@
-/* losskit.kernels._native_softmax: compiled CPU row kernels of softmax, log_softmax (forward and
+/* losskit.ops.cpu._native_softmax: compiled CPU row kernels of softmax, log_softmax (forward and
  * backward), entropy (of logits or probabilities, with its gradient) and nll_loss.
  *
  * Same contract as _native.c: plain C11 with vector extensions and POSIX threads; only integers (data
  * pointers, dtype codes, strides in elements) and floats cross the boundary. The Python side
- * (losskit/kernels/native_softmax.py) validates every operand first: shapes, strides and dtypes come
+ * (losskit/ops/cpu/native_softmax.py) validates every operand first: shapes, strides and dtypes come
  * from live torch tensors, outputs are contiguous, and nll_loss targets are checked to lie in [0, C) or
  * equal ignore_index; the kernel checks each target again before it indexes with it, so an
  * out-of-range class is an error, never a stray access.

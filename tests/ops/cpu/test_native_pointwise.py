@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import losskit.functional as LF
 import losskit.nn as LN
-from losskit.kernels import native_pointwise
-from losskit.kernels.native_pointwise import KL_LOG, KL_PROB, MSE, pointwise
+from losskit.ops.cpu import native_pointwise
+from losskit.ops.cpu.native_pointwise import KL_LOG, KL_PROB, MSE, pointwise
 from losskit.testing import assert_close, assert_same_results, assert_within_eps, gradcheck, loss_and_grads
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -134,7 +134,7 @@ def test_non_contiguous_and_broadcast_operands():
 
 
 def test_pieces_of_any_size(monkeypatch):
-    import losskit.kernels.elementwise as elementwise
+    import losskit.ops.reference.elementwise as elementwise
 
     x, t, w = _mse_inputs((6, 11))
     p, q = _kl_inputs((6, 11), False)

@@ -4,7 +4,7 @@ Reference expression (``x`` (N, D), ``W`` (C, d1..dk, D) viewed as ``(C, L, D)``
 
     logits = torch.einsum("nd,cld->ncl", x, W) + b          # F.linear(x, W.view(C * L, D), b).view(N, C, L)
     logits = softcap * torch.tanh(logits / softcap)        # when softcap is set
-    loss = xent_rows_(logits at each position (n, l))      # cross-entropy / z-loss, see kernels.rows
+    loss = xent_rows_(logits at each position (n, l))      # cross-entropy / z-loss, see ops.reference.rows
 
 For each chunk of ``rows`` samples and each position ``l`` (one head ``W_l = W[:, l]``, a (C, D) view)::
 
@@ -67,9 +67,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import native
+from .cpu import native
 from .blocks import accumulation_dtype
-from .rows import RowSpec, xent_rows_
+from .reference.rows import RowSpec, xent_rows_
 
 #: Bytes of one chunk's working buffers. Each chunk streams the whole head through each GEMM, so larger
 #: chunks make the GEMMs more efficient and mean fewer, larger elementwise calls (each a parallel region
@@ -102,7 +102,7 @@ CUDA_WEIGHT_BLOCK_BYTES = 256 << 20
 
 def class_buffers(spec: RowSpec, softcap: float | None, probabilities: bool) -> int:
     """How many ``(rows, C)`` accumulation-dtype buffers a chunk holds at once: the logits, plus the tanh
-    kept for softcap's derivative, plus what :func:`losskit.kernels.rows.xent_rows_` allocates at that
+    kept for softcap's derivative, plus what :func:`losskit.ops.reference.rows.xent_rows_` allocates at that
     size (index targets: ``outer(g, w)`` for label smoothing with class weights; probability targets:
     the upcast, smoothed and weighted targets, their product with the logits, and for the target's
     gradient its buffer and a log-sum-exp temporary)."""
@@ -162,7 +162,7 @@ def products_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def row_kernel(x: Tensor, spec: RowSpec, softcap: float | None, *, per_position: bool) -> bool:
-    """Whether a low-precision chunk's row step is the C kernel (:func:`losskit.kernels.native.xent_rows`,
+    """Whether a low-precision chunk's row step is the C kernel (:func:`losskit.ops.cpu.native.xent_rows`,
     which reads the bfloat16 logits and writes their bfloat16 gradient, computing in float32): on the CPU
     where it is built and no torch.compile trace or torch.func transform runs, for what it computes
     (no softcap, z-loss or statistics) with one scale for every position (``per_position``: "none"'s
