@@ -32,7 +32,7 @@ __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_en
            "sigmoid_focal_loss", "softmax"]
 
 #: ATen's ``EPSILON = 1e-12f`` floor of ``(1 - x) x`` in torch's BCE backward, a float32 constant used for
-#: every dtype (the same value as in :mod:`losskit.functional._binary`, which ops may not import).
+#: every dtype (the reference's BCE kernel and the Triton kernel use the same value).
 _BCE_EPSILON = float(torch.tensor(1e-12, dtype=torch.float32))
 
 #: torch's reduction enum of ``torch.kl_div`` (``F.kl_div`` would repeat the functional's "mean" warning).
