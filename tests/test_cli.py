@@ -7,6 +7,7 @@ rely on the cases of the package skeleton (cross_entropy, softmax) being measure
 from __future__ import annotations
 
 import csv
+import gc
 import os
 import subprocess
 import sys
@@ -24,9 +25,9 @@ from losskit.cli import main
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def losskit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def losskit(*args: str, cwd: Path, **environ: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}  # the memory probe sets it
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", **environ)
     return subprocess.run([sys.executable, "-m", "losskit.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -131,6 +132,7 @@ def test_bad_argument_exits_non_zero_with_the_option_named(tmp_path):
     (["bench", "--cases", "cross_entropy,nope"], ["--cases", "'nope'", "cross_entropy"]),
     (["bench", "--dtype", "float8"], ["--dtype", "'float8'", "bfloat16"]),
     (["bench", "--reps", "0"], ["--reps", "'0'"]),
+    (["bench", "--device", "tpu"], ["--device", "'tpu'", "cuda"]),
     (["bench", "--budget", "-1"], ["--budget", "'-1'"]),
     (["bench", "--sizes", ""], ["--sizes"]),
     (["bench", "--cases", "linear_cross_entropy", "--sizes", "16x32"], ["--sizes", "NxDxV"]),
@@ -146,6 +148,39 @@ def test_bad_arguments(argv, words, capsys):
     err = capsys.readouterr().err
     for word in words:
         assert word in err
+
+
+def test_cuda_without_a_device_says_what_torch_reports(monkeypatch, capsys):
+    # as torch reports on a CUDA build without a driver (a CPU build: "Torch not compiled with CUDA enabled")
+    def no_driver():
+        raise RuntimeError("Found no NVIDIA driver on your system.")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "init", no_driver)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device: cuda" in err and "Found no NVIDIA driver on your system." in err
+
+
+def test_cuda_without_a_device_exits_2_without_a_traceback(tmp_path):
+    done = losskit("bench", "--device", "cuda", "--out", str(tmp_path), cwd=tmp_path, CUDA_VISIBLE_DEVICES="")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "argument --device: cuda, but torch finds no CUDA device" in done.stderr
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_without_tqdm_and_matplotlib_the_bench_still_runs(monkeypatch, tmp_path, capsys):
+    # a bare GPU machine may lack both: the progress is a line per phase, the CSV is written, the plot not
+    for name in ("tqdm", "matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)
+    try:
+        assert main(["bench", "--cases", "mse_loss", "--sizes", "8x16", "--reps", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        gc.unfreeze()  # the bench froze this process's objects
+    out, err = capsys.readouterr()
+    assert "mse_loss 8x16 float32: timing" in err.splitlines()
+    assert "plot: not drawn (losskit plots need matplotlib" in out and (tmp_path / "bench.csv").is_file()
 
 
 def test_plot_rejects_a_file_that_is_not_a_bench_csv(tmp_path, capsys):

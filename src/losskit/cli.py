@@ -3,12 +3,14 @@
 ``losskit bench`` runs every case of the catalogue (losskit against its torch reference) on quick
 default sizes and prints a table, writes a PNG plot and a tidy CSV, and prints their paths. Timing runs
 in this process with the default allocator; peak memory in a child process started with
-``MALLOC_MMAP_THRESHOLD_=65536`` (see :mod:`losskit.bench._memory_probe`).
+``MALLOC_MMAP_THRESHOLD_=65536`` (see :mod:`losskit.bench._memory_probe`). ``losskit bench --device cuda``
+runs the GPU-sized cases on the GPU (``benchmarks/gpu_bench.sh`` is the script a lent GPU machine runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -83,17 +85,26 @@ def _parser() -> argparse.ArgumentParser:
                                        "inputs is measured in a child process (Linux VmHWM, "
                                        "MALLOC_MMAP_THRESHOLD_=65536); then the timed rounds call the "
                                        "implementations interleaved round-robin (the fast ones several times a "
-                                       "round), and the median is reported. A bfloat16 case also times losskit on "
-                                       "float32 inputs ('losskit float32') in the same rounds: its "
-                                       "bfloat16-per-element verdict is the ratio of the two.")
+                                       "round), and the median is reported. On CPU a bfloat16 case also times losskit "
+                                       "on float32 inputs ('losskit float32') in the same rounds: its "
+                                       "bfloat16-per-element verdict is the ratio of the two. With --device cuda, "
+                                       "calls are timed with CUDA events and peak memory is read from the CUDA "
+                                       "caching allocator in this process.")
     bench.add_argument("--cases", type=_arg_type(_cases), metavar="NAME,...",
-                       help="cases to run (default: all; see --list)")
+                       help="cases to run (default: all; with --device cuda, those with GPU sizes; see --list)")
     bench.add_argument("--sizes", type=_arg_type(_sizes), metavar="SIZE,...",
                        help="sizes to sweep instead of each case's default, e.g. 1024x4096,4kx32k for (N, C) cases "
                             "and 2kx1kx32k for linear_cross_entropy's (N, D, V); a case runs the sizes whose number "
                             "of extents matches its dimensions")
-    bench.add_argument("--dtype", type=_arg_type(_dtypes), default=[torch.float32], metavar="DTYPE,...",
-                       help=f"input dtypes, from {', '.join(_DTYPES)} (default: float32)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="cpu (default), or cuda: the cases with GPU sizes (cross_entropy 8192x128256 in bfloat16 "
+                            "and float32, the elementwise losses at 64M elements, linear_cross_entropy 8192x4096x128256 "
+                            "in bfloat16) against torch eager, torch.compile (with --compile), Liger-Kernel and Cut "
+                            "Cross-Entropy where they import; timed with CUDA events, peak memory from "
+                            "torch.cuda.max_memory_allocated")
+    bench.add_argument("--dtype", type=_arg_type(_dtypes), metavar="DTYPE,...",
+                       help=f"input dtypes, from {', '.join(_DTYPES)} (default: float32; with --device cuda, each "
+                            "case's GPU dtypes)")
     bench.add_argument("--reps", type=_arg_type(_positive_int), default=5,
                        help="timed rounds per case after the warm-up, each calling every implementation once and the "
                             "fast ones up to 5 times (default: 5)")
@@ -123,55 +134,63 @@ def _parser() -> argparse.ArgumentParser:
 
 def _list_cases() -> int:
     from .bench import CASES, format_size
+    from .bench._cases import dtype_name
 
     for case in CASES:
         sizes = ", ".join(format_size(s) for s in case.sizes)
         print(f"{case.name}  ({'x'.join(case.dims)}; default {sizes})\n    reference: {case.reference_text}")
         if case.baselines:
             print(f"    also: {', '.join(case.baselines)}")
+        if case.cuda:
+            print(f"    cuda: {', '.join(format_size(s) for s in case.cuda.sizes)} in "
+                  f"{', '.join(dtype_name(d) for d in case.cuda.dtypes)}"
+                  + "".join(f"; also {name}" for name in case.cuda.libraries))
     return 0
 
 
-def _units(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list, list[str]]:
-    from .bench import CASES, Unit
-    from .bench._cases import dtype_name
+def _progress(total: int):
+    """A tqdm progress bar on stderr; None where tqdm is missing (a bare GPU machine): a line per phase."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
 
-    units, skipped = [], []
-    for case in args.cases or CASES:
-        sizes = [s for s in args.sizes if len(s) == len(case.dims)] if args.sizes else case.sizes
-        if not sizes:
-            skipped.append(f"{case.name}: no --sizes entry of the form {'x'.join(case.dims)}")
-        dtypes = [d for d in args.dtype if case.dtypes is None or d in case.dtypes]
-        skipped += [f"{case.name} {dtype_name(d)}: {case.dtypes_why}" for d in args.dtype if d not in dtypes]
-        units += [Unit(case, size, dtype) for size in sizes for dtype in dtypes]
-    if not units:
-        parser.error(f"no selected case runs with these --sizes and --dtype ({'; '.join(skipped)})")
-    return units, skipped
+
+def _header(device: str, vers: dict[str, str], host: dict[str, str], load: float) -> str:
+    """The line above the table, naming the processor the cases ran on: the CPU, or the GPU and its host."""
+    where = (f"{host['cpu']}, {host['cores']} cores, {host['torch threads']} torch threads, load average {load:.1f}"
+             if device == "cpu" else f"{host['gpu']} (host: {host['cpu']}, {host['cores']} cores)")
+    return f"losskit {vers['losskit']}, torch {vers['torch']}, python {vers['python']} on {where}"
 
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.list:
         return _list_cases()
-    units, skipped = _units(parser, args)
-    try:
-        from tqdm import tqdm
-    except ImportError as error:
-        raise ImportError("losskit bench needs tqdm and matplotlib: pip install 'losskit[bench]'") from error
-    from .bench import format_size, plot, records, run, table, verdicts, write_csv
-    from .bench._env import machine, one_line, versions
+    from .bench import format_size, plan, plot, records, run, table, verdicts, write_csv
     from .bench._cases import dtype_name
+    from .bench._env import cuda_unavailable, machine, one_line, versions
+
+    why = cuda_unavailable() if args.device == "cuda" else ""
+    if why:
+        parser.error(f"argument --device: cuda, but torch finds no CUDA device: {why}")
+    units, skipped = plan(args.device, args.cases, args.sizes, args.dtype)
+    if not units:
+        parser.error(f"no selected case runs with these --sizes and --dtype ({'; '.join(skipped)})")
 
     host, vers = machine(), versions()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"losskit {vers['losskit']}, torch {vers['torch']}, python {vers['python']} on {host['cpu']}, "
-          f"{host['cores']} cores, {host['torch threads']} torch threads, load average {load:.1f}")
+    print(_header(args.device, vers, host, load))
 
-    with tqdm(total=len(units), unit="case", file=sys.stderr, dynamic_ncols=True) as bar:
+    with _progress(len(units)) as bar:
         def progress(unit, phase: str) -> None:
-            if phase == "done":
+            text = f"{unit.case.name} {format_size(unit.size)} {dtype_name(unit.dtype)}: {phase}"
+            if bar is None:
+                print(text, file=sys.stderr, flush=True)
+            elif phase == "done":
                 bar.update(1)
             else:
-                bar.set_postfix_str(f"{unit.case.name} {format_size(unit.size)} {dtype_name(unit.dtype)}: {phase}")
+                bar.set_postfix_str(text)
 
         results, bandwidth, memory_error = run(units, reps=args.reps, budget=args.budget,
                                                compile_reference=args.compile, progress=progress)
@@ -184,19 +203,22 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for line in [*verdicts(results), *(f"skipped {s}" for s in skipped)]:
         print(line)
     cores = os.cpu_count() or 1
-    if load > cores / 2:
+    if args.device == "cpu" and load > cores / 2:
         # Measured: on this 2-core VM under load, binary_cross_entropy's chunked kernel went from 0.18 s
         # (1 thread) to 6.3 s (2 threads) while eager stayed at 0.25-0.4 s.
         print(f"warning: load average {load:.1f} on {cores} cores when the run started. Other processes hold "
               "cores, so torch's intra-op threads wait for each other at every parallel op: implementations "
               "made of many small ops (chunked kernels) are slowed far more than eager's few large ops. Take "
               "the timings as indicative only; rerun on an idle machine.")
-    rows = records(results, machine=one_line(host), versions=one_line(vers))
+    rows = records(results, machine=one_line({**host, "device": args.device}), versions=one_line(vers))
     csv_path = args.csv or args.out / "bench.csv"
     write_csv(rows, csv_path)
     print(f"csv: {csv_path}")
     if rows:
-        print(f"plot: {plot(rows, args.out / 'bench.png')}")
+        try:
+            print(f"plot: {plot(rows, args.out / 'bench.png')}")
+        except ImportError as error:  # the CSV is written: the plot can be drawn where matplotlib is
+            print(f"plot: not drawn ({error}); draw it from the CSV with `losskit plot {csv_path}`")
     return 0
 
 

@@ -82,8 +82,8 @@ def test_extra_calls_take_turns_after_the_round(monkeypatch):
 def test_the_roofline_uses_the_bandwidth_of_a_copy_timed_in_the_same_rounds(monkeypatch):
     asked, timed = [], []
 
-    def fake_copy(nbytes):
-        asked.append(nbytes)
+    def fake_copy(nbytes, device):
+        asked.append((nbytes, device))
         return "the copy"
 
     def fake_round_robin(impls, inputs, reps, budget):
@@ -92,7 +92,7 @@ def test_the_roofline_uses_the_bandwidth_of_a_copy_timed_in_the_same_rounds(monk
     monkeypatch.setattr(_run, "copy_of", fake_copy)
     monkeypatch.setattr(_run, "round_robin", fake_round_robin)
     result = measure()
-    assert asked == [2 * _run.COPY_BYTES] and timed == ["the copy"]
+    assert asked == [(2 * _run.COPY_BYTES, "cpu")] and timed == ["the copy"]
     # read the (8, 16) float32 input and the 8 int64 targets, write the (8, 16) float32 gradient, at
     # 2 * COPY_BYTES per 0.04 s, the copy's median (not at the 1 GB/s passed in as the start's bandwidth)
     moved = 8 * 16 * 4 + 8 * 8 + 8 * 16 * 4
@@ -100,7 +100,7 @@ def test_the_roofline_uses_the_bandwidth_of_a_copy_timed_in_the_same_rounds(monk
 
 
 def test_without_memory_for_the_copy_the_roofline_uses_the_start_bandwidth(monkeypatch):
-    def no_memory(nbytes):
+    def no_memory(nbytes, device):
         raise RuntimeError("out of memory")
     monkeypatch.setattr(_run, "copy_of", no_memory)
     assert measure().ms[ROOFLINE] == pytest.approx((8 * 16 * 4 * 2 + 8 * 8) / 1e9 * 1e3)

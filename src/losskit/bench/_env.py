@@ -1,4 +1,5 @@
-"""The versions and the machine a benchmark ran on (``losskit env``, and two columns of the CSV)."""
+"""The versions and the machine a benchmark ran on (``losskit env``, and two columns of the CSV), and
+whether a CUDA device is there to run ``losskit bench --device cuda``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-#: Packages reported beside python and torch: losskit's extras and the libraries its paths may load.
-_PACKAGES = ("losskit", "numpy", "tqdm", "matplotlib", "hypothesis", "pytest", "numba", "triton", "transformers")
+#: Packages reported beside python and torch: losskit's extras, the libraries its paths may load and the GPU
+#: libraries the CUDA bench compares with.
+_PACKAGES = ("losskit", "numpy", "tqdm", "matplotlib", "hypothesis", "pytest", "numba", "triton", "transformers",
+             "liger-kernel", "cut-cross-entropy")
 
 
 def _proc_field(path: str, pattern: str) -> str | None:
@@ -33,6 +36,32 @@ def versions() -> dict[str, str]:
     return found
 
 
+def gpu() -> str:
+    """The CUDA device, as the CUDA bench's header names it: ``NVIDIA H100 80GB HBM3 (79 GiB, compute
+    capability 9.0, CUDA 12.4)``."""
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return (f"{torch.cuda.get_device_name()} ({props.total_memory / (1 << 30):.0f} GiB, compute capability "
+            f"{props.major}.{props.minor}, CUDA {torch.version.cuda})")
+
+
+def cuda_unavailable() -> str:
+    """"" when torch sees a CUDA device, else what torch reports: the error of ``torch.cuda.init()`` (a CPU
+    build: "Torch not compiled with CUDA enabled"; no driver: "Found no NVIDIA driver ..."), or the
+    device count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return ""
+    try:
+        torch.cuda.init()
+    except (AssertionError, RuntimeError) as error:  # torch raises AssertionError on a CPU-only build
+        return f"{error} (torch {torch.__version__}, torch.cuda.is_available() is False)"
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees {torch.cuda.device_count()} CUDA "
+            "devices; torch.cuda.is_available() is False")
+
+
 def machine() -> dict[str, str]:
     import torch
 
@@ -46,6 +75,7 @@ def machine() -> dict[str, str]:
         "os": platform.platform(),
         "accelerator": torch.accelerator.current_accelerator().type
         if hasattr(torch, "accelerator") and torch.accelerator.is_available() else "none",
+        **({"gpu": gpu()} if torch.cuda.is_available() else {}),
         "executable": sys.executable,
     }
 

@@ -1,13 +1,17 @@
 """Timing, peak memory and copy bandwidth of forward+backward calls on fixed inputs.
 
 Every call starts from ``.grad = None`` on the differentiated inputs, so each implementation writes
-fresh gradients; a garbage collection and a read of a buffer twice the last-level cache the process can
-use (``evict_caches``) run before each call, outside the timed region, so every timed call finds its
-operands in memory, not in a cache (the roofline's assumption). Without the read, which implementation
-ran just before decided how much of a 16-32 MiB input (the default sizes) was still in a 32 MiB L3: on
-this VM a float32 focal_loss took 4.0 ms in a float32 run and 5.7 ms as the float32 twin of the bfloat16
-run, where it mostly followed torch eager (part of that, found later, was torch's spinning OpenMP
-workers: see _native_common.h).
+fresh gradients; a garbage collection and, on CPU, a read of a buffer twice the last-level cache the
+process can use (``evict_caches``) run before each call, outside the timed region, so every timed call
+finds its operands in memory, not in a cache (the roofline's assumption). Without the read, which
+implementation ran just before decided how much of a 16-32 MiB input (the default sizes) was still in a
+32 MiB L3: on this VM a float32 focal_loss took 4.0 ms in a float32 run and 5.7 ms as the float32 twin of
+the bfloat16 run, where it mostly followed torch eager (part of that, found later, was torch's spinning
+OpenMP workers: see _native_common.h).
+
+On CUDA (inputs on the GPU) a call is timed by CUDA events (``_cuda_seconds``) and its peak memory read
+from the caching allocator's statistics (``_cuda_peak_above``); nothing is evicted: the GPU sizes are
+gigabytes against an L2 of 50 MiB.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import glob
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -137,34 +142,74 @@ def steady(impl: Impl) -> Impl:
     return marked
 
 
+def on_cuda(inputs: Inputs) -> bool:
+    """Whether a call on ``inputs`` runs on the GPU: its tensors are CUDA tensors (the copy, which ignores its
+    inputs, is timed with the unit's)."""
+    return any(t.is_cuda for t in inputs.values())
+
+
+def _reset_all(impl: Impl, inputs: Inputs) -> None:
+    reset(inputs)
+    reset(getattr(impl, "own_inputs", {}))
+
+
+def _wall_seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _cuda_seconds(fn: Callable[[], object]) -> float:
+    """CUDA events around ``fn()``, once the work queued before it has finished: the GPU time of every kernel
+    it launches and the gaps between them, a host synchronisation inside ``fn`` included."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def seconds(impl: Impl, inputs: Inputs) -> float:
-    """Wall time of one forward+backward, its operands in memory (see the module's docstring). An
+    """Time of one forward+backward, its operands in memory (see the module's docstring). An
     implementation that calls on inputs of its own (an ``own_inputs`` attribute) has their gradients
     freed outside the timing too; one marked ``steady`` is first called once untimed."""
-    own = getattr(impl, "own_inputs", {})
-    reset(inputs)
-    reset(own)
+    _reset_all(impl, inputs)
     if getattr(impl, "steady", False):
         call(impl, inputs)  # untimed: see ``steady``
-        reset(inputs)
-        reset(own)
+        _reset_all(impl, inputs)
     gc.collect()
-    evict_caches()
-    start = time.perf_counter()
-    call(impl, inputs)
-    elapsed = time.perf_counter() - start
-    reset(inputs)
-    reset(own)
+    if on_cuda(inputs):
+        elapsed = _cuda_seconds(lambda: call(impl, inputs))
+    else:
+        evict_caches()
+        elapsed = _wall_seconds(lambda: call(impl, inputs))
+    _reset_all(impl, inputs)
     return elapsed
 
 
+def _cuda_peak_above(fn: Callable[[], object]) -> int:
+    """Bytes of tensors the CUDA caching allocator hands out at most during ``fn()`` above those allocated
+    when it starts (``torch.cuda.max_memory_allocated``: tensors, not the blocks the allocator keeps cached).
+    The result of ``fn`` is dropped after the peak has been read."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak
+
+
 def peak_bytes(impl: Impl, inputs: Inputs) -> int:
-    """Peak resident bytes one forward+backward adds above the (already allocated) inputs; the output
-    and the gradients count."""
-    reset(inputs)
+    """Peak bytes one forward+backward adds above the (already allocated) inputs, the output and the
+    gradients counted: resident memory on CPU, allocated CUDA memory on the GPU."""
+    _reset_all(impl, inputs)
     gc.collect()
-    peak = peak_memory_above(lambda: call(impl, inputs))
-    reset(inputs)
+    peak = (_cuda_peak_above if on_cuda(inputs) else peak_memory_above)(lambda: call(impl, inputs))
+    _reset_all(impl, inputs)
     return peak
 
 
@@ -219,10 +264,10 @@ def round_robin(impls: dict[str, Impl], inputs: Inputs, reps: int, budget: float
     return times, reps
 
 
-def copy_of(nbytes: int) -> Impl:
-    """``dst.copy_(src)`` of float32 buffers holding ``nbytes`` in all (read ``nbytes / 2``, write as
-    many), as an implementation (its inputs ignored); the buffers are faulted in first."""
-    src = torch.ones(max(1, nbytes // 8))
+def copy_of(nbytes: int, device: str = "cpu") -> Impl:
+    """``dst.copy_(src)`` of float32 buffers on ``device`` holding ``nbytes`` in all (read ``nbytes / 2``,
+    write as many), as an implementation (its inputs ignored); the buffers are faulted in first."""
+    src = torch.ones(max(1, nbytes // 8), device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch: page faults, not bandwidth
 
@@ -232,20 +277,25 @@ def copy_of(nbytes: int) -> Impl:
     return copy
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5, device: str = "cpu") -> float:
     """Bytes per second of ``dst.copy_(src)`` (read + write counted, ``nbytes`` each) on buffers well
-    beyond any cache."""
-    copy = copy_of(2 * nbytes)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        copy({})
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / statistics.median(times)
+    beyond any cache: CPU memory, or the GPU's HBM."""
+    copy = copy_of(2 * nbytes, device)
+    timer = _cuda_seconds if device == "cuda" else _wall_seconds
+    return 2 * nbytes / statistics.median(timer(lambda: copy({})) for _ in range(reps))
 
 
 #: Dtypes whose results are judged against a float64 truth in the dtype's eps, not a fixed tolerance.
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+#: Elements compared at a time: a gradient of 1G elements (cross_entropy 8192x128256 on the GPU) would
+#: otherwise take float64 temporaries of several times 8 GiB.
+_PIECE = 1 << 26
+
+
+def _pieces(t: Tensor) -> tuple[Tensor, ...]:
+    return t.reshape(-1).split(_PIECE)
 
 
 def disagreement(ours: list[Tensor], reference: list[Tensor], dtype: torch.dtype,
@@ -254,20 +304,23 @@ def disagreement(ours: list[Tensor], reference: list[Tensor], dtype: torch.dtype
     else what differs. float32/float64: within losskit.testing.TOLERANCES[dtype]. Low precision: with
     ``truth`` (the reference run in float64 on the same values), every result is within 2 eps of the
     dtype of it, normwise (a result computed in float32 and rounded once, with a margin for the rounded
-    grad_output; the tests bound each loss tighter)."""
+    grad_output; the tests bound each loss tighter). Compared in pieces of ``_PIECE`` elements."""
     tol = TOLERANCES[dtype]
     errors = []
     for i, (a, b) in enumerate(zip(ours, reference)):
         if a.shape != b.shape:
             return f"differs: shape {tuple(a.shape)} vs {tuple(b.shape)}"
         if truth is not None:
+            floor = torch.linalg.vector_norm(truth[i], float("inf")).item()  # max |truth|, no temporary
             try:
-                assert_within_eps(a, truth[i], 2, floor=truth[i].abs().max().item())
+                for a_piece, t_piece in zip(_pieces(a), _pieces(truth[i])):
+                    assert_within_eps(a_piece, t_piece, 2, floor=floor)
             except AssertionError as error:
                 return f"differs from float64:{str(error).strip()}"
             continue
         b = b.to(a.dtype)
-        if not torch.allclose(a, b, rtol=tol.rtol, atol=tol.atol, equal_nan=True):
+        if not all(torch.allclose(x, y, rtol=tol.rtol, atol=tol.atol, equal_nan=True)
+                   for x, y in zip(_pieces(a), _pieces(b))):
             scale = b.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
             errors.append(((a.float() - b.float()).abs().max() / scale).item())  # NaN when NaNs differ
     return f"differs: {max(errors, key=lambda e: (e == e, e)):.1e} rel." if errors else ""

@@ -16,9 +16,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._cases import EAGER, LOSSKIT
+from ._cases import COMPILED, EAGER, LOSSKIT, ROOFLINE
 from ._report import GRADIENT, number
-from ._run import COMPILED, ROOFLINE
 from ._sizes import parse_size
 
 _METRICS = (("time_ms", "forward+backward ms"), ("peak_mib", "peak MiB above inputs"))

@@ -2,10 +2,15 @@
 
 Order within a unit: build the inputs once; a warm-up round (each implementation once, untimed; losskit's
 result is checked against the reference here); peak memory, measured by a child process on its own copy
-of the inputs (:mod:`._memory_probe`); then the timed rounds, interleaved round-robin, the fast
-implementations called up to five times a round (``_measure.calls_per_round``). The number of rounds is
-``reps``, cut down after the first to what fits in ``budget`` seconds, never below three
-(``_measure.MIN_REPS``).
+of the inputs (:mod:`._memory_probe`), or on CUDA in this process by the caching allocator's statistics;
+then the timed rounds, interleaved round-robin, the fast implementations called up to five times a round
+(``_measure.calls_per_round``). The number of rounds is ``reps``, cut down after the first to what fits
+in ``budget`` seconds, never below three (``_measure.MIN_REPS``).
+
+A unit on ``cuda`` builds its inputs on the GPU, adds the baselines of the optional GPU libraries that
+import (``libraries_of``; the others are listed as not installed) and has no float32 twin: its float32
+units are a few seconds away in the same run, on a device whose speed does not drift with other
+processes' load as the shared CPU's does.
 """
 
 from __future__ import annotations
@@ -18,14 +23,12 @@ from pathlib import Path
 
 import torch
 
-from ._cases import EAGER, LOSSKIT, Case, Impl, Inputs, dtype_name
-from ._measure import (LOW_PRECISION, call, copy_bandwidth, copy_of, differentiated, disagreement, reset,
-                       round_robin, steady)
+from ._cases import COMPILED, EAGER, LOSSKIT, ROOFLINE, Case, Impl, Inputs, dtype_name
+from ._measure import (LOW_PRECISION, call, copy_bandwidth, copy_of, differentiated, disagreement, peak_bytes,
+                       reset, round_robin, steady)
 from ._memory_probe import MemoryProbe
 from ._sizes import Size
 
-COMPILED = "torch.compile"
-ROOFLINE = "roofline"
 #: A bfloat16 unit also times losskit on float32 copies of its inputs, interleaved with the others, so
 #: that its bfloat16-against-float32 ratio per element comes from one run, as the other ratios do (units
 #: run one after another, while the machine's load and memory state drift). Both are timed ``steady``
@@ -38,6 +41,8 @@ class Unit:
     case: Case
     size: Size
     dtype: torch.dtype
+    #: "cpu" or "cuda".
+    device: str = "cpu"
 
 
 @dataclass
@@ -59,6 +64,8 @@ class Result:
     memory_error: str = ""
     #: Further baselines that raised in the warm-up (and were left out), name -> the error.
     failed: dict[str, str] = field(default_factory=dict)
+    #: Library baselines whose package does not import, name -> "not installed (why)".
+    absent: dict[str, str] = field(default_factory=dict)
 
 
 def memory_probe_error() -> str:
@@ -87,16 +94,42 @@ def impls_of(unit: Unit, compile_reference: bool) -> dict[str, Impl]:
     return impls
 
 
+def _on_own_inputs(impl: Impl, own: Inputs) -> Impl:
+    """``impl`` called on ``own`` whatever inputs it is given, as one more implementation of a unit
+    (``own_inputs``: ``seconds`` and ``peak_bytes`` free their gradients untimed)."""
+    def on_own(_inputs: Inputs) -> None:
+        call(impl, own)
+
+    on_own.own_inputs = own  # type: ignore[attr-defined]
+    return on_own
+
+
 def _float32_twin(losskit: Impl, unit: Unit) -> Impl:
     """losskit on float32 inputs of the unit's case and size (the float32 unit's values), timed as one
-    more implementation of a bfloat16 unit (``own_inputs``: ``seconds`` frees their gradients untimed)."""
-    inputs32 = unit.case.make(unit.size, torch.float32, torch.Generator().manual_seed(0))
+    more implementation of a bfloat16 unit."""
+    return _on_own_inputs(losskit, unit.case.make(unit.size, torch.float32, torch.Generator().manual_seed(0)))
 
-    def twin(_inputs: Inputs) -> None:
-        call(losskit, inputs32)
 
-    twin.own_inputs = inputs32  # type: ignore[attr-defined]
-    return twin
+def libraries_of(unit: Unit, inputs: Inputs) -> tuple[dict[str, Impl], dict[str, str]]:
+    """The baselines of a cuda unit from optional GPU libraries (``OnCuda.libraries``) whose package
+    imports, one that writes into its inputs on a copy of ``inputs`` of its own; and name -> why not for
+    the others. A CPU unit has none: the libraries are Triton kernels for CUDA tensors."""
+    libraries = unit.case.cuda.libraries if unit.device == "cuda" and unit.case.cuda else {}
+    loaded, absent = {}, {}
+    for name, library in libraries.items():
+        try:
+            impl = library.load()
+        except ImportError as error:  # the package, or one it needs (triton), is missing
+            absent[name] = f"not installed ({_error(error)})"
+            continue
+        except Exception as error:  # installed but broken (a version mismatch): the other columns still run
+            absent[name] = f"does not import ({_error(error)})"
+            continue
+        if library.overwrites_inputs:
+            impl = _on_own_inputs(impl, {k: v.detach().clone().requires_grad_(v.requires_grad)
+                                         for k, v in inputs.items()})
+        loaded[name] = impl
+    return loaded, absent
 
 
 def _ideal_bytes(inputs: Inputs) -> int:
@@ -160,9 +193,11 @@ def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, b
     except (ImportError, AttributeError) as error:
         result.error = f"unavailable: losskit.functional.{unit.case.function} ({type(error).__name__})"
         return result
-    inputs = unit.case.make(unit.size, unit.dtype, torch.Generator().manual_seed(0))
+    inputs = unit.case.make(unit.size, unit.dtype, torch.Generator(unit.device).manual_seed(0))
     result.grad_bytes = sum(t.nbytes for t in differentiated(inputs))
-    if unit.dtype == torch.bfloat16:
+    libraries, result.absent = libraries_of(unit, inputs)
+    impls.update(libraries)
+    if unit.dtype == torch.bfloat16 and unit.device == "cpu":
         impls[LOSSKIT_FLOAT32] = steady(_float32_twin(impls[LOSSKIT], unit))
         impls[LOSSKIT] = steady(impls[LOSSKIT])
 
@@ -171,7 +206,10 @@ def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, b
     if result.error:
         return result
 
-    if probe is not None:
+    if unit.device == "cuda":
+        phase("memory")
+        result.peak = {name: peak_bytes(impl, inputs) for name, impl in impls.items()}
+    elif probe is not None:
         phase("memory")
         # The parent's inputs stay allocated meanwhile: the child builds its own.
         result.peak, result.memory_error = probe.measure({
@@ -182,7 +220,7 @@ def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, b
     # The roofline: the bytes the kernel must move at the copy bandwidth of these rounds (a copy timed
     # among the implementations); `bandwidth`, measured once at the start, where the copy cannot be made.
     try:
-        impls[ROOFLINE] = copy_of(2 * COPY_BYTES)
+        impls[ROOFLINE] = copy_of(2 * COPY_BYTES, unit.device)
     except RuntimeError:  # out of memory for the copy's two buffers
         pass
     times, result.reps = round_robin(impls, inputs, reps, budget)
@@ -196,13 +234,16 @@ def run_unit(unit: Unit, *, reps: int, budget: float, compile_reference: bool, b
 
 def run(units: list[Unit], *, reps: int, budget: float, compile_reference: bool,
         progress: Callable[[Unit, str], None]) -> tuple[list[Result], float, str]:
-    """Results of every unit, the copy bandwidth in bytes/s and why memory is not measured ("" if it is)."""
+    """Results of every unit, the copy bandwidth in bytes/s of their device (that of the first unit: a run
+    is on one device) and why memory is not measured ("" if it is)."""
     # Everything allocated so far (torch's modules, ...) is moved out of the collector's reach, so the
     # collections between calls only walk what the benchmark itself creates.
     gc.freeze()
-    bandwidth = copy_bandwidth()
-    memory_error = memory_probe_error()
-    probe = None if memory_error else MemoryProbe()
+    device = units[0].device if units else "cpu"
+    bandwidth = copy_bandwidth(device=device)
+    # On CUDA peak memory comes from the caching allocator, in this process.
+    memory_error = memory_probe_error() if device == "cpu" else ""
+    probe = None if memory_error or device != "cpu" else MemoryProbe()
     results = []
     try:
         if probe is not None:
@@ -210,6 +251,10 @@ def run(units: list[Unit], *, reps: int, budget: float, compile_reference: bool,
         for unit in units:
             results.append(run_unit(unit, reps=reps, budget=budget, compile_reference=compile_reference,
                                     bandwidth=bandwidth, probe=probe, phase=lambda p, u=unit: progress(u, p)))
+            if device == "cuda":
+                # The unit's tensors are gone: hand their cached blocks back, so that the next unit's
+                # differently sized ones are not fitted into fragments of them.
+                torch.cuda.empty_cache()
             progress(unit, "done")
     finally:
         if probe is not None:
