@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import losskit.functional as LF
-import losskit.functional._classification as classification
+import losskit.ops.classification as classification
 from losskit._autograd import attach, needs_grad
 from losskit.testing import assert_close
 

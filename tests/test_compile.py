@@ -83,9 +83,9 @@ CASES: dict[str, Case] = {
 }
 
 #: Functions that compile only with graph breaks, and why. Each break is a check that reads tensor
-#: values to keep a later index or domain safe (a data-dependent Python branch, which fullgraph refuses).
-#: cross_entropy and focal_loss on CPU also break at the call into the compiled C row kernel
-#: (impl="auto"/"compiled"), a C extension that dynamo cannot trace.
+#: values to keep a later index or domain safe (a data-dependent Python branch, which fullgraph refuses;
+#: inside losskit.no_sync() they are skipped, see tests/ops/test_library.py). Under torch.compile,
+#: impl="auto" runs the composite (torch's own loss), which the compiler fuses.
 _TARGET_CHECK = "the target range check that keeps indexing in bounds (_checks.class_targets)"
 GRAPH_BREAKS = {
     "binary_cross_entropy": "the [0, 1] domain check of input and target (_checks.in_unit_interval)",

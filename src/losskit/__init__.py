@@ -5,8 +5,9 @@ and ``torch.nn`` for the losses they hold.
 """
 
 from . import functional, nn
+from ._checks import no_sync
 from ._learner import LosskitWarning, checks_enabled, set_checks
 
 __version__ = "0.1.0"  # the one place the version is kept: pyproject.toml reads it from here
 
-__all__ = ["LosskitWarning", "__version__", "checks_enabled", "functional", "nn", "set_checks"]
+__all__ = ["LosskitWarning", "__version__", "checks_enabled", "functional", "nn", "no_sync", "set_checks"]

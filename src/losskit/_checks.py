@@ -3,12 +3,14 @@
 Each raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong value or shape) with a
 message that names the argument and shows what it got. They run before any computation. The only
 checks that read tensor values (and so synchronise a device) are the ones that keep indexing safe:
-target classes in range, and the documented [0, 1] domain of ``binary_cross_entropy``.
+target classes in range, and the documented [0, 1] domain of ``binary_cross_entropy``. Inside
+:func:`no_sync` those two are skipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -106,13 +108,46 @@ def broadcastable(name: str, value: Tensor, shape: torch.Size, ref_name: str) ->
         )
 
 
+#: Whether the checks that read tensor values run (see :func:`no_sync`); a one-element list, read at call time.
+_VALUE_CHECKS = [True]
+
+
+@contextlib.contextmanager
+def no_sync() -> Iterator[None]:
+    """Run losses without a host synchronisation: skip the two checks that read tensor values.
+
+    A loss then only launches work on the tensors' device, so a CUDA graph can capture it and
+    torch.compile(fullgraph=True) traces it whole. The checks skipped are the class-index range of
+    ``cross_entropy``, ``focal_loss``, ``nll_loss`` and ``linear_cross_entropy`` (and the
+    vocab-parallel losses) and the [0, 1] domain of ``binary_cross_entropy``. Memory stays safe: no
+    kernel uses a target as an address before checking it. What changes is the error: an
+    out-of-range target then gives a NaN loss and gradient for its position (the Triton kernels), the
+    same ValueError (the C kernels, which check every target themselves), or torch's device-side assert
+    (the composite and reference paths on CUDA); a BCE input outside [0, 1] gives NaN or, in the C
+    kernel, the same ValueError.
+
+    Example:
+        >>> import torch, losskit, losskit.functional as LF
+        >>> with losskit.no_sync():
+        ...     LF.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 2]))
+        tensor(1.0986)
+    """
+    previous = _VALUE_CHECKS[0]
+    _VALUE_CHECKS[0] = False
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS[0] = previous
+
+
 def in_unit_interval(name: str, value: Tensor) -> None:
     """Every element in [0, 1] (NaN passes through, as torch propagates it).
 
     One reduction and one sync, no input-sized temporary: min and max in [0, 1] settle it. A NaN makes
     both NaN, and only then (or on failure) an elementwise mask finds the out-of-range value, if any.
+    Skipped inside :func:`no_sync`.
     """
-    if value.numel() == 0:
+    if value.numel() == 0 or not _VALUE_CHECKS[0]:
         return
     low, high = torch.aminmax(value)
     if bool((low >= 0) & (high <= 1)):
@@ -126,8 +161,9 @@ def class_targets(target: Tensor, n_classes: int, ignore_index: int, name: str =
     """Integer class indices in [0, n_classes) except where equal to ``ignore_index``.
 
     Reads the targets (one pass over N integers): the gather that follows must never index out of range.
+    Skipped inside :func:`no_sync`.
     """
-    if target.numel() == 0:
+    if target.numel() == 0 or not _VALUE_CHECKS[0]:
         return
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= n_classes))

@@ -10,7 +10,8 @@ Reduction = Literal["none", "mean", "sum"]
 KLReduction = Literal["none", "mean", "sum", "batchmean"]
 
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
-#: Which implementation computes a loss: ``"compiled"`` losskit's C kernels (CPU tensors), ``"torch"`` the
-#: pure-torch path (any device; the reference), ``"auto"`` the compiled one where it is built and applies.
-Impl = Literal["auto", "torch", "compiled"]
-IMPLS: tuple[str, ...] = ("auto", "torch", "compiled")
+#: Which implementation computes a loss (the rules: :mod:`losskit.ops._dispatch`): ``"auto"`` the fastest for
+#: the tensors' device; ``"compiled"`` the C kernels on CPU, Triton on CUDA; ``"triton"`` Triton explicitly;
+#: ``"torch"`` the pure-torch reference.
+Impl = Literal["auto", "compiled", "triton", "torch"]
+IMPLS: tuple[str, ...] = ("auto", "compiled", "triton", "torch")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import losskit
 import losskit.functional as LF
 import losskit.ops.reference.elementwise as elementwise
-from losskit.functional import _binary
+from losskit.ops.reference import losses
 from losskit import LosskitWarning
 from losskit.testing import (assert_close, assert_matches_reference, assert_same_results, assert_within_eps,
                              gradcheck, loss_and_grads)
@@ -286,10 +286,10 @@ def test_focal_saturated_logit_has_zero_gradient_not_nan():
 
 def test_bce_domain_is_checked_on_the_whole_tensors_before_any_piece(monkeypatch):
     # An out-of-range value in the last of several pieces: rejected before the first piece is computed
-    # (the torch path, whose pieces are computed by _bce_kernel; the compiled kernel checks in its pass).
+    # (the torch path, whose pieces are computed by losses.bce; the compiled kernel checks in its pass).
     x = torch.full((3, elementwise.CHUNK), 0.5)
     x[-1, -1] = 1.5
-    monkeypatch.setattr(_binary, "_bce_kernel", lambda ops, want: pytest.fail("computed before the check"))
+    monkeypatch.setattr(losses, "bce", lambda ops, want: pytest.fail("computed before the check"))
     with pytest.raises(ValueError, match=r"input must have all elements in \[0, 1\], found 1.5"):
         LF.binary_cross_entropy(x, torch.full_like(x, 0.5), impl="torch")
     # A NaN (which passes) beside an out-of-range value does not hide it.

@@ -20,6 +20,7 @@ import losskit.functional._linear_cross_entropy as lce_module
 import losskit.nn as LN
 from losskit.ops import linear_xent
 from losskit.ops.linear_xent import CHUNK_BYTES, MIN_ROWS, chunk_rows, class_buffers, products_dtype
+from losskit.ops.cpu import native as cpu_native
 from losskit.ops.cpu.native import available as native_available
 from losskit.ops.reference.rows import RowSpec
 from losskit.testing import assert_close, assert_within_eps, gradcheck
@@ -261,11 +262,11 @@ def test_bfloat16_call_runs_its_products_in_the_chosen_dtype(products, monkeypat
     """The weight gradient's product gets bfloat16 operands and a float32 accumulator (native), or
     float32 operands (upcast); the C row kernel reads the bfloat16 logits where it is built."""
     seen, rows = [], []
-    grad_w, xent_rows = linear_xent.weight_grad_, linear_xent.native.xent_rows
+    grad_w, xent_rows = linear_xent.weight_grad_, cpu_native.xent_rows
     monkeypatch.setattr(linear_xent, "weight_grad_",
                         lambda out, grad, x, **kw: seen.append((out.dtype, grad.dtype, x.dtype)) or
                         grad_w(out, grad, x, **kw))
-    monkeypatch.setattr(linear_xent.native, "xent_rows",
+    monkeypatch.setattr(cpu_native, "xent_rows",
                         lambda x3, *a, **kw: rows.append(x3.dtype) or xent_rows(x3, *a, **kw))
     x, w, t, b = _problem(torch.bfloat16, n=20, d=8, c=30)
     loss, grads = _loss_and_grads(_ours, x, w, t, b, chunk_size=7)

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 from .. import _checks
 from .._autograd import attach, needs_grad
-from .._types import REDUCTIONS, Reduction
+from .._types import REDUCTIONS, Impl, Reduction
 from ..functional._classification import _class_dim, _index_shape, check_class_input
+from ..ops import _dispatch
 from ..ops.blocks import Block, accumulation_dtype, as_3d, block_rows, blocks, positions_2d, work_buffer
 from ..ops.linear_xent import products_dtype, weight_grad_, weight_grad_block
 from ._comm import Comm, Fields, default_device, exchange, float_bits, require_same, resolve
@@ -104,7 +105,8 @@ def _layout(comm: Comm, caller: str, local: Callable[[], Fields], input: object,
 
 def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, *, group: ProcessGroup | None = None,
                                  weight: Tensor | None = None, ignore_index: int = -100, reduction: Reduction = "mean",
-                                 label_smoothing: float = 0.0, vocab_size: int | None = None) -> Tensor:
+                                 label_smoothing: float = 0.0, vocab_size: int | None = None,
+                                 impl: Impl = "auto") -> Tensor:
     r"""Cross-entropy of logits split by vocabulary across the ranks of ``group``, never gathering them.
 
     Rank ``r`` holds ``input`` = the logits of a contiguous range of classes, ranks in order: shape
@@ -126,6 +128,10 @@ def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, *, group: Proces
     :func:`losskit.functional.cross_entropy` on ``input``; pass the tensor-parallel group to split.
     ``vocab_size``, when given, is checked against the sum of the
     shard sizes. Invalid arguments on any rank raise on every rank (no deadlock).
+
+    Each rank's two passes over its logits (the statistics, then the gradient) are one Triton kernel
+    each on CUDA (:mod:`losskit.ops.triton.shard`; ``impl="triton"``, or ``"auto"``/``"compiled"`` on
+    CUDA tensors), and cache-sized blocks of torch ops elsewhere (``impl="torch"``, or ``"auto"`` on CPU).
 
     Communication, ``P`` target positions, accumulation dtype of ``a`` bytes (4, 8 for float64): one
     ``all_gather`` of 14 int64 per rank (checks and layout), then ``all_reduce`` MAX of ``P`` values and
@@ -149,21 +155,36 @@ def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, *, group: Proces
     def local() -> Fields:
         check_class_input(input, target, probabilities_allowed=False)
         fields = _shared_fields(input, target, weight, ignore_index, reduction, label_smoothing, vocab_size)
+        _dispatch.backend("shard_stats", impl, input)  # an impl this rank cannot run raises on every rank
         return {"vocabulary shard": input.shape[_class_dim(input)], **fields}
 
     shard, weight = _layout(comm, caller, local, input, weight, vocab_size)
     with torch.no_grad():
-        loss, grad = _xent(comm, shard, input, target, weight, ignore_index, reduction, float(label_smoothing), want_x)
+        loss, grad = _xent(comm, shard, input, target, weight, ignore_index, reduction, float(label_smoothing), want_x,
+                           impl)
     return attach(loss, (input,), (grad,), expand_dim=_class_dim(input))
 
 
 def _xent(comm: Comm, shard: Shard, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-          reduction: str, label_smoothing: float, want_x: bool) -> tuple[Tensor, Tensor | None]:
+          reduction: str, label_smoothing: float, want_x: bool, impl: str) -> tuple[Tensor, Tensor | None]:
     acc = accumulation_dtype(input.dtype)
     x3 = as_3d(input)  # (N, V_r, L)
     n, v_r, length = x3.shape
     core = ShardXent(positions_2d(target, n).long(), shard, None if weight is None else weight.to(acc),
                      ignore_index, label_smoothing, acc)
+    if _dispatch.backend("shard_stats", impl, input) == _dispatch.TRITON:
+        # One kernel per pass over the whole shard: s bytes read by the statistics, 2s by the gradient.
+        _dispatch.kernel("shard_stats", _dispatch.TRITON)(x3, core.safe, core.owned, core.w_local, core.m, core.packed,
+                                                          smoothing=bool(label_smoothing))
+        loss = core.finish(comm, reduction)
+        grad = None
+        if want_x:
+            grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)  # contiguous: as_3d is a view
+            _dispatch.kernel("shard_grad", _dispatch.TRITON)(x3, core.big_m, core.alpha_over_s, core.beta, core.g,
+                                                             core.safe, core.owned, core.w_local, as_3d(grad))
+        if reduction == "none":
+            loss = loss.view(_index_shape(input))
+        return loss.to(input.dtype), grad
     # work: (rows, V_r) in acc, BLOCK_BYTES; reused by both passes.
     rows = block_rows(v_r, torch.finfo(acc).bits // 8)
     buf = work_buffer(min(rows, n * length), v_r, acc, input.device)

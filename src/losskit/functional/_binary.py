@@ -1,135 +1,26 @@
 """Binary (per-element, independent-label) losses: ``binary_cross_entropy``,
 ``binary_cross_entropy_with_logits``, ``multilabel_soft_margin_loss`` and ``sigmoid_focal_loss``.
 
-Each is one fused pass: ``impl="torch"`` runs the ``_*_kernel`` functions below piece by piece
-(:mod:`losskit.ops.reference.elementwise`); they give the loss of a piece and its gradients with respect to
-input and target (for a grad_output of ones, before the reduction's factor), in the accumulation dtype,
-and are the reference expressions of the C kernels that ``impl="compiled"`` runs
-(:mod:`losskit.ops.cpu.native_binary`). Gradients follow torch's backward formulas.
+Each validates its arguments and calls its fused pass in :mod:`losskit.ops.elementwise`, whose
+reference expressions are the torch functions of :mod:`losskit.ops.reference.losses`. Gradients follow
+torch's backward formulas.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import partial
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, _learner
 from .._autocast import float32_under_autocast
 from .._types import Impl, Reduction
-from ..ops.cpu import native_binary
-from ..ops.reference import elementwise
-from ._elementwise import check_constant, check_pair, elementwise_loss
+from ..ops import elementwise as ops
+from ._elementwise import check_constant, check_pair
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "multilabel_soft_margin_loss",
            "sigmoid_focal_loss"]
 
 _Grads = tuple[Tensor | None, Tensor | None]
-
-#: Floor of ``(1 - x) x`` in torch's BCE backward: ATen's ``EPSILON = 1e-12f``, a float32 constant,
-#: 9.99999996e-13, used for every dtype (float64 included).
-_BCE_EPSILON = float(torch.tensor(1e-12, dtype=torch.float32))
-
-
-def _weighted(t: Tensor | None, w: Tensor | None) -> Tensor | None:
-    """``t * w`` (in place; ``t`` is a fresh temporary) or ``t`` when either is None."""
-    return t if t is None or w is None else t.mul_(w)
-
-
-def _bce_kernel(ops: Sequence[Tensor | None], want: Sequence[bool]) -> tuple[Tensor, _Grads]:
-    """torch's CPU kernel and backward (ATen ``binary_cross_entropy``, ``EPSILON = float32(1e-12)``)::
-
-        loss = w * ((y - 1) * max(log1p(-x), -100) - y * max(log(x), -100))
-        dx   = w * (x - y) / max((1 - x) * x, 1e-12)
-        dy   = w * -logit(x)
-    """
-    x, y, w = ops
-    loss = (y - 1) * torch.log1p(-x).clamp_min_(-100) - y * torch.log(x).clamp_min_(-100)
-    dx = (x - y).div_(((1 - x) * x).clamp_min_(_BCE_EPSILON)) if want[0] else None
-    dy = torch.logit(x).neg_() if want[1] else None
-    return _weighted(loss, w), (_weighted(dx, w), _weighted(dy, w))
-
-
-def _bce_logits_kernel(ops: Sequence[Tensor | None], want: Sequence[bool]) -> tuple[Tensor, _Grads]:
-    """torch's formulas (ATen ``binary_cross_entropy_with_logits`` and its backward), ``p`` = pos_weight::
-
-        loss = w * ((1 - y) * x - (1 + (p - 1) * y) * logsigmoid(x))
-        dx   = w * ((p * y + 1 - y) * sigmoid(x) - p * y)        (w * (sigmoid(x) - y) without p)
-        dy   = w * (logsigmoid(-x) - p * logsigmoid(x))           (w * -x without p)
-    """
-    x, y, w, p = ops
-    log_s = F.logsigmoid(x)
-    weighted_log_s = log_s if p is None else log_s * ((p - 1) * y + 1)
-    loss = (1 - y) * x - weighted_log_s
-    dx = dy = None
-    if want[0]:
-        if p is None:
-            dx = torch.sigmoid(x) - y
-        else:
-            py = p * y
-            dx = (py + 1 - y).mul_(torch.sigmoid(x)).sub_(py)
-    if want[1]:
-        dy = -x if p is None else F.logsigmoid(-x).sub_(log_s.mul_(p))
-    return _weighted(loss, w), (_weighted(dx, w), _weighted(dy, w))
-
-
-def _soft_margin_kernel(ops: Sequence[Tensor | None], want: Sequence[bool]) -> tuple[Tensor, _Grads]:
-    """Per entry, before the mean over the last dim (torch's Python definition and its autograd)::
-
-        loss = -w * (y * logsigmoid(x) + (1 - y) * logsigmoid(-x))
-        dx   = w * (sigmoid(x) - y)
-        dy   = w * (logsigmoid(-x) - logsigmoid(x))
-    """
-    x, y, w = ops
-    log_s, log_sn = F.logsigmoid(x), F.logsigmoid(-x)
-    loss = (y * log_s).add_((1 - y) * log_sn).neg_()
-    dx = torch.sigmoid(x).sub_(y) if want[0] else None
-    dy = log_sn - log_s if want[1] else None
-    return _weighted(loss, w), (_weighted(dx, w), _weighted(dy, w))
-
-
-def _focal_kernel(ops: Sequence[Tensor | None], want: Sequence[bool], *, alpha: float, gamma: float
-                  ) -> tuple[Tensor, _Grads]:
-    """torchvision's ``sigmoid_focal_loss``, with ``s = sigmoid(x)``, ``ce`` torch's BCE-with-logits::
-
-        q = 1 - p_t = s (1 - y) + (1 - s) y                   (no cancellation, unlike 1 - p_t)
-        a = alpha y + (1 - alpha)(1 - y)                     (1 when alpha < 0)
-        loss = a * ce * q**gamma
-        dx = a * q**gamma * ((s - y) + gamma * (ce / q) * s (1 - s) (1 - 2y))
-        dy = a' * ce * q**gamma + a * q**gamma * (-x + gamma * (ce / q) * (1 - 2s)),  a' = 2 alpha - 1 (0)
-
-    ``ce / q`` tends to 1 where ``q`` underflows to 0 (``ce`` ~ ``q`` for a confidently right logit), so
-    it is taken as 1 there: the gradient is 0 instead of torchvision's ``0 * inf = NaN`` for gamma < 1.
-    """
-    x, y = ops
-    s, sn = torch.sigmoid(x), torch.sigmoid(-x)
-    ny = 1 - y
-    ce = torch.mul(ny, x).sub_(F.logsigmoid(x))  # torch's BCE-with-logits
-    q = torch.mul(s, ny).addcmul_(sn, y)
-    q_g = q.pow(gamma)
-    loss = ce * q_g
-    a = ny.mul_(1 - alpha).add_(y, alpha=alpha) if alpha >= 0 else None  # reuses the 1 - y piece
-    # gamma * ce / q (1 where q == 0), written over ce: few live pieces, the focal kernel has the most.
-    ratio = ce.div_(q).masked_fill_(q == 0, 1).mul_(gamma) if gamma and (want[0] or want[1]) else None
-    dx = dy = None
-    if want[1]:
-        dy = torch.neg(x)
-        if ratio is not None:
-            dy.addcmul_(ratio, sn - s)
-        dy = _weighted(dy.mul_(q_g), a)
-        if a is not None:
-            dy.add_(loss, alpha=2 * alpha - 1)
-    if want[0]:
-        dx = s - y
-        if ratio is not None:
-            r = ratio.mul_(s).mul_(sn)  # gamma (ce / q) s (1 - s), ratio is not used after this
-            dx.add_(r).sub_(r.mul_(y).mul_(2))  # + r (1 - 2y)
-        dx = _weighted(dx.mul_(q_g), a)
-    return _weighted(loss, a), (dx, dy)
-
 
 def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, *,
                          reduction: Reduction = "mean", impl: Impl = "auto") -> Tensor:
@@ -164,12 +55,7 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = 
         raise TypeError(f"target must have the input's dtype {x.dtype}, got {t.dtype}")
     _checks.reduction(reduction)
     w = check_constant("weight", weight, x)
-    runner = native_binary.runner(impl, "bce", x, t, w)
-    if runner is None:
-        # Whole tensors, before any piece is computed: one sync each, not one per piece.
-        _checks.in_unit_interval("input", x)
-        _checks.in_unit_interval("target", t)
-    return elementwise_loss(_bce_kernel, (x, t, w), reduction, x.dtype, runner=runner or elementwise.run)
+    return ops.binary_cross_entropy(x, t, w, reduction=reduction, impl=impl)
 
 
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tensor | None = None, *,
@@ -188,10 +74,10 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tens
     dtype; the output has their promoted dtype, shape ``()`` or the input's. Gradients with respect to
     input and target are torch's.
 
-    ``impl`` chooses the implementation: ``"compiled"`` losskit's C kernel (CPU tensors, see
-    :mod:`losskit.ops.cpu.native_binary`), ``"torch"`` the pure-torch path (any device; the reference),
-    ``"auto"`` the compiled kernel for CPU tensors when it is built, else torch. Both agree to the dtype's
-    tolerance.
+    ``impl`` chooses the implementation: ``"auto"`` the fastest for the device (the C kernel on CPU,
+    Triton on CUDA, torch's own loss elsewhere), ``"compiled"`` the device's kernel or an error,
+    ``"triton"`` the Triton kernel, ``"torch"`` the block-wise pure-torch reference; the rules are in
+    :mod:`losskit.ops._dispatch`. All agree to the dtype's tolerance.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -206,9 +92,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tens
     p = check_constant("pos_weight", pos_weight, x)
     _learner.check_binary_logits("binary_cross_entropy_with_logits", x)
     x, t, w, p = float32_under_autocast(x.device.type, x, t, w, p)
-    runner = native_binary.runner(impl, "logits", x, t, w, p) or elementwise.run
-    return elementwise_loss(_bce_logits_kernel, (x, t, w, p), reduction, torch.promote_types(x.dtype, t.dtype),
-                            runner=runner)
+    return ops.binary_cross_entropy_with_logits(x, t, w, p, reduction=reduction, impl=impl)
 
 
 def multilabel_soft_margin_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *,
@@ -244,9 +128,7 @@ def multilabel_soft_margin_loss(input: Tensor, target: Tensor, weight: Tensor | 
     out_dtype = torch.promote_types(x.dtype, t.dtype)
     if w is not None:
         out_dtype = torch.promote_types(out_dtype, w.dtype)
-    runner = native_binary.runner(impl, "soft_margin", x, t, w) or elementwise.run
-    return elementwise_loss(_soft_margin_kernel, (x, t, w), reduction, out_dtype, row_length=x.shape[-1],
-                            runner=runner)
+    return ops.multilabel_soft_margin_loss(x, t, w, reduction=reduction, out_dtype=out_dtype, impl=impl)
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -283,6 +165,4 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     _learner.check_binary_logits("sigmoid_focal_loss", x)
     # Autocast: torchvision's is a composite; binary_cross_entropy_with_logits' rule (float32) applies.
     x, t = float32_under_autocast(x.device.type, x, t)
-    kernel = partial(_focal_kernel, alpha=float(alpha), gamma=gamma)
-    runner = native_binary.runner(impl, "focal", x, t, alpha=float(alpha), gamma=gamma) or elementwise.run
-    return elementwise_loss(kernel, (x, t), reduction, torch.promote_types(x.dtype, t.dtype), runner=runner)
+    return ops.sigmoid_focal_loss(x, t, alpha=float(alpha), gamma=gamma, reduction=reduction, impl=impl)

@@ -1,8 +1,9 @@
 """Softmax classification losses: ``cross_entropy``, ``nll_loss`` and ``focal_loss``.
 
 All three take ``input`` of shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (classes on dim 1, on
-dim 0 for a single sample) and compute the loss and its gradient block by block in one pass
-(:mod:`losskit.ops.reference.rows`); nothing the size of the input but the gradient is allocated.
+dim 0 for a single sample), validate their arguments and call the fused operation of
+:mod:`losskit.ops.classification`, which computes the loss and its gradient in one pass; nothing the
+size of the input but the gradient is allocated.
 """
 
 from __future__ import annotations
@@ -10,19 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _checks, _learner, _reduction
+from .. import _checks, _learner
 from .._autocast import float32_under_autocast
-from .._autograd import attach, needs_grad
 from .._types import Impl, Reduction
-from ..ops.cpu import native, native_softmax
-from ..ops.blocks import accumulation_dtype, as_3d, block_rows, blocks, positions_2d, work_buffer
-from ..ops.reference.rows import RowSpec, xent_rows_
+from ..ops import classification as ops
+from ..ops.blocks import class_dim as _class_dim
+from ..ops.blocks import index_shape as _index_shape
 
 __all__ = ["cross_entropy", "focal_loss", "nll_loss"]
-
-
-def _class_dim(input: Tensor) -> int:
-    return 0 if input.dim() == 1 else 1
 
 
 def check_class_input(input: object, target: object, *, probabilities_allowed: bool) -> bool:
@@ -60,85 +56,6 @@ def check_class_input(input: object, target: object, *, probabilities_allowed: b
     return False
 
 
-def _index_shape(x: Tensor) -> tuple[int, ...]:
-    return tuple(x.shape[:_class_dim(x)] + x.shape[_class_dim(x) + 1:])
-
-
-def softmax_xent(input: Tensor, target: Tensor, weight: Tensor | None, *, ignore_index: int, reduction: str,
-                 label_smoothing: float, gamma: float, probabilities: bool, impl: Impl) -> Tensor:
-    """Shared driver of cross_entropy and focal_loss; arguments already validated except ``impl``."""
-    compiled = native.use_compiled(impl, input, target)
-    want_x, want_t = needs_grad(input, target if probabilities else None)
-    with torch.no_grad():
-        loss, grad, tgrad = _softmax_xent(input, target, weight, ignore_index, reduction, label_smoothing, gamma,
-                                          probabilities, want_x, want_t, compiled)
-    return attach(loss, (input, target), (grad, tgrad), expand_dim=_class_dim(input))
-
-
-def _softmax_xent(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
-                  label_smoothing: float, gamma: float, probabilities: bool, want_x: bool, want_t: bool,
-                  compiled: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    n_classes = input.shape[_class_dim(input)]
-    acc = accumulation_dtype(input.dtype)
-    spec = RowSpec(weight=None if weight is None else weight.to(acc), ignore_index=ignore_index,
-                   label_smoothing=label_smoothing, gamma=gamma)
-    x3 = as_3d(input)  # (N, C, L)
-    n, _, length = x3.shape
-
-    if probabilities:
-        tgt = as_3d(target)  # (N, C, L)
-        denominator: Tensor | float = float(n * length)  # torch: mean over positions, weights or not
-    else:
-        t2 = tgt = positions_2d(target, n).long()  # (N, L)
-        valid = t2 != ignore_index
-        if spec.weight is None:
-            denominator = valid.sum().to(acc)
-        else:
-            denominator = (spec.weight[t2.masked_fill(~valid, 0)] * valid).sum()
-    scale = _reduction.scale(reduction, denominator, n * length)
-
-    # Gradients are allocated contiguous so that as_3d() is a view of them.
-    grad = native.empty(input.shape, input.dtype, input.device) if want_x else None
-    tgrad = native.empty(target.shape, target.dtype, target.device) if want_t else None
-    g3 = as_3d(grad) if grad is not None else None
-    tg3 = as_3d(tgrad) if tgrad is not None else None
-    loss2 = torch.empty(n, length, dtype=acc, device=input.device)  # per-position loss
-    if compiled:
-        native.xent_rows(x3, tgt if probabilities else tgt.reshape(-1).contiguous(), g3, tg3,
-                         None if spec.weight is None else spec.weight.contiguous(), loss2, ignore_index=ignore_index,
-                         label_smoothing=label_smoothing, gamma=gamma, scale=float(scale))
-    else:
-        _xent_blocks(x3, tgt, g3, tg3, spec, scale, loss2, probabilities)
-    loss = _reduction.reduce(loss2.view(_index_shape(input)), reduction, denominator).to(input.dtype)
-    return loss, grad, tgrad
-
-
-def _xent_blocks(x3: Tensor, tgt: Tensor, g3: Tensor | None, tg3: Tensor | None, spec: RowSpec,
-                 scale: Tensor | float, loss2: Tensor, probabilities: bool) -> None:
-    """The pure-torch path: :func:`xent_rows_` over cache-sized blocks of ``x3`` (N, C, L); fills ``loss2``
-    (N, L) and the gradients ``g3``/``tg3`` (N, C, L) when given."""
-    n, n_classes, length = x3.shape
-    acc, want_x = loss2.dtype, g3 is not None
-    # work: (rows, C) acc dtype, BLOCK_BYTES; with a float32/64 (N, C) input the gradient rows are
-    # used as the work buffer directly and no copy-back is needed.
-    rows = block_rows(n_classes, torch.finfo(acc).bits // 8)
-    in_place = g3 is not None and x3.dtype == acc and length == 1
-    buf = None if in_place else work_buffer(min(rows, n * length), n_classes, acc, x3.device)
-    tbuf = work_buffer(min(rows, n * length), n_classes, acc, x3.device) if tg3 is not None else None
-    for blk in blocks(n, length, rows):
-        nb, nl = blk.b1 - blk.b0, blk.l1 - blk.l0
-        work = g3[blk.b0:blk.b1, :, 0] if in_place else buf[:blk.rows]
-        work.view(nb, nl, n_classes).copy_(blk.of(x3))
-        tb = blk.of(tgt).reshape(-1, n_classes).to(acc) if probabilities else blk.positions(tgt)
-        tgb = tbuf[:blk.rows] if tbuf is not None else None
-        res = xent_rows_(work, tb, spec, scale, want_x, tgb)
-        loss2[blk.b0:blk.b1, blk.l0:blk.l1] = res.loss.view(nb, nl)
-        if want_x and not in_place:
-            blk.of(g3).copy_(work.view(nb, nl, n_classes))
-        if tgb is not None:
-            blk.of(tg3).copy_(tgb.view(nb, nl, n_classes))
-
-
 def _check_common(weight: object, input: Tensor, reduction: object, ignore_index: object) -> Tensor | None:
     _checks.reduction(reduction)
     _checks.integer("ignore_index", ignore_index)
@@ -166,9 +83,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, *
     ``()`` for "mean"/"sum", the target positions' shape for "none". The gradient with respect to
     ``input`` (and to probability targets) is computed in the forward pass.
 
-    ``impl`` chooses the implementation: ``"compiled"`` losskit's C kernel (CPU tensors, see
-    :mod:`losskit.ops.cpu.native`), ``"torch"`` the pure-torch path (any device; the reference), ``"auto"``
-    the compiled kernel for CPU tensors when it is built, else torch. Both agree to the dtype's tolerance.
+    ``impl`` chooses the implementation: ``"auto"`` the fastest for the device (the C kernel on CPU,
+    Triton on CUDA, torch's own loss elsewhere), ``"compiled"`` the device's kernel or an error,
+    ``"triton"`` the Triton kernel, ``"torch"`` the block-wise pure-torch reference; the rules are in
+    :mod:`losskit.ops._dispatch`. All agree to the dtype's tolerance.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -186,8 +104,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, *
         _checks.class_targets(target, input.shape[_class_dim(input)], ignore_index)
     _learner.check_logits("cross_entropy", input, _class_dim(input))
     input, target, weight = float32_under_autocast(input.device.type, input, target, weight)
-    return softmax_xent(input, target, weight, ignore_index=ignore_index, reduction=reduction,
-                        label_smoothing=float(label_smoothing), gamma=0.0, probabilities=probabilities, impl=impl)
+    return ops.softmax_xent(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                            label_smoothing=float(label_smoothing), gamma=0.0, probabilities=probabilities,
+                            impl=impl)
 
 
 def focal_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, gamma: float = 2.0,
@@ -215,8 +134,8 @@ def focal_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, g
     _learner.check_logits("focal_loss", input, _class_dim(input))
     # Autocast: no torch counterpart; cross_entropy's rule (float32), as its gamma=0 case is cross_entropy.
     input, weight = float32_under_autocast(input.device.type, input, weight)
-    return softmax_xent(input, target, weight, ignore_index=ignore_index, reduction=reduction,
-                        label_smoothing=0.0, gamma=float(gamma), probabilities=False, impl=impl)
+    return ops.softmax_xent(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                            label_smoothing=0.0, gamma=float(gamma), probabilities=False, impl=impl)
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ignore_index: int = -100,
@@ -229,9 +148,9 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ign
     "mean" divides the sum by :math:`\sum w_y` over non-ignored positions.
 
     The gradient is zero but for :math:`-w_y` times the reduction's factor at each target; its
-    input-sized work is writing it. ``impl="compiled"`` (``"auto"`` on CPU) writes each gradient entry
-    once, in cache-sized tiles on all intra-op threads, with the C kernel of
-    :mod:`losskit.ops.cpu.native_softmax`; ``"torch"`` is ``zeros`` + ``scatter_`` (the reference).
+    input-sized work is writing it: the kernels write each gradient entry once (the C kernel in
+    cache-sized tiles on all intra-op threads); the reference is ``zeros`` + ``scatter_``. ``impl`` as in
+    :func:`cross_entropy`.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -245,32 +164,4 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, *, ign
     _checks.class_targets(target, n_classes, ignore_index)
     _learner.check_log_probabilities("nll_loss", input, _class_dim(input))
     input, weight = float32_under_autocast(input.device.type, input, weight)
-    compiled = native.use_compiled(impl, input, target, extension=native_softmax.EXTENSION)
-    (want_x,) = needs_grad(input)
-    acc = accumulation_dtype(input.dtype)
-    cd = _class_dim(input)
-    # Shapes: target -> (..., 1) index along the class dim; nothing the size of the input but the gradient.
-    valid = target != ignore_index
-    safe = target.long().masked_fill(~valid, 0).unsqueeze(cd)
-    w_y = (weight.to(acc)[safe] if weight is not None else torch.ones(safe.shape, dtype=acc,
-                                                                         device=input.device))
-    w_y = w_y * valid.unsqueeze(cd)
-    with torch.no_grad():
-        denominator = w_y.sum()
-        scale = _reduction.scale(reduction, denominator, target.numel())
-        if compiled:
-            x3 = as_3d(input)  # (N, C, L), any strides
-            grad = native.empty(input.shape, input.dtype, input.device) if want_x else None
-            per = torch.empty(_index_shape(input), dtype=acc, device=input.device)  # loss per position
-            native_softmax.nll_rows(x3, target.long().reshape(-1).contiguous(), as_3d(grad) if want_x else None,
-                                    None if weight is None else weight.to(acc).contiguous(), per,
-                                    ignore_index=ignore_index, scale=float(scale))
-        else:
-            # ignored: 0, not 0 * -inf
-            per = -(input.gather(cd, safe).to(acc) * w_y).squeeze(cd).masked_fill(~valid, 0.0)
-            grad = None
-            if want_x:
-                grad = torch.zeros(input.shape, dtype=input.dtype, device=input.device)
-                grad.scatter_(cd, safe, (-w_y * scale).to(input.dtype))
-        loss = _reduction.reduce(per, reduction, denominator).to(input.dtype)
-    return attach(loss, (input,), (grad,), expand_dim=cd)
+    return ops.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction, impl=impl)

@@ -9,21 +9,17 @@ or in :mod:`losskit.ops.cpu.native_softmax`) and hand the gradients to autograd 
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Sequence
 from typing import get_args
 
 import torch
 from torch import Tensor
 
-from .. import _checks, _learner, _reduction
+from .. import _checks, _learner
 from .._autocast import float32_under_autocast
-from .._autograd import attach, needs_grad
 from .._types import Impl, KLReduction
-from ..ops import blocks as _blocks
-from ..ops.cpu import native, native_pointwise, native_softmax
-from ..ops.reference import elementwise
+from ..ops import elementwise as ops
+from ..ops import softmax as ops_softmax
 
 __all__ = ["entropy", "kl_div"]
 
@@ -67,9 +63,8 @@ def kl_div(input: Tensor, target: Tensor, *, reduction: KLReduction = "mean", lo
     for "none", ``()`` otherwise; a broadcast operand's gradient is summed back to its shape). Any
     floating dtypes; the output has their promoted dtype, computed in float32 (float64 for float64).
 
-    ``impl``: ``"compiled"`` losskit's C kernel (CPU tensors: one read of each operand and one write of
-    each gradient per element, see :mod:`losskit.ops.cpu.native_pointwise`), ``"torch"`` the piece-wise
-    torch path (any device; the reference), ``"auto"`` the compiled kernel for CPU tensors when built.
+    The kernels read each operand once and write each gradient once per element. ``impl`` as in
+    :func:`losskit.functional.cross_entropy`.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -93,61 +88,7 @@ def kl_div(input: Tensor, target: Tensor, *, reduction: KLReduction = "mean", lo
         warnings.warn(_MEAN_WARNING, stacklevel=2)
     _learner.check_kl_div(x, t, log_target)
     x, t = float32_under_autocast(x.device.type, x, t)
-    kind = native_pointwise.KL_LOG if log_target else native_pointwise.KL_PROB
-    runner = native_pointwise.runner(impl, kind, x, t) or elementwise.run
-    want_x, want_t = needs_grad(x, t)
-    with torch.no_grad():
-        loss, grad_x, grad_t = _kl_div(x, t, shape, reduction, log_target, want_x, want_t, runner)
-    return attach(loss, (x, t), (grad_x, grad_t))
-
-
-def _kl_div(x: Tensor, t: Tensor, shape: torch.Size, reduction: str, log_target: bool, want_x: bool,
-            want_t: bool, runner: native_pointwise.Runner) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    out_dtype = torch.promote_types(x.dtype, t.dtype)
-    numel = math.prod(shape)
-    if reduction == "batchmean":
-        reduction, denominator = "mean", (x.shape[0] if x.dim() else 1)
-    else:
-        denominator = numel
-    # Both operands are walked as views of the broadcast shape; a broadcast operand's gradient is
-    # produced in that shape too (the only case with a gradient larger than its operand).
-    operands = (x.expand(shape), t.expand(shape))
-    kernel = _kl_log_target if log_target else _kl_prob_target
-    loss, (grad_x, grad_t) = runner(
-        kernel, operands, (want_x, want_t), acc=_blocks.accumulation_dtype(out_dtype), out_dtype=out_dtype,
-        keep=reduction == "none", grad_scale=_reduction.scale(reduction, denominator, numel))
-    if reduction == "none":
-        # grad_output has the broadcast shape; autograd sums the gradient back to each operand's shape.
-        return loss, grad_x, grad_t
-    loss = _reduction.reduce(loss, reduction, denominator).to(out_dtype)
-    return loss, _sum_to(grad_x, x.shape), _sum_to(grad_t, t.shape)
-
-
-def _kl_prob_target(ops: Sequence[Tensor | None], want: Sequence[bool]) -> tuple[Tensor, list[Tensor | None]]:
-    """``xlogy(t, t) - t x``; d/dx = -t, d/dt = log t + 1 - x (NaN at t == 0 and t == inf, as torch's
-    autograd, whose ``t / t`` term is NaN there)."""
-    x, t = ops
-    loss = torch.xlogy(t, t).sub_(t * x)
-    grad_x = -t if want[0] else None
-    grad_t = t.log().add_(1).sub_(x).masked_fill_((t == 0) | (t == math.inf), math.nan) if want[1] else None
-    return loss, [grad_x, grad_t]
-
-
-def _kl_log_target(ops: Sequence[Tensor | None], want: Sequence[bool]) -> tuple[Tensor, list[Tensor | None]]:
-    """``exp(tau) (tau - x)``; d/dx = -exp(tau), d/dtau = exp(tau) (tau - x + 1)."""
-    x, tau = ops
-    e = tau.exp()
-    loss = e * (tau - x)
-    grad_t = loss + e if want[1] else None
-    grad_x = e.neg_() if want[0] else None
-    return loss, [grad_x, grad_t]
-
-
-def _sum_to(grad: Tensor | None, shape: torch.Size) -> Tensor | None:
-    """A gradient computed in the broadcast shape, summed back to its operand's ``shape``."""
-    if grad is None or grad.shape == shape:
-        return grad
-    return grad.sum_to_size(shape).contiguous()
+    return ops.kl_div(x, t, shape, reduction=reduction, log_target=log_target, impl=impl)
 
 
 def entropy(input: Tensor, dim: int = -1, *, logits: bool = False, impl: Impl = "auto") -> Tensor:
@@ -179,9 +120,8 @@ def entropy(input: Tensor, dim: int = -1, *, logits: bool = False, impl: Impl = 
     ``input``'s shape without ``dim`` and ``input``'s dtype (computed in float32, float64 for float64).
     There is no reduction: reduce the result yourself (``.mean()``).
 
-    ``impl``: ``"compiled"`` losskit's C row kernel (CPU tensors: one read of the input and one write of
-    the gradient per element, see :mod:`losskit.ops.cpu.native_softmax`), ``"torch"`` the block-wise
-    torch path (any device; the reference), ``"auto"`` the compiled kernel for CPU tensors when built.
+    The kernels read the input and write the gradient once per element (Triton: the input twice when
+    a row is longer than one block). ``impl`` as in :func:`losskit.functional.cross_entropy`.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -202,55 +142,4 @@ def entropy(input: Tensor, dim: int = -1, *, logits: bool = False, impl: Impl = 
     _flag("logits", logits)
     # Autocast: no torch counterpart; cross_entropy's rule (float32), the entropy being a cross-entropy.
     (x,) = float32_under_autocast(x.device.type, x)
-    compiled = native.use_compiled(impl, x, extension=native_softmax.EXTENSION)
-    (want,) = needs_grad(x)
-    with torch.no_grad():
-        h, grad = _entropy(x, d, logits, want, compiled)
-    return attach(h, (x,), (grad,), expand_dim=d)
-
-
-def _entropy(x: Tensor, d: int, logits: bool, want: bool, compiled: bool) -> tuple[Tensor, Tensor | None]:
-    n, c, length = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
-    acc = _blocks.accumulation_dtype(x.dtype)
-    x3 = x.reshape(n, c, length)  # (N, C, L), a view unless the strides forbid it
-    grad = native.empty(x.shape, x.dtype, x.device) if want else None
-    g3 = grad.view(n, c, length) if grad is not None else None
-    h2 = torch.empty(n, length, dtype=acc, device=x.device)  # entropy per distribution
-    if compiled:
-        native_softmax.entropy_rows(x3, h2, g3, logits=logits)
-        return h2.view(x.shape[:d] + x.shape[d + 1:]).to(x.dtype), grad
-    # work: (rows, C) accumulation dtype, BLOCK_BYTES; the kernel adds about three more of its size.
-    rows = _blocks.block_rows(c, torch.finfo(acc).bits // 8)
-    buf = _blocks.work_buffer(min(rows, n * length), c, acc, x.device)
-    for blk in _blocks.blocks(n, length, rows):
-        nb, nl = blk.b1 - blk.b0, blk.l1 - blk.l0
-        work = buf[:blk.rows]
-        work.view(nb, nl, c).copy_(blk.of(x3))
-        h2[blk.b0:blk.b1, blk.l0:blk.l1] = _entropy_rows_(work, logits, want).view(nb, nl)
-        if g3 is not None:
-            blk.of(g3).copy_(work.view(nb, nl, c))
-    return h2.view(x.shape[:d] + x.shape[d + 1:]).to(x.dtype), grad
-
-
-def _entropy_rows_(work: Tensor, logits: bool, want: bool) -> Tensor:
-    """Entropy of each row of ``work`` (rows, C); if ``want``, ``work`` becomes ``dH/dwork``.
-
-    Reference expression: ``-torch.xlogy(p, p).sum(-1)`` for probabilities ``p = work``, and
-    ``-torch.xlogy(q, q).sum(-1)`` with ``q = work.softmax(-1)`` for logits.
-    """
-    if not logits:
-        h = -torch.xlogy(work, work).sum(1)
-        if want:
-            absent = work == 0
-            work.log_().add_(1).neg_().masked_fill_(absent, 0.0)  # -(log p + 1); 0 where p == 0
-        return h
-    work.sub_(work.amax(1, keepdim=True))  # z = x - max <= 0 (NaN for a row of -inf)
-    e = work.exp()  # (rows, C)
-    absent = e == 0  # -inf logits (or exp underflow): p z -> 0
-    s = e.sum(1)
-    mean_z = (e * work).masked_fill_(absent, 0.0).sum(1) / s  # sum_c p_c z_c <= 0
-    h = s.log() - mean_z
-    if want:
-        # p_c (mean_z - z_c) = e_c (mean_z - z_c) / s
-        work.neg_().add_(mean_z.unsqueeze(1)).mul_(e).masked_fill_(absent, 0.0).div_(s.unsqueeze(1))
-    return h
+    return ops_softmax.entropy(x, d, logits, impl)

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _autocast, _checks, _reduction
 from .._autograd import attach, needs_grad
-from .._types import Reduction
+from .._types import IMPLS, Impl, Reduction
 from ..ops.blocks import accumulation_dtype
 from ..ops.linear_xent import Problem, Sweep, chunk_rows, class_buffers, products_dtype, row_kernel, sweep
 from ..ops.reference.rows import RowSpec
@@ -51,12 +51,13 @@ class _Options:
     rows: int
     probabilities: bool
     reduction: str
+    impl: str
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,
                          weight: Tensor | None = None, reduction: Reduction = "mean", ignore_index: int | None = None,
                          label_smoothing: float = 0.0, options: object = None, z_loss: float = 0.0,
-                         softcap: float | None = None, chunk_size: int | None = None) -> Tensor:
+                         softcap: float | None = None, chunk_size: int | None = None, impl: Impl = "auto") -> Tensor:
     r"""Cross-entropy of the logits ``input @ linear_weight.T + linear_bias``, without materialising them.
 
     Drop-in for ``torch.nn.functional.linear_cross_entropy`` (torch 2.13). Reference expression::
@@ -102,7 +103,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     Keyword-only extras: ``z_loss`` (coefficient of ``logsumexp^2``), ``softcap`` (``c * tanh(z / c)``
     applied to the logits before the softmax), ``chunk_size`` (samples per chunk, overriding the choice
-    from the memory budget in :func:`losskit.ops.linear_xent.chunk_rows`).
+    from the memory budget in :func:`losskit.ops.linear_xent.chunk_rows`), ``impl`` (who runs each chunk's
+    cross-entropy step: see :func:`losskit.functional.cross_entropy`; the products are torch's matmuls
+    whatever it is).
 
     Gradients for whichever of ``input``, ``linear_weight``, ``linear_bias`` (and probability
     ``target``) require grad are computed chunk by chunk in the forward pass for "mean" and "sum". For
@@ -117,15 +120,15 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         tensor(0.5379)
     """
     return _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
-                  options, z_loss, softcap, chunk_size, stats=False)[0]
+                  options, z_loss, softcap, chunk_size, impl, stats=False)[0]
 
 
 def linear_cross_entropy_with_stats(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                                     linear_bias: Tensor | None = None, weight: Tensor | None = None,
                                     reduction: Reduction = "mean", ignore_index: int | None = None,
                                     label_smoothing: float = 0.0, options: object = None, z_loss: float = 0.0,
-                                    softcap: float | None = None,
-                                    chunk_size: int | None = None) -> LinearCrossEntropyResult:
+                                    softcap: float | None = None, chunk_size: int | None = None,
+                                    impl: Impl = "auto") -> LinearCrossEntropyResult:
     """:func:`linear_cross_entropy` plus per-position log-sum-exp, argmax and token accuracy, from the
     same pass over the logits (see :class:`LinearCrossEntropyResult`). Arguments as
     :func:`linear_cross_entropy`.
@@ -139,7 +142,7 @@ def linear_cross_entropy_with_stats(input: Tensor, linear_weight: Tensor, target
         (tensor([2, 1]), tensor(0.5000))
     """
     loss, s, target2 = _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                              label_smoothing, options, z_loss, softcap, chunk_size, stats=True)
+                              label_smoothing, options, z_loss, softcap, chunk_size, impl, stats=True)
     shape = _positions_shape(input, linear_weight)
     if target2.is_floating_point():
         scored = torch.ones_like(s.argmax, dtype=torch.bool)
@@ -153,11 +156,12 @@ def linear_cross_entropy_with_stats(input: Tensor, linear_weight: Tensor, target
 
 def _fused(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None, weight: Tensor | None,
            reduction: str, ignore_index: int | None, label_smoothing: float, options: object, z_loss: float,
-           softcap: float | None, chunk_size: int | None, *, stats: bool) -> tuple[Tensor, Sweep, Tensor]:
+           softcap: float | None, chunk_size: int | None, impl: object, *, stats: bool
+           ) -> tuple[Tensor, Sweep, Tensor]:
     """Validate, run the sweep, wire the gradients; returns the loss, the sweep and the (N, L) or
     (N, C, L) target the sweep read."""
     opts, lazy = _validate(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                           label_smoothing, options, z_loss, softcap, chunk_size, stats)
+                           label_smoothing, options, z_loss, softcap, chunk_size, impl, stats)
     p = _problem(input, linear_weight, linear_bias, target, opts)
     tensors = (input, linear_weight, linear_bias, target)
     wants = needs_grad(input, linear_weight, linear_bias, target if opts.probabilities else None)
@@ -181,7 +185,7 @@ def _fused(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Te
 
 def _validate(input: object, linear_weight: object, target: object, linear_bias: object, weight: object,
               reduction: object, ignore_index: object, label_smoothing: object, options: object, z_loss: object,
-              softcap: object, chunk_size: object, stats: bool) -> tuple[_Options, bool]:
+              softcap: object, chunk_size: object, impl: object, stats: bool) -> tuple[_Options, bool]:
     """Every check, before any chunk runs; returns the options and whether backward recomputes."""
     x = _checks.floating("input", input)
     if x.dim() not in (1, 2):
@@ -231,12 +235,15 @@ def _validate(input: object, linear_weight: object, target: object, linear_bias:
     acc = accumulation_dtype(x.dtype)
     spec = RowSpec(weight=None if class_weight is None else class_weight.to(acc), ignore_index=ignore,
                    label_smoothing=ls, z_loss=zl, argmax=stats)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     rows = _chunk_size(chunk_size, torch_chunk)
     if rows is None:
         rows = chunk_rows(x.shape[0] if x.dim() == 2 else 1, n_classes, x.shape[-1], x.dtype,
                           class_buffers(spec, cap, probabilities), products=products_dtype(x.dtype, x.device),
-                          kernel=row_kernel(x, spec, cap, per_position=reduction == "none"))
-    return _Options(spec, cap, rows, probabilities, str(reduction)), reduction == "none" or retain
+                          kernel=row_kernel(x, target, spec, cap, str(impl), per_position=reduction == "none")
+                          is not None)
+    return _Options(spec, cap, rows, probabilities, str(reduction), str(impl)), reduction == "none" or retain
 
 
 def _same_dtype(name: str, value: Tensor, x: Tensor) -> None:
@@ -303,7 +310,7 @@ def _problem(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, t
     t = target.reshape(n, n_classes, length) if opts.probabilities else target.reshape(n, length).long()
     return Problem(x, linear_weight.reshape(n_classes, length, d),
                    None if linear_bias is None else linear_bias.reshape(n_classes, length), t, opts.spec,
-                   opts.softcap, opts.rows)
+                   opts.softcap, opts.rows, opts.impl)
 
 
 def _denominator(p: Problem) -> Tensor | float:

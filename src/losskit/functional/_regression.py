@@ -1,39 +1,18 @@
-"""Regression losses: ``mse_loss`` and ``rmse_loss``, fused passes of :mod:`losskit.ops.reference.elementwise`
-(``impl="torch"``) or of the C kernel :mod:`losskit.ops.cpu.native_pointwise` (``impl="compiled"``)."""
+"""Regression losses: ``mse_loss`` and ``rmse_loss``, validated here and computed by the fused passes of
+:mod:`losskit.ops.elementwise`."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .. import _checks, _reduction
+from .. import _checks
 from .._autocast import float32_under_autocast
-from .._autograd import attach, needs_grad
 from .._types import Impl, Reduction
-from ..ops.cpu import native_pointwise
-from ..ops.reference import elementwise
-from ..ops.blocks import accumulation_dtype
-from ..ops.cpu.native_elementwise import Runner
-from ._elementwise import check_constant, check_pair, elementwise_loss, forward
+from ..ops import elementwise as ops
+from ._elementwise import check_constant, check_pair
 
 __all__ = ["mse_loss", "rmse_loss"]
-
-
-def _mse_kernel(ops: Sequence[Tensor | None], want: Sequence[bool]
-                ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None]]:
-    """``loss = w * (x - y)**2``, ``dx = 2 w (x - y)``, ``dy = -dx`` (w = 1 when None)."""
-    x, y, w = ops
-    d = x - y
-    loss = d * d
-    dx = d.mul_(2) if want[0] or want[1] else None
-    if w is not None:
-        loss.mul_(w)
-        if dx is not None:
-            dx.mul_(w)
-    dy = torch.neg(dx) if want[1] else None
-    return loss, (dx if want[0] else None, dy)
 
 
 def _check_mse(input: object, target: object, weight: object) -> tuple[Tensor, Tensor, Tensor | None, torch.dtype]:
@@ -44,15 +23,6 @@ def _check_mse(input: object, target: object, weight: object) -> tuple[Tensor, T
     x, t, w = float32_under_autocast(x.device.type, x, t, w, except_on=("cpu",) if w is not None else ())
     out_dtype = torch.promote_types(x.dtype, t.dtype)
     return x, t, w, out_dtype if w is None else torch.promote_types(out_dtype, w.dtype)
-
-
-def _runner(impl: object, x: Tensor, t: Tensor, w: Tensor | None) -> Runner:
-    return native_pointwise.runner(impl, native_pointwise.MSE, x, t, w) or elementwise.run
-
-
-def _denominator(w: Tensor | None, out_dtype: torch.dtype) -> Tensor | None:
-    """Weighted "mean" divides by the weights' sum (torch's rule); None means the element count."""
-    return None if w is None else w.sum(dtype=accumulation_dtype(out_dtype))
 
 
 def mse_loss(input: Tensor, target: Tensor, *, reduction: Reduction = "mean", weight: Tensor | None = None,
@@ -69,9 +39,8 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: Reduction = "mean", we
     Output: the promoted dtype of input, target (and weight), shape ``()`` or the input's. Gradients with
     respect to input and target are computed in the forward pass.
 
-    ``impl``: ``"compiled"`` losskit's C kernel (CPU tensors: one read of each operand and one write of
-    each gradient per element, see :mod:`losskit.ops.cpu.native_pointwise`), ``"torch"`` the piece-wise
-    torch path (any device; the reference), ``"auto"`` the compiled kernel for CPU tensors when built.
+    The kernels read each operand once and write each gradient once per element. ``impl`` as in
+    :func:`losskit.functional.cross_entropy`.
 
     Example:
         >>> import torch, losskit.functional as LF
@@ -80,8 +49,7 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: Reduction = "mean", we
     """
     x, t, w, out_dtype = _check_mse(input, target, weight)
     _checks.reduction(reduction)
-    return elementwise_loss(_mse_kernel, (x, t, w), reduction, out_dtype, _denominator(w, out_dtype),
-                            runner=_runner(impl, x, t, w))
+    return ops.mse_loss(x, t, w, reduction=reduction, out_dtype=out_dtype, impl=impl)
 
 
 def rmse_loss(input: Tensor, target: Tensor, *, weight: Tensor | None = None, impl: Impl = "auto") -> Tensor:
@@ -100,25 +68,4 @@ def rmse_loss(input: Tensor, target: Tensor, *, weight: Tensor | None = None, im
         tensor(0.6455)
     """
     x, t, w, out_dtype = _check_mse(input, target, weight)
-    runner = _runner(impl, x, t, w)
-    want = (*needs_grad(x, t), False)
-    # d sqrt(m) = dm / (2 sqrt(m)), 0 where m == 0: the factor is known once the whole sum is. The torch
-    # path scales its gradients in place afterwards (one more read and write of each); the C kernel is
-    # cheaper reading the operands twice: the sum first, then the gradients with their final scale.
-    two_pass = runner is not elementwise.run
-    with torch.no_grad():
-        denominator = _denominator(w, out_dtype)
-        operands = (x, t, w)
-        mse, grads = forward(_mse_kernel, operands, (False,) * 3 if two_pass else want, "mean", out_dtype,
-                             denominator, runner=runner)
-        rmse = mse.sqrt()
-        factor = torch.where(rmse > 0, 0.5 / rmse, torch.zeros_like(rmse))
-        if two_pass and any(want):
-            scale = _reduction.scale("mean", denominator, x.numel()) * factor
-            _, grads = runner(_mse_kernel, operands, want, acc=mse.dtype, out_dtype=out_dtype, keep=False,
-                              grad_scale=scale)
-        else:
-            for g in grads:
-                if g is not None:
-                    g.mul_(factor)
-    return attach(rmse.to(out_dtype), (x, t), grads[:2])
+    return ops.rmse_loss(x, t, w, out_dtype=out_dtype, impl=impl)

@@ -1,12 +1,15 @@
-"""Fast paths behind the functional API.
+"""The fused operations behind the functional API, and the backends that compute them.
 
-Each kernel states the reference expression it computes; tests use that expression as the oracle and
-benchmarks as the baseline. ``rows`` holds the pure-torch row kernels (any device); ``blocks`` splits an
-``(N, C, d1, ..., dk)`` tensor into cache-sized ``(n, C)`` row blocks; ``elementwise`` walks the
-elementwise losses in cache-sized pieces; ``linear_xent`` is the chunked head + cross-entropy. ``native`` runs the compiled CPU
-row kernels (the C extension ``_native``, built with the package; ``impl="compiled"``). ``native_binary``
-runs the compiled binary losses (``_native_binary``), fed by ``native_elementwise``, the compiled
-elementwise losses' driver (one call over contiguous operands, else contiguous pieces), as is
-``native_pointwise`` (mse_loss, rmse_loss and kl_div, ``_native_pointwise``). ``native_softmax``
-runs the compiled softmax, log_softmax, entropy and nll_loss rows (``_native_softmax``).
+``functional/`` validates a call and hands it to a driver here (``classification``, ``softmax``,
+``elementwise``, ``linear_xent``; the vocab-parallel loss in :mod:`losskit.distributed`). A driver asks
+:mod:`._dispatch`, the one table of ``(operation, device, impl) -> backend``, who computes it:
+
+* ``cpu/``: the C extension (``_native*.c``/``.h``) and its Python wrappers;
+* ``triton/``: the Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``);
+* ``reference/``: the pure-torch block-wise path, any device: the oracle of the tests;
+* ``composite.py``: torch's own loss, or a short composite, where no kernel runs;
+
+and :mod:`._library` registers the kernels as torch custom ops. Every backend of an operation takes
+the same arguments, and every fast path states the reference expression it computes. ``blocks`` holds
+the shape helpers they share.
 """

@@ -26,6 +26,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def class_dim(input: Tensor) -> int:
+    """The class dimension: 0 for a single sample ``(C,)``, else 1."""
+    return 0 if input.dim() == 1 else 1
+
+
+def index_shape(x: Tensor) -> tuple[int, ...]:
+    """The positions' shape: ``x``'s without the class dimension."""
+    return tuple(x.shape[:class_dim(x)] + x.shape[class_dim(x) + 1:])
+
+
 def as_3d(x: Tensor) -> Tensor:
     """``(C,)`` -> ``(1, C, 1)``, ``(N, C)`` -> ``(N, C, 1)``, ``(N, C, d1..dk)`` -> ``(N, C, L)``.
 

@@ -25,22 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _reduction
-from .blocks import accumulation_dtype
+from .blocks import accumulation_dtype, class_dim
+from .reference.losses import BCE_EPSILON
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy", "entropy", "focal_loss",
            "kl_div", "log_softmax", "mse_loss", "multilabel_soft_margin_loss", "nll_loss", "rmse_loss",
            "sigmoid_focal_loss", "softmax"]
 
-#: ATen's ``EPSILON = 1e-12f`` floor of ``(1 - x) x`` in torch's BCE backward, a float32 constant used for
-#: every dtype (the reference's BCE kernel and the Triton kernel use the same value).
-_BCE_EPSILON = float(torch.tensor(1e-12, dtype=torch.float32))
-
 #: torch's reduction enum of ``torch.kl_div`` (``F.kl_div`` would repeat the functional's "mean" warning).
 _KL_NONE = 0
-
-
-def _class_dim(input: Tensor) -> int:
-    return 0 if input.dim() == 1 else 1
 
 
 def _pow_finite_at_zero(q: Tensor, gamma: float) -> Tensor:
@@ -64,7 +57,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, *, ignor
 def focal_loss(input: Tensor, target: Tensor, weight: Tensor | None, *, gamma: float, ignore_index: int,
                reduction: str) -> Tensor:
     """``-w_y (1 - p_y) ** gamma * log p_y`` from ``log_softmax`` + gather; "mean" divides by ``sum w_y``."""
-    cd, acc = _class_dim(input), accumulation_dtype(input.dtype)
+    cd, acc = class_dim(input), accumulation_dtype(input.dtype)
     ignored = target == ignore_index  # the positions' shape
     safe = target.long().masked_fill(ignored, 0)
     # masked: an ignored position is 0, even where its class-0 log-probability is -inf
@@ -139,7 +132,7 @@ class _BinaryCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
         x, y, w = ctx.saved_tensors
         g = grad if w is None else grad * w
-        dx = g * (x - y) / ((1 - x) * x).clamp_min(_BCE_EPSILON) if ctx.needs_input_grad[0] else None
+        dx = g * (x - y) / ((1 - x) * x).clamp_min(BCE_EPSILON) if ctx.needs_input_grad[0] else None
         dy = -g * torch.logit(x) if ctx.needs_input_grad[1] else None
         return dx, dy, None
 

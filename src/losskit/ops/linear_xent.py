@@ -62,12 +62,13 @@ three products' 2.44 s.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .cpu import native
+from . import _dispatch
 from .blocks import accumulation_dtype
 from .reference.rows import RowSpec, xent_rows_
 
@@ -161,14 +162,25 @@ def products_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return acc
 
 
-def row_kernel(x: Tensor, spec: RowSpec, softcap: float | None, *, per_position: bool) -> bool:
-    """Whether a low-precision chunk's row step is the C kernel (:func:`losskit.ops.cpu.native.xent_rows`,
-    which reads the bfloat16 logits and writes their bfloat16 gradient, computing in float32): on the CPU
-    where it is built and no torch.compile trace or torch.func transform runs, for what it computes
-    (no softcap, z-loss or statistics) with one scale for every position (``per_position``: "none"'s
-    grad_output). Otherwise the torch row step runs on a float32 copy of the chunk."""
-    return (not softcap and not spec.z_loss and not spec.argmax and not spec.gamma and not per_position
-            and native.use_compiled("auto", x))
+def row_kernel(x: Tensor, target: Tensor, spec: RowSpec, softcap: float | None, impl: str, *,
+               per_position: bool) -> Callable | None:
+    """The ``xent_rows`` kernel that runs a chunk's cross-entropy step, or None for the torch row step.
+
+    A kernel (:mod:`losskit.ops._dispatch` picks it from ``impl`` and the device: the C kernel on CPU,
+    Triton on CUDA) reads the chunk's logits in their dtype and writes their gradient, computing in
+    float32, for what it computes (no softcap, z-loss or statistics) with one scale for every position
+    (``per_position``: "none"'s grad_output). The C kernel wants contiguous rows, so on CPU it runs
+    only on the row-major low-precision chunks; the Triton kernel takes any strides, so on CUDA it runs
+    in every dtype. Otherwise the torch row step runs (on a float32 copy of a low-precision chunk).
+    """
+    if softcap or spec.z_loss or spec.argmax or spec.gamma or per_position:
+        return None
+    backend = _dispatch.backend("xent_rows", impl, x, target, spec.weight)
+    if backend == _dispatch.CPU and products_dtype(x.dtype, x.device) != accumulation_dtype(x.dtype):
+        return _dispatch.kernel("xent_rows", backend)
+    if backend == _dispatch.TRITON:
+        return _dispatch.kernel("xent_rows", backend)
+    return None
 
 
 def weight_grad_block(n_classes: int, in_features: int, products: torch.dtype, acc: torch.dtype,
@@ -228,6 +240,7 @@ class Problem:
     spec: RowSpec
     softcap: float | None
     rows: int
+    impl: str = "auto"
 
     @property
     def probabilities(self) -> bool:
@@ -264,7 +277,9 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
     low = mm != acc  # products in bfloat16/float16, float32 accumulators beside them
     upcast = x.dtype != mm
     want_grad = want_input or want_weight or want_bias
-    kernel = low and row_kernel(x, p.spec, p.softcap, per_position=isinstance(scale, Tensor) and scale.dim() > 0)
+    row_fn = row_kernel(x, p.target, p.spec, p.softcap, p.impl,
+                        per_position=isinstance(scale, Tensor) and scale.dim() > 0)
+    kernel = row_fn is not None
     class_weight = None if p.spec.weight is None else p.spec.weight.contiguous()
 
     w_mm = p.w.to(mm)  # (C, L, D) GEMM operand; when upcast, one float32 copy of the head
@@ -294,7 +309,7 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
     gx_all = torch.empty(rows, d, dtype=acc, device=dev) if want_input and (upcast or low and length > 1) else None
     loss_all = torch.empty(rows, dtype=acc, device=dev) if kernel else None  # the kernel's (rows,) loss
     block = weight_grad_block(n_classes, d, mm, acc, dev) if want_weight else None
-    kernel_scale = float(scale) if kernel else 0.0  # a scalar (row_kernel): one read before the loop
+    kernel_scale = scale if kernel else 0.0  # one scale for every position (row_kernel)
 
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
@@ -316,7 +331,7 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
             if kernel:
                 grad = None if grad_all is None else grad_all[:r]
                 gt_l = None if gt is None else gt[n0:n1, :, l]
-                native.xent_rows(logits.unsqueeze(2), t.unsqueeze(2) if p.probabilities else t.contiguous(),
+                row_fn(logits.unsqueeze(2), t.unsqueeze(2) if p.probabilities else t.contiguous(),
                                  None if grad is None else grad.unsqueeze(2),
                                  None if gt_l is None else gt_l.unsqueeze(2), class_weight, loss_all[:r],
                                  ignore_index=p.spec.ignore_index, label_smoothing=p.spec.label_smoothing,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from losskit.ops.cpu.native_pointwise import KL_LOG, KL_PROB, MSE
+from losskit.ops.reference.elementwise import KL_LOG, KL_PROB, MSE
 from losskit.ops.reference import elementwise as reference
 from losskit.ops.reference import losses
 from losskit.ops.triton import elementwise

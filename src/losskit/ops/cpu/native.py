@@ -175,6 +175,7 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch
     nbytes = math.prod(shape) * dtype.itemsize
     ext = load()
     if (torch.device(device).type == "cpu" and nbytes >= BLOCK_MIN_BYTES and not isinstance(ext, ImportError)
+            and not torch.compiler.is_compiling()
             and hasattr(ext, "block")):
         return torch.frombuffer(ext.block(nbytes), dtype=dtype).view(shape)
     return torch.empty(shape, dtype=dtype, device=device)

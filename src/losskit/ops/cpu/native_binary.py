@@ -34,8 +34,7 @@ from torch import Tensor
 from ... import _checks
 from ..reference import elementwise
 from . import native, native_elementwise
-from ..reference.elementwise import Kernel
-from .native_elementwise import Runner
+from ..reference.elementwise import Kernel, Runner
 
 #: The extension module's name under ``losskit.ops.cpu``.
 EXTENSION = "_native_binary"
@@ -168,20 +167,12 @@ def _run(kind: str, alpha: float, gamma: float, kernel: Kernel, operands: Sequen
     return torch.tensor([total], dtype=acc, device=device), grads
 
 
-def runner(impl: object, kind: str, *tensors: Tensor | None, alpha: float = 0.0, gamma: float = 0.0
-           ) -> Runner | None:
-    """The compiled runner of ``kind`` (with focal's ``alpha`` and ``gamma``) when ``impl`` selects it for
-    ``tensors`` (see :func:`losskit.ops.cpu.native.use_compiled`), else None: the caller runs
-    :func:`losskit.ops.reference.elementwise.run`. A floating dtype the kernel does not store (float8) is the
-    torch path's under ``"auto"``, a ValueError under ``"compiled"``; integer targets are converted."""
-    present = [t for t in tensors if t is not None]
-    if not native.use_compiled(impl, *present, extension=EXTENSION):
-        return None
-    unsupported = sorted({str(t.dtype) for t in present if t.is_floating_point() and t.dtype not in _DTYPE_CODES})
-    if unsupported:
-        if impl == "compiled":
-            raise ValueError(f"impl='compiled' does not take {', '.join(unsupported)}; use impl='torch'")
-        return None
+def binary_runner(kind: str, *, alpha: float = 0.0, gamma: float = 0.0) -> Runner:
+    """The compiled runner of ``kind`` (with focal's ``alpha`` and ``gamma``): a function with the
+    signature of :func:`losskit.ops.reference.elementwise.run` that computes it in C. Integer targets are
+    converted; :mod:`losskit.ops._dispatch` sends only dtypes the kernel stores."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     return functools.partial(_run, kind, float(alpha), float(gamma))
 
 

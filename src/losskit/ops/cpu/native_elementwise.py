@@ -11,7 +11,7 @@ the last dim). When every input is contiguous and of the full shape, that is one
 call is repeated over the pieces of :func:`losskit.ops.reference.elementwise.pieces` (at most ``CHUNK``
 elements, cache-sized): each is a contiguous range of the flattened shape, so the outputs are written in
 place and only the piece of an input that is strided or broadcast is copied. Never a copy of a whole
-input. :data:`Runner` is the signature of :func:`losskit.ops.reference.elementwise.run`, which the compiled
+input. :data:`losskit.ops.reference.elementwise.Runner` is the signature of its ``run``, which the compiled
 losses implement with this.
 """
 
@@ -23,11 +23,6 @@ import torch
 from torch import Tensor
 
 from ..reference import elementwise
-
-#: ``runner(kernel, operands, want, *, acc, out_dtype, keep, grad_scale=1.0, sum_last_dim=False)
-#: -> (loss, grads)``: :func:`losskit.ops.reference.elementwise.run`, or a compiled equivalent (``kernel`` is
-#: then the reference expression of the C kernel that computes it).
-Runner = Callable[..., tuple[Tensor, list[Tensor | None]]]
 
 #: ``call(ins, outs) -> loss sum`` over contiguous pieces, see the module docstring.
 Call = Callable[[Sequence[Tensor | None], Sequence[Tensor | None]], float]

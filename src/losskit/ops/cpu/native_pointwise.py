@@ -28,14 +28,12 @@ import torch
 from torch import Tensor
 
 from . import native, native_elementwise
-from ..reference.elementwise import Kernel
-from .native_elementwise import Runner
+from ..reference.elementwise import KL_LOG, KL_PROB, MSE, Kernel, Runner
 
 #: The extension module's name under ``losskit.ops.cpu``.
 EXTENSION = "_native_pointwise"
 
-#: Kernel kinds of the C extension.
-MSE, KL_PROB, KL_LOG = 0, 1, 2
+#: Kernel kinds of the C extension (:mod:`losskit.ops.reference.elementwise`'s).
 _KINDS = (MSE, KL_PROB, KL_LOG)
 
 _FLOATING = native._DTYPE_CODES  # the storage dtypes of _native_common.h
@@ -113,21 +111,12 @@ def _run(kind: int, kernel: Kernel, operands: Sequence[Tensor | None], want: Seq
     return torch.tensor([total], dtype=acc, device=x.device), grads
 
 
-def runner(impl: object, kind: int, *tensors: Tensor | None) -> Runner | None:
-    """The compiled runner of ``kind`` when ``impl`` selects it for ``tensors`` (see
-    :func:`losskit.ops.cpu.native.use_compiled`), else None (the caller runs its torch path). A dtype the
-    kernel does not take (an unsigned integer target wider than 8 bits, a float8 operand) is the torch
-    path's under ``"auto"``, a ValueError under ``"compiled"``."""
-    present = [t for t in tensors if t is not None]
-    if not native.use_compiled(impl, *present, extension=EXTENSION):
-        return None
-    names = ("input", "target", "weight")
-    unsupported = [f"{name} {t.dtype}" for name, t in zip(names, tensors)
-                   if t is not None and t.dtype not in _codes(kind, name)]
-    if unsupported:
-        if impl == "compiled":
-            raise ValueError(f"impl='compiled' does not take {', '.join(unsupported)}; use impl='torch'")
-        return None
+def pointwise_runner(kind: int) -> Runner:
+    """The compiled runner of ``kind`` (``MSE``, ``KL_PROB``, ``KL_LOG``): a function with the signature of
+    :func:`losskit.ops.reference.elementwise.run` that computes it in C. :mod:`losskit.ops._dispatch`
+    sends only the dtypes the kernel takes."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     return functools.partial(_run, kind)
 
 

@@ -34,6 +34,14 @@ CHUNK = 1 << 18
 #: None where nothing is wanted.
 Kernel = Callable[[Sequence[Tensor | None], Sequence[bool]], tuple[Tensor, Sequence[Tensor | None]]]
 
+#: ``runner(kernel, operands, want, *, acc, out_dtype, keep, grad_scale=1.0, sum_last_dim=False)
+#: -> (loss, grads)``: :func:`run`, or a kernel backend's equivalent (``kernel`` is then the reference
+#: expression of what it computes). Every backend of the ``binary`` and ``pointwise`` operations returns one.
+Runner = Callable[..., tuple[Tensor, list[Tensor | None]]]
+
+#: The kinds of the ``pointwise`` operation (what the C and Triton kernels switch on).
+MSE, KL_PROB, KL_LOG = 0, 1, 2
+
 
 def pieces(shape: Sequence[int], chunk: int | None = None) -> Iterator[tuple[int | slice, ...]]:
     """Index tuples that cover ``shape`` with views of at most ``chunk`` elements (default ``CHUNK``).
@@ -101,3 +109,10 @@ def run(kernel: Kernel, operands: Sequence[Tensor | None], want: Sequence[bool],
 
 def _scaled(scale: Tensor | float) -> bool:
     return isinstance(scale, Tensor) or scale != 1.0
+
+
+def runner(kind: str | int, **params: float) -> Runner:
+    """The reference backend of the ``binary`` and ``pointwise`` operations: :func:`run` itself, whose
+    ``kernel`` argument (the loss's torch expression, its options bound) is what it computes."""
+    del kind, params  # carried by the kernel the driver passes
+    return run

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..blocks import block_rows, blocks, work_buffer
+
 
 @dataclass
 class RowSpec:
@@ -138,3 +140,53 @@ def _prob_rows_(work: Tensor, m: Tensor, target: Tensor, spec: RowSpec, scale: T
         s = scale.unsqueeze(1) if isinstance(scale, Tensor) and scale.dim() else scale
         work.mul_((alpha / sumexp).unsqueeze(1)).sub_(wt).mul_(s)
     return RowResult(loss, m + log_s)
+
+
+def xent_rows(x3: Tensor, target: Tensor, grad3: Tensor | None, target_grad3: Tensor | None, weight: Tensor | None,
+              loss: Tensor, *, ignore_index: int, label_smoothing: float, gamma: float, scale: Tensor | float) -> None:
+    """The reference backend of the ``xent_rows`` operation: the C kernel's arguments
+    (:func:`losskit.ops.cpu.native.xent_rows`), computed by :func:`xent_rows_` over cache-sized blocks.
+
+    ``x3`` (N, C, L) any strides; ``target`` (N*L,) int64 or (N, C, L) probabilities; ``grad3`` and
+    ``target_grad3`` (N, C, L) outputs or None; ``loss`` (N, L) in the accumulation dtype.
+    """
+    n, n_classes, length = x3.shape
+    acc, want_x = loss.dtype, grad3 is not None
+    probabilities = target.is_floating_point()
+    spec = RowSpec(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, gamma=gamma)
+    tgt = target if probabilities else target.view(n, length)
+    loss2 = loss.view(n, length)
+    # work: (rows, C) acc dtype, BLOCK_BYTES; with a float32/64 (N, C) input the gradient rows are
+    # used as the work buffer directly and no copy-back is needed.
+    rows = block_rows(n_classes, torch.finfo(acc).bits // 8)
+    in_place = want_x and x3.dtype == acc and length == 1 and grad3.is_contiguous()
+    buf = None if in_place else work_buffer(min(rows, n * length), n_classes, acc, x3.device)
+    tbuf = work_buffer(min(rows, n * length), n_classes, acc, x3.device) if target_grad3 is not None else None
+    for blk in blocks(n, length, rows):
+        nb, nl = blk.b1 - blk.b0, blk.l1 - blk.l0
+        work = grad3[blk.b0:blk.b1, :, 0] if in_place else buf[:blk.rows]
+        work.view(nb, nl, n_classes).copy_(blk.of(x3))
+        tb = blk.of(tgt).reshape(-1, n_classes).to(acc) if probabilities else blk.positions(tgt)
+        tgb = tbuf[:blk.rows] if tbuf is not None else None
+        res = xent_rows_(work, tb, spec, scale, want_x, tgb)
+        loss2[blk.b0:blk.b1, blk.l0:blk.l1] = res.loss.view(nb, nl)
+        if want_x and not in_place:
+            blk.of(grad3).copy_(work.view(nb, nl, n_classes))
+        if tgb is not None:
+            blk.of(target_grad3).copy_(tgb.view(nb, nl, n_classes))
+
+
+def nll_rows(x3: Tensor, target: Tensor, grad3: Tensor | None, weight: Tensor | None, loss: Tensor, *,
+             ignore_index: int, scale: Tensor | float) -> None:
+    """The reference backend of ``nll_rows`` (the arguments of :func:`losskit.ops.cpu.native_softmax.nll_rows`):
+    ``loss = -w[y] * x[n, y, l]`` (0 where ignored, even when that entry is -inf) by one gather, and the
+    gradient by ``zero_`` + ``scatter_``."""
+    n, _, length = x3.shape
+    acc = loss.dtype
+    t2 = target.view(n, length)
+    valid = (t2 != ignore_index).unsqueeze(1)  # (N, 1, L)
+    safe = t2.masked_fill(~valid.squeeze(1), 0).unsqueeze(1)  # (N, 1, L) a valid index everywhere
+    w_y = (weight[safe] if weight is not None else torch.ones(safe.shape, dtype=acc, device=x3.device)) * valid
+    loss.view(n, length).copy_((-(x3.gather(1, safe).to(acc) * w_y)).masked_fill(~valid, 0.0).squeeze(1))
+    if grad3 is not None:
+        grad3.zero_().scatter_(1, safe, (-w_y * scale).to(grad3.dtype))

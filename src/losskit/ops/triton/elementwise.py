@@ -57,8 +57,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..cpu.native_elementwise import Runner
-from ..cpu.native_pointwise import KL_LOG, KL_PROB, MSE
+from ..reference.elementwise import KL_LOG, KL_PROB, MSE, Runner
+from ..reference.losses import BCE_EPSILON
 from ..reference.elementwise import Kernel
 
 __all__ = ["binary_runner", "pointwise_runner", "tile_shape"]
@@ -79,7 +79,7 @@ MAX_DIMS = 4
 #: of the input.
 TILE = 2048
 
-_BCE_EPSILON: tl.constexpr = tl.constexpr(float(torch.tensor(1e-12, dtype=torch.float32)))  # ATen's EPSILON
+_BCE_EPSILON: tl.constexpr = tl.constexpr(BCE_EPSILON)  # ATen's EPSILON, see reference.losses
 _INF: tl.constexpr = tl.constexpr(math.inf)
 _NAN: tl.constexpr = tl.constexpr(math.nan)
 
@@ -442,7 +442,7 @@ def binary_runner(kind: str, *, alpha: float = 0.0, gamma: float = 0.0) -> Runne
 
 
 def pointwise_runner(kind: int) -> Runner:
-    """The Triton runner of ``kind``: :data:`~losskit.ops.cpu.native_pointwise.MSE` (input, target and an
+    """The Triton runner of ``kind``: :data:`~losskit.ops.reference.elementwise.MSE` (input, target and an
     optional weight of the input's shape), ``KL_PROB`` or ``KL_LOG`` (input and target, kl_div's views of
     the broadcast shape)."""
     if kind not in _POINTWISE_KINDS:
