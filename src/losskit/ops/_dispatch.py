@@ -32,14 +32,17 @@ of :mod:`losskit.ops`, which asks here.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from .._types import IMPLS
+from .cpu import native
 
 CPU, TRITON, REFERENCE, COMPOSITE = "cpu", "triton", "reference", "composite"
 
@@ -113,8 +116,6 @@ def backend(op: str, impl: object, *tensors: Tensor | None) -> str:
         if torch.compiler.is_compiling() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
             return COMPOSITE
         if device == "cpu" and CPU in _TABLE[op] and all(d in CPU_DTYPES for d in dtypes):
-            from .cpu import native  # the extension loader, cheap once loaded
-
             return CPU if native.available(_cpu_extension(op)) else COMPOSITE
         if device == "cuda" and TRITON in _TABLE[op] and all(d in TRITON_DTYPES for d in dtypes):
             return TRITON if triton_error() is None else COMPOSITE
@@ -124,8 +125,6 @@ def backend(op: str, impl: object, *tensors: Tensor | None) -> str:
             if CPU not in _TABLE[op]:
                 raise ValueError(f"impl='compiled': no C kernel computes {op}; use impl='auto' or impl='torch'")
             if not torch.compiler.is_compiling():  # (an import: dynamo cannot trace it; eager calls run first)
-                from .cpu import native
-
                 native.module(_cpu_extension(op))  # ImportError saying how to build it
             _dtypes_taken(impl, dtypes, CPU_DTYPES)
             return CPU
@@ -167,7 +166,13 @@ def kernel(op: str, name: str) -> Callable:
     if name in (CPU, TRITON) and torch.compiler.is_compiling():
         return _library.custom_op(op, name)
     module, function = _TABLE[op][name].split(":")[:2]
-    return getattr(importlib.import_module(f"losskit.ops.{module}"), function)
+    return getattr(_module(module), function)  # looked up at each call: tests may replace a kernel
+
+
+@functools.cache
+def _module(name: str) -> ModuleType:
+    """``losskit.ops.<name>``, imported on first use (the Triton modules import triton)."""
+    return importlib.import_module(f"losskit.ops.{name}")
 
 
 from . import _library  # noqa: E402  (registers the custom ops; it reads _TABLE above)

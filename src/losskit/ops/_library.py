@@ -24,7 +24,6 @@ float read from the device.
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -38,7 +37,7 @@ _NAMESPACE = "losskit"
 
 def _raw(op: str, backend: str) -> Callable:
     module, function = _dispatch._TABLE[op][backend].split(":")[:2]
-    return getattr(importlib.import_module(f"losskit.ops.{module}"), function)
+    return getattr(_dispatch._module(module), function)
 
 
 def _as_tensor(scale: Tensor | float, like: Tensor) -> Tensor:
