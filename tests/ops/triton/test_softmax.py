@@ -14,19 +14,14 @@ import pytest
 pytest.importorskip("triton")
 
 import torch
+from _helpers import (DTYPES, INF, INTERPRETER_WARNINGS, assert_identical, gen, normwise, refuses_block,
+                      refuses_float64)
 
 import losskit.functional as LF
 from losskit.ops.triton import softmax as TS
 from losskit.testing import assert_close, assert_within_eps
 
-# The interpreter evaluates the masked lanes of a tile in numpy too (-inf - -inf, log 0): its warnings
-# are about values that are never stored.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
-INF = float("inf")
-#: The interpreter runs bfloat16 and float16 (converted to float32 on load; on store it rounds float16 to
-#: nearest but truncates bfloat16, see LOW_BOUNDS).
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+pytestmark = INTERPRETER_WARNINGS
 
 #: name -> (contiguous base shape, the non-contiguous (N, C, L) view taken of it or None, BLOCK_C or None
 #: for the default). Tiles hold up to 128 rows: "many_rows" and "many_positions" take two tiles, the
@@ -62,18 +57,14 @@ F32_BOUNDS = (4, 8)
 LOW_BOUNDS = (1.25, 1.25)
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def _values(shape, kind, seed=0):
     """float64 values of ``shape``: logits (normal, scale 3) or nonnegative probabilities, every fifth 0
     (the entropy formula is applied as written; rows need not sum to 1)."""
     if kind == "probs":
-        p = torch.rand(shape, generator=_gen(seed), dtype=torch.float64)
+        p = torch.rand(shape, generator=gen(seed), dtype=torch.float64)
         p.view(-1)[::5] = 0.0
         return p
-    return torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * 3
+    return torch.randn(shape, generator=gen(seed), dtype=torch.float64) * 3
 
 
 def _layout(name, dtype, kind="logits", seed=0):
@@ -107,12 +98,6 @@ def _softmax_truth(x, log):
     return (torch.log_softmax if log else torch.softmax)(x.double(), 1)
 
 
-def _normwise(truth):
-    """The floor of a normwise bound: the largest finite |truth| (None, relative, if that is 0)."""
-    finite = truth[truth.isfinite()].abs()
-    return (finite.max().item() or None) if finite.numel() else None
-
-
 def _bounds(dtype):
     return F32_BOUNDS if dtype == torch.float32 else LOW_BOUNDS
 
@@ -124,7 +109,7 @@ def _check_forward(x3, log, block, dtype=None):
     assert ours.dtype == out_dtype and ours.is_contiguous()
     assert_close(ours, (torch.log_softmax if log else torch.softmax)(x3, 1, dtype=out_dtype))
     truth = _softmax_truth(x3.to(out_dtype), log)
-    floor = 1.0 if log else _normwise(truth)
+    floor = 1.0 if log else normwise(truth)
     assert_within_eps(ours, truth, _bounds(out_dtype)[0], floor=floor, msg="log_softmax" if log else "softmax")
 
 
@@ -141,7 +126,7 @@ def _check_backward(x3, log, block, seed=1):
     assert_close(ours, expected)
     yd, gd = y.double(), g.double()
     truth = gd - yd.exp() * gd.sum(1, keepdim=True) if log else yd * (gd - (gd * yd).sum(1, keepdim=True))
-    assert_within_eps(ours, truth, _bounds(x3.dtype)[1], floor=_normwise(truth), msg="backward")
+    assert_within_eps(ours, truth, _bounds(x3.dtype)[1], floor=normwise(truth), msg="backward")
 
 
 def _entropy(x3, logits, block=None, grad=True):
@@ -174,11 +159,11 @@ def _check_entropy(x3, logits, block):
     assert_close(h.to(x3.dtype), h_ref)
     assert_close(grad, grad_ref)
     h_truth, grad_truth = _entropy_truth(x3, logits)
-    assert_within_eps(h, h_truth, F32_BOUNDS[1], floor=_normwise(h_truth), msg="entropy")
-    assert_within_eps(grad, grad_truth, _bounds(x3.dtype)[1], floor=_normwise(grad_truth), msg="entropy gradient")
+    assert_within_eps(h, h_truth, F32_BOUNDS[1], floor=normwise(h_truth), msg="entropy")
+    assert_within_eps(grad, grad_truth, _bounds(x3.dtype)[1], floor=normwise(grad_truth), msg="entropy gradient")
     h_alone, none = _entropy(x3, logits, block, grad=False)  # no gradient: the same entropy
     assert none is None
-    torch.testing.assert_close(h_alone, h, rtol=0, atol=0, equal_nan=True)
+    assert_identical(h_alone, h)
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
@@ -258,10 +243,11 @@ def test_float64_and_bad_block_raise():
         "out3": lambda: TS.softmax_rows(x32, torch.empty_like(x), log=True),
         "y3": lambda: TS.softmax_backward_rows(x, x32, torch.empty_like(x32), log=False),
         "grad3": lambda: TS.entropy_rows(x32, h, torch.empty_like(x), logits=True),
-        "h": lambda: TS.entropy_rows(x32, h.double(), None, logits=False),
     }
     for name, call in calls.items():
-        with pytest.raises(ValueError, match=rf"{name}.*float64"):
+        with refuses_float64(name):
             call()
-    with pytest.raises(ValueError, match="block must be a power of two, got 12"):
+    with pytest.raises(ValueError, match="h must be float32, got torch.float64"):
+        TS.entropy_rows(x32, h.double(), None, logits=False)
+    with refuses_block(12):
         TS.softmax_rows(x32, torch.empty_like(x32), log=False, block=12)

@@ -28,7 +28,9 @@ by its strides: nothing of the input's size is allocated but the gradients and t
 Contiguous full-size operands collapse to one dim, read as contiguous vectors (a stride of 1 is a
 compile-time constant in Triton's specialisation). A shape that still has more than four dims after
 collapsing (five dims that all broadcast differently) is walked by a loop of launches over its first dim.
-Tiles are ``BLOCK_R`` rows x ``BLOCK_C`` columns (:func:`tile_shape`); offsets are 64-bit.
+Tiles are ``BLOCK_R`` rows x ``BLOCK_C`` columns (:class:`~._tiles.Tiling`: a whole row padded to a power of
+2 when it fits, several short rows to a tile, a longer row split over tiles of ``TILE`` columns); offsets
+are 64-bit.
 
 Bytes per element (the roofline: every kernel is memory bound, a few dozen flops an element), with
 ``b_x``, ``b_y`` ... the storage sizes: read ``b_x + b_y`` plus ``b_w`` / ``b_p`` for a full-size
@@ -39,11 +41,10 @@ and the "none" loss, 20 (float32) and 10 (bfloat16) B/element; the same count ho
 an H100's 3.35 TB/s, 12 B/element is ~280 G elements/s, against some 40 flops and 2 transcendentals an
 element: memory bound.
 
-Numerics: float32 throughout. ``log1p`` is Kahan's ``log(u) * v / (u - 1)`` with ``u = 1 + v`` (exact
-``u - 1``; a few ulp), because ``triton.language`` has no log1p and libdevice's does not run in the
-interpreter that the tests use; the logit losses take ``logsigmoid(+-x) = min(+-x, 0) - log1p(exp(-|x|))``
-and the sigmoid pair from the one ``exp(-|x|)``, which never overflows. On CUDA ``tl.exp`` of a float32
-is ``ex2.approx`` of ``x log2(e)``: about ``|x| + 2`` ulp, well within float32's tolerance for logits.
+Numerics: float32 throughout. ``log1p`` is :func:`._math.log1p` (Kahan's, a few ulp); the logit losses
+take ``logsigmoid(+-x) = min(+-x, 0) - log1p(exp(-|x|))`` and the sigmoid pair from the one ``exp(-|x|)``,
+which never overflows. On CUDA ``tl.exp`` of a float32 is ``ex2.approx`` of ``x log2(e)``: about
+``|x| + 2`` ulp, well within float32's tolerance for logits.
 """
 
 from __future__ import annotations
@@ -57,27 +58,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference.elementwise import KL_LOG, KL_PROB, MSE, Runner
+from ..reference.elementwise import KL_LOG, KL_PROB, MSE, Kernel, Runner
 from ..reference.losses import BCE_EPSILON
-from ..reference.elementwise import Kernel
+from ._math import log1p
+from ._tiles import Tiling, check_dtypes, check_power_of_two, scalar, scalar_arg
 
-__all__ = ["binary_runner", "pointwise_runner", "tile_shape"]
+__all__ = ["binary_runner", "pointwise_runner"]
 
 # The kernel's KIND: the binary losses, then the pointwise ones.
 _BCE, _LOGITS, _SOFT_MARGIN, _FOCAL, _MSE, _KL_PROB, _KL_LOG = (tl.constexpr(k) for k in range(7))
 _BINARY_KINDS = {"bce": _BCE, "logits": _LOGITS, "soft_margin": _SOFT_MARGIN, "focal": _FOCAL}
 _POINTWISE_KINDS = {MSE: _MSE, KL_PROB: _KL_PROB, KL_LOG: _KL_LOG}
 
-#: Storage dtypes of the floating operands and outputs; integer targets are converted as they are loaded.
-_FLOATING = (torch.float32, torch.bfloat16, torch.float16)
 #: Most dims an operand is addressed with after collapsing (three row dims and the column dim).
 MAX_DIMS = 4
-#: Elements of one tile. 2048 over 8 warps is 8 elements a thread: two 16-byte float32 vectors (one for
-#: bfloat16) of each operand in flight per thread. Compiled for sm_90 (Triton 3.8 compiles to a cubin
-#: without a GPU): 32 (kl_div) to 61 (BCE with logits, weight and pos_weight) registers a thread, no
-#: spills, every contiguous operand read as 16-byte vectors. One float32 partial sum per tile is 1/2048
-#: of the input.
+#: Elements of one tile, at 8 a thread (:data:`_PER_THREAD`): 8 warps for a full tile, two 16-byte float32
+#: vectors (one for bfloat16) of each operand in flight per thread. Compiled for sm_90 (Triton 3.8
+#: compiles to a cubin without a GPU): 32 (kl_div) to 61 (BCE with logits, weight and pos_weight)
+#: registers a thread, no spills, every contiguous operand read as 16-byte vectors. One float32 partial
+#: sum per tile is 1/2048 of the input.
 TILE = 2048
+_PER_THREAD = 8
 
 _BCE_EPSILON: tl.constexpr = tl.constexpr(BCE_EPSILON)  # ATen's EPSILON, see reference.losses
 _INF: tl.constexpr = tl.constexpr(math.inf)
@@ -85,17 +86,6 @@ _NAN: tl.constexpr = tl.constexpr(math.nan)
 
 
 # ---- per-element maths (float32) ---------------------------------------------------------------------
-
-@triton.jit
-def _log1p(v):
-    """log(1 + v) for v >= -1: Kahan's ``log(u) * v / (u - 1)``, u = fl(1 + v). ``u - 1`` is exact (Sterbenz
-    for u in [1/2, 2]; below 1/2, u = 1 + v exactly), so ``v / (u - 1)`` corrects u's rounding; where u
-    rounds to 1, log1p(v) = v. NaN stays NaN; -1 gives -inf."""
-    u = 1.0 + v
-    d = u - 1.0
-    exact = d == 0.0
-    return tl.where(exact, v, tl.log(u) * (v / tl.where(exact, 1.0, d)))
-
 
 @triton.jit
 def _clamp_min(v, lo):
@@ -107,7 +97,7 @@ def _clamp_min(v, lo):
 def _logistic(x):
     """``(logsigmoid(x), logsigmoid(-x), sigmoid(x), sigmoid(-x))`` from one exp(-|x|) in (0, 1]."""
     e = tl.exp(-tl.abs(x))
-    l1p = _log1p(e)
+    l1p = log1p(e)
     r = 1.0 / (1.0 + e)
     pos = x >= 0.0
     er = e * r
@@ -136,7 +126,7 @@ def _pow(q, gamma, GAMMA_INT: tl.constexpr):
 def _bce(x, y):
     """``losses.bce``: loss, d/dx, d/dy (unweighted)."""
     lx = tl.log(x)
-    l1 = _log1p(-x)
+    l1 = log1p(-x)
     loss = (y - 1.0) * _clamp_min(l1, -100.0) - y * _clamp_min(lx, -100.0)
     dx = (x - y) / _clamp_min((1.0 - x) * x, _BCE_EPSILON)
     return loss, dx, l1 - lx  # -logit(x) = log1p(-x) - log(x)
@@ -226,12 +216,12 @@ def _tile_at(i0, i1, i2, c, s0, s1, s2, s3):
 
 @triton.jit
 def _elementwise_kernel(
-        X, Y, W, P, OUT, GX, GY, SUMS, SCALE,  # W P OUT GX GY SUMS SCALE: None when absent
+        X, Y, W, P, OUT, GX, GY, SUMS,  # W P OUT GX GY SUMS: None when absent
         rows, size1, size2, cols, col_tiles,
         sx0, sx1, sx2, sx3, sy0, sy1, sy2, sy3, sw0, sw1, sw2, sw3, sp0, sp1, sp2, sp3,
         scale, alpha, one_minus_alpha, two_alpha_minus_1, gamma,
         KIND: tl.constexpr, HAS_ALPHA: tl.constexpr, GAMMA_INT: tl.constexpr, ROW_SUMS: tl.constexpr,
-        FLAT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        SCALE_PTR: tl.constexpr, FLAT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """One tile of rows x columns of the collapsed shape (size0, size1, size2, cols), rows = size0 size1
     size2. X, Y, W, P: read through their strides (0 where broadcast); OUT, GX, GY: contiguous in that
     shape; SUMS: the tile's loss sum (``SUMS[tile]``), or with ROW_SUMS each row's (``SUMS[row,
@@ -284,8 +274,7 @@ def _elementwise_kernel(
     if OUT is not None:
         tl.store(OUT + at, loss.to(OUT.dtype.element_ty), mask=mask)
     if GX is not None or GY is not None:
-        if SCALE is not None:
-            scale = tl.load(SCALE).to(tl.float32)
+        scale = scalar(scale, SCALE_PTR)
         if GX is not None:
             tl.store(GX + at, (dx * scale).to(GX.dtype.element_ty), mask=mask)
         if GY is not None:
@@ -299,20 +288,6 @@ def _elementwise_kernel(
 
 
 # ---- launch ------------------------------------------------------------------------------------------
-
-def tile_shape(rows: int, cols: int, tile: int = TILE) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_C, num_warps)`` for ``rows`` x ``cols`` (the collapsed shape's last dim).
-
-    A tile holds ``tile`` elements (a power of 2, see :data:`TILE`): a whole row padded to a power of 2
-    when it fits, several rows per tile for short rows (a ``(N, 3)`` input with a ``(N, 1)`` weight: 512
-    rows of 4 columns), and a row longer than the tile is split over tiles of ``tile`` columns, so any
-    row length keeps the same registers per thread. ``num_warps`` gives 8 elements a thread (fewer warps
-    for a small input's smaller tile), from 1 to 8.
-    """
-    block_c = min(triton.next_power_of_2(max(cols, 1)), tile)
-    block_r = min(max(1, tile // block_c), triton.next_power_of_2(max(rows, 1)))
-    return block_r, block_c, max(1, min(8, block_r * block_c // 256))
-
 
 def _collapse(shape: Sequence[int], strides: Sequence[Sequence[int]], keep_last: bool
               ) -> tuple[list[int], list[list[int]]]:
@@ -340,9 +315,10 @@ class _Launch:
     """What is fixed for one runner call: the kind, its constants, the gradient scale and the tile size."""
 
     def __init__(self, kind: int, alpha: float, gamma: float, grad_scale: Tensor | float, tile: int):
-        self.kind, self.alpha, self.gamma, self.tile = kind, alpha, gamma, tile
-        self.scale_ptr = grad_scale if isinstance(grad_scale, Tensor) else None
-        self.scale = 1.0 if self.scale_ptr is not None else float(grad_scale)
+        self.kind, self.alpha, self.gamma = kind, alpha, gamma
+        # no per-row state: rows are capped by the tile alone (512 rows of 4 columns)
+        self.tiling = Tiling(tile, _PER_THREAD, max_rows=tile)
+        self.scale, self.scale_ptr = scalar_arg(grad_scale)
         integral = float(gamma).is_integer() and 0 <= gamma <= 64
         self.gamma_int = int(gamma) if integral else -1
 
@@ -363,7 +339,7 @@ class _Launch:
         pad = MAX_DIMS - len(sizes)
         sizes = [1] * pad + sizes
         rows, cols = math.prod(sizes[:-1]), sizes[-1]
-        block_r, block_c, num_warps = tile_shape(rows, cols, self.tile)
+        block_r, block_c, num_warps = self.tiling.shape(cols, rows)
         col_tiles = triton.cdiv(cols, block_c)
         n_tiles = triton.cdiv(rows, block_r) * col_tiles
         device = x.device
@@ -373,25 +349,23 @@ class _Launch:
         else:
             sums = torch.empty(n_tiles, dtype=torch.float32, device=device) if want_sums else None
         _elementwise_kernel[(n_tiles,)](
-            x, ops[1], ops[2], ops[3], out, grads[0], grads[1], sums, self.scale_ptr,
+            x, ops[1], ops[2], ops[3], out, grads[0], grads[1], sums,
             rows, sizes[1], sizes[2], cols, col_tiles, *(s for st in strides for s in [0] * pad + st),
             self.scale, self.alpha, 1 - self.alpha, 2 * self.alpha - 1, self.gamma,
             KIND=self.kind, HAS_ALPHA=self.alpha >= 0, GAMMA_INT=self.gamma_int, ROW_SUMS=row_out is not None,
-            FLAT=rows == 1, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+            SCALE_PTR=self.scale_ptr, FLAT=rows == 1, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
         if row_out is not None and col_tiles > 1:
             torch.sum(sums, 1, out=row_out.view(rows))
         return sums if want_sums else None
 
 
 def _check_dtypes(operands: Sequence[Tensor | None], acc: torch.dtype, out_dtype: torch.dtype) -> None:
-    names = ("input", "target", "weight", "pos_weight")
-    for name, t in [*zip(names, operands), ("out_dtype", out_dtype)]:
-        dtype = t.dtype if isinstance(t, Tensor) else t
-        if dtype is None or dtype in _FLOATING or (name == "target" and not dtype.is_floating_point
-                                                    and not dtype.is_complex and dtype != torch.bool):
-            continue
-        raise ValueError(f"the Triton elementwise kernels take float32, bfloat16 and float16 (and integer "
-                         f"targets); {name} is {dtype}")
+    """Floating operands and ``out_dtype`` in :data:`._tiles.DTYPES` and ``acc`` float32; integer targets
+    are converted as they are loaded."""
+    x, y, *constants = operands
+    integer = not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+    check_dtypes(input=x, target=None if integer else y, **dict(zip(("weight", "pos_weight"), constants)),
+                 out_dtype=out_dtype)
     if acc != torch.float32:
         raise ValueError(f"acc must be torch.float32 for the Triton elementwise kernels, got {acc}")
 
@@ -411,6 +385,7 @@ def _run(kind: int, alpha: float, gamma: float, kernel: Kernel, operands: Sequen
     if any(want[2:]):
         raise ValueError("the Triton elementwise kernels compute no gradient of a constant (weight, pos_weight)")
     _check_dtypes(operands, acc, out_dtype)
+    check_power_of_two("tile", tile)
     x, y, *constants = operands
     shape, device = x.shape, x.device
     grads: list[Tensor | None] = [torch.empty(op.shape, dtype=op.dtype, device=device) if w else None

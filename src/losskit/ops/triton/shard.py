@@ -28,155 +28,90 @@ uses them) every program reads ``w_local``, 4 bytes per class, from L2 (512 KiB 
 not from HBM. Loads vectorise (16-byte) where rows start 16-byte aligned: ``V_r`` (``L`` for
 ``L > 1``) a multiple of 16 / ``s``.
 
-Nothing is allocated: the wrappers write the outputs they are given; no host synchronisation.
+Layout: as the cross-entropy rows of :mod:`.xent` (:class:`~._tiles.RowTiles`): a tile of positions of one
+sample walks its ``V_r`` classes in blocks, at least 32 positions where the classes are strided, short
+rows sharing a tile. Nothing is allocated: the wrappers write the outputs they are given; no host
+synchronisation.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._math import running_max
+from ._tiles import (RowTiles, Tiling, check_dtypes, class_weights, column_at, load_tile, store_tile, tile_mask,
+                     tile_rows)
+
 __all__ = ["shard_grad", "shard_stats"]
 
-#: Elements of one ``(BLOCK_L, BLOCK_C)`` tile. At 8 warps (256 threads) a 4096-element tile is 16 float32
-#: registers per thread (four 16-byte loads of float32 logits, two of bfloat16); the loop carries three
-#: running values per position beside it, so registers stay bounded at any row length (no spills).
-_TILE = 4096
-#: Positions of one tile where consecutive positions are adjacent in memory (class stride != 1): each
-#: class's 32 logits are one 128-byte line in float32 (64 B in 16-bit), so every load is coalesced.
-_POSITIONS = 32
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _config(n_classes: int, length: int, class_stride: int, block: int | None) -> tuple[int, int, int]:
-    """``(BLOCK_L, BLOCK_C, num_warps)``: tiles of ``BLOCK_L`` positions by ``BLOCK_C`` classes.
-
-    Classes adjacent in memory (class stride 1: ``(N, V_r)`` logits, the language-model head): one
-    position per program, its row walked in blocks of up to ``_TILE`` columns (16 KiB float32). Else
-    (``L > 1`` and ``(N, V_r, d1..dk)`` contiguous, class stride ``L``): ``_POSITIONS`` positions per
-    program, ``_TILE / _POSITIONS`` = 128 classes per step. Rows shorter than a tile get a tile of their
-    next power of two (at least 16 columns); ``num_warps`` keeps 16 elements per thread (1 to 8 warps).
-    ``block`` overrides the number of columns (a power of two; tests use small ones).
-    """
-    block_l = 1 if length == 1 or class_stride == 1 else min(_POSITIONS, triton.next_power_of_2(length))
-    if block is None:
-        block_c = min(_TILE // block_l, max(16, triton.next_power_of_2(n_classes)))
-    elif block < 1 or block & (block - 1):
-        raise ValueError(f"block must be a power of two (columns per step), got {block}")
-    else:
-        block_c = block
-    return block_l, block_c, max(1, min(8, block_l * block_c // 512))
+#: Tiles of 4096 elements at 16 per thread: 8 warps (256 threads) for a full tile, 16 float32 registers
+#: of logits per thread (four 16-byte loads of float32, two of bfloat16); the loop carries three running
+#: values per row beside it, so registers stay bounded at any row length (no spills).
+_TILING = Tiling(elements=4096, per_thread=16)
 
 
 @triton.jit
-def _tile_rows(pid, length, l_blocks, stride_n, stride_l, BLOCK_L: tl.constexpr):
-    """Program ``pid``'s positions ``(n, l0 : l0 + BLOCK_L)``: their mask, flat ``(N, L)`` index and the
-    int64 offset of each position's class 0 in a tensor of strides ``(stride_n, ., stride_l)``."""
-    n = (pid // l_blocks).to(tl.int64)
-    ls = (pid % l_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
-    return ls < length, n * length + ls, n * stride_n + ls.to(tl.int64) * stride_l
-
-
-@triton.jit
-def _stats_kernel(x_ptr, safe_ptr, owned_ptr, w_ptr, m_ptr, s_ptr, xy_ptr, t_ptr,
-                  n_classes, length, l_blocks, stride_n, stride_c, stride_l,
-                  HAS_W: tl.constexpr, SMOOTHING: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stats_kernel(x_ptr, sxn, sxc, sxl, safe_ptr, owned_ptr, w_ptr, m_ptr, s_ptr, xy_ptr, t_ptr, C, L,
+                  HAS_W: tl.constexpr, SMOOTHING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # x: (N, V_r, L) any strides and float dtype, read once; m, s, x_y, t: (N, L) float32 planes, written.
-    l_in, pos, row = _tile_rows(tl.program_id(0), length, l_blocks, stride_n, stride_l, BLOCK_L)
-    safe = tl.load(safe_ptr + pos, mask=l_in, other=0)
-    hit = l_in & (tl.load(owned_ptr + pos, mask=l_in, other=0) != 0) & (safe >= 0) & (safe < n_classes)
-    x_y = tl.load(x_ptr + row + safe * stride_c, mask=hit, other=0.0).to(tl.float32)  # in range where read
+    r, rmask, n, l = tile_rows(L, BLOCK_R)
+    xbase = n * sxn + l * sxl
+    safe = tl.load(safe_ptr + r, mask=rmask, other=0)
+    hit = rmask & (tl.load(owned_ptr + r, mask=rmask, other=0) != 0) & (safe >= 0) & (safe < C)
+    x_y = column_at(x_ptr, xbase, safe, sxc, hit)
 
-    cols = tl.arange(0, BLOCK_C).to(tl.int64)
-    m = tl.full((BLOCK_L,), float("-inf"), tl.float32)  # running max
-    s = tl.zeros((BLOCK_L,), tl.float32)  # sum exp(x - shift), shift = running max or 0 while it is -inf
-    t = tl.zeros((BLOCK_L,), tl.float32)  # sum w (x - shift)
-    w_seen = tl.zeros((BLOCK_L,), tl.float32)  # sum of w over the columns already in t
-    for c0 in range(0, n_classes, BLOCK_C):
+    cols = tl.arange(0, BLOCK_C)
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)  # running max
+    s = tl.zeros((BLOCK_R,), tl.float32)  # sum exp(x - shift), shift = running max or 0 while it is -inf
+    t = tl.zeros((BLOCK_R,), tl.float32)  # sum w (x - shift)
+    w_seen = tl.zeros((BLOCK_R,), tl.float32)  # sum of w over the columns already in t
+    for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
-        c_in = c < n_classes
-        x = tl.load(x_ptr + row[:, None] + c[None, :] * stride_c, mask=l_in[:, None] & c_in[None, :],
-                    other=float("-inf"), eviction_policy="evict_first").to(tl.float32)  # (BLOCK_L, BLOCK_C)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        mask = tile_mask(rmask, c, C)
+        x = load_tile(x_ptr, xbase, c, sxc, mask, float("-inf"), "evict_first")  # (BLOCK_R, BLOCK_C)
+        m_new, shift, alpha = running_max(m, x)
         d = x - shift[:, None]
-        # exp(m - m_new) would be exp(-inf - -inf) = NaN while both are -inf (s is 0 then: keep it).
-        s = s * tl.where(m_new == m, 1.0, tl.exp(m - m_new)) + tl.sum(tl.exp(d), 1)
+        s = s * alpha + tl.sum(tl.exp(d), 1)
         if SMOOTHING:
-            if HAS_W:
-                w = tl.load(w_ptr + c, mask=c_in, other=0.0, eviction_policy="evict_last")
-            else:
-                w = c_in.to(tl.float32)
+            w = class_weights(w_ptr, c, C, HAS_W)
             old_shift = tl.where(m == float("-inf"), 0.0, m)
-            t += (old_shift - shift) * w_seen + tl.sum(tl.where(c_in[None, :], w[None, :] * d, 0.0), 1)
+            t += (old_shift - shift) * w_seen + tl.sum(tl.where((c < C)[None, :], w[None, :] * d, 0.0), 1)
             w_seen += tl.sum(w, 0)
         m = m_new
-    tl.store(m_ptr + pos, m, mask=l_in)
-    tl.store(s_ptr + pos, s, mask=l_in)
-    tl.store(xy_ptr + pos, x_y, mask=l_in)
+    tl.store(m_ptr + r, m, mask=rmask)
+    tl.store(s_ptr + r, s, mask=rmask)
+    tl.store(xy_ptr + r, x_y, mask=rmask)
     if SMOOTHING:
-        tl.store(t_ptr + pos, t, mask=l_in)
+        tl.store(t_ptr + r, t, mask=rmask)
 
 
 @triton.jit
-def _grad_kernel(x_ptr, big_m_ptr, aos_ptr, beta_ptr, g_ptr, safe_ptr, owned_ptr, w_ptr, grad_ptr,
-                 n_classes, length, l_blocks, stride_n, stride_c, stride_l, gstride_n, gstride_c, gstride_l,
-                 HAS_G: tl.constexpr, HAS_W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+def _grad_kernel(x_ptr, sxn, sxc, sxl, big_m_ptr, aos_ptr, beta_ptr, g_ptr, safe_ptr, owned_ptr, w_ptr,
+                 grad_ptr, sgn, sgc, sgl, C, L,
+                 HAS_G: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # x: (N, V_r, L) any strides, read once; grad: (N, V_r, L) in x's dtype, written once; factors (N, L).
-    pid = tl.program_id(0)
-    l_in, pos, row = _tile_rows(pid, length, l_blocks, stride_n, stride_l, BLOCK_L)
-    _, _, grad_row = _tile_rows(pid, length, l_blocks, gstride_n, gstride_l, BLOCK_L)
-    big_m = tl.load(big_m_ptr + pos, mask=l_in, other=0.0)
-    aos = tl.load(aos_ptr + pos, mask=l_in, other=0.0)
-    beta = tl.load(beta_ptr + pos, mask=l_in, other=0.0)
-    owned = tl.load(owned_ptr + pos, mask=l_in, other=0) != 0
-    target = tl.where(owned, tl.load(safe_ptr + pos, mask=l_in, other=0), -1)  # a column only where owned
+    r, rmask, n, l = tile_rows(L, BLOCK_R)
+    xbase, gbase = n * sxn + l * sxl, n * sgn + l * sgl
+    big_m = tl.load(big_m_ptr + r, mask=rmask, other=0.0)
+    aos = tl.load(aos_ptr + r, mask=rmask, other=0.0)
+    beta = tl.load(beta_ptr + r, mask=rmask, other=0.0)
+    owned = tl.load(owned_ptr + r, mask=rmask, other=0) != 0
+    target = tl.where(owned, tl.load(safe_ptr + r, mask=rmask, other=0), -1)  # a column only where owned
     if HAS_G:
-        g = tl.load(g_ptr + pos, mask=l_in, other=0.0)
+        g = tl.load(g_ptr + r, mask=rmask, other=0.0)
 
-    cols = tl.arange(0, BLOCK_C).to(tl.int64)
-    for c0 in range(0, n_classes, BLOCK_C):
+    cols = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
-        c_in = c < n_classes
-        mask = l_in[:, None] & c_in[None, :]
-        x = tl.load(x_ptr + row[:, None] + c[None, :] * stride_c, mask=mask, other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)  # (BLOCK_L, BLOCK_C)
+        mask = tile_mask(rmask, c, C)
+        x = load_tile(x_ptr, xbase, c, sxc, mask, 0.0, "evict_first")  # (BLOCK_R, BLOCK_C)
         grad = tl.exp(x - big_m[:, None]) * aos[:, None]
         grad -= tl.where(c[None, :] == target[:, None], beta[:, None], 0.0)
         if HAS_G:
-            if HAS_W:
-                grad -= g[:, None] * tl.load(w_ptr + c, mask=c_in, other=0.0, eviction_policy="evict_last")[None, :]
-            else:
-                grad -= g[:, None]
-        tl.store(grad_ptr + grad_row[:, None] + c[None, :] * gstride_c, grad.to(grad_ptr.dtype.element_ty),
-                 mask=mask)
-
-
-def _launch_shape(x3: Tensor, block: int | None) -> tuple[int, int, int, int]:
-    """``(BLOCK_L, BLOCK_C, num_warps, programs)`` for ``x3``, after checking its dtype."""
-    if x3.dtype not in _DTYPES:
-        raise ValueError(f"x3 must be float32, bfloat16 or float16 for the Triton kernels (computed in "
-                         f"float32), got {x3.dtype}")
-    n, n_classes, length = x3.shape
-    block_l, block_c, warps = _config(n_classes, length, x3.stride(1), block)
-    return block_l, block_c, warps, n * triton.cdiv(length, block_l)
-
-
-def _strides(t: Tensor) -> tuple[int, int, int]:
-    """``t``'s (N, V_r, L) strides, with 0 for L when L == 1 (l is always 0 then). A stride of 0 is
-    divisible by 16, so Triton knows each row starts where the class-0 pointer does and vectorises the
-    row's loads (16-byte, from aligned rows); a stride of 1 it would make a constant, but ``l * 1`` for an
-    unknown ``l`` proves no alignment."""
-    n_stride, c_stride, l_stride = t.stride()
-    return n_stride, c_stride, l_stride if t.shape[2] > 1 else 0
-
-
-def _require_contiguous(name: str, t: Tensor) -> None:
-    """An output written at flat ``(N, L)`` offsets must be contiguous."""
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (written at flat offsets), got strides {t.stride()}")
+            grad -= g[:, None] * class_weights(w_ptr, c, C, HAS_W)[None, :]
+        store_tile(grad_ptr, gbase, c, sgc, mask, grad)
 
 
 def shard_stats(x3: Tensor, safe: Tensor, owned: Tensor, w_local: Tensor | None, m: Tensor, packed: Tensor, *,
@@ -188,17 +123,17 @@ def shard_stats(x3: Tensor, safe: Tensor, owned: Tensor, w_local: Tensor | None,
     float32 or None. Writes ``m`` (N, L) float32 and ``packed`` (2, or 3 with ``smoothing``, N, L)
     float32, both contiguous, as the module docstring's reference expression.
     """
-    block_l, block_c, warps, programs = _launch_shape(x3, block)
+    check_dtypes(x3=x3)
     _require_contiguous("m", m)
     _require_contiguous("packed", packed)
-    if programs == 0:
+    if x3.shape[0] * x3.shape[2] == 0:
         return
-    _, n_classes, length = x3.shape
+    geo = RowTiles.of(x3, _TILING, block)
     has_w = smoothing and w_local is not None
-    _stats_kernel[(programs,)](
-        x3, safe.contiguous(), owned.contiguous(), w_local.contiguous() if has_w else m, m, packed[0], packed[1],
-        packed[2] if smoothing else m, n_classes, length, triton.cdiv(length, block_l), *_strides(x3),
-        HAS_W=has_w, SMOOTHING=smoothing, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
+    _stats_kernel[geo.grid](
+        *geo.strided(x3), safe.contiguous(), owned.contiguous(), w_local.contiguous() if has_w else m, m, packed[0],
+        packed[1], packed[2] if smoothing else m, x3.shape[1], geo.length,
+        HAS_W=has_w, SMOOTHING=smoothing, **geo.options)
 
 
 def shard_grad(x3: Tensor, big_m: Tensor, alpha_over_s: Tensor, beta: Tensor, g: Tensor | None, safe: Tensor,
@@ -210,14 +145,19 @@ def shard_grad(x3: Tensor, big_m: Tensor, alpha_over_s: Tensor, beta: Tensor, g:
     ``ShardXent.finish``. Writes ``grad3`` ((N, V_r, L) in ``x3``'s dtype, any strides) as the module
     docstring's reference expression.
     """
-    block_l, block_c, warps, programs = _launch_shape(x3, block)
-    if programs == 0:
+    check_dtypes(x3=x3)
+    if x3.shape[0] * x3.shape[2] == 0:
         return
-    _, n_classes, length = x3.shape
+    geo = RowTiles.of(x3, _TILING, block)
     has_g, has_w = g is not None, g is not None and w_local is not None
     big_m = big_m.contiguous()
-    _grad_kernel[(programs,)](
-        x3, big_m, alpha_over_s.contiguous(), beta.contiguous(), g.contiguous() if has_g else big_m,
-        safe.contiguous(), owned.contiguous(), w_local.contiguous() if has_w else big_m, grad3,
-        n_classes, length, triton.cdiv(length, block_l), *_strides(x3), *_strides(grad3),
-        HAS_G=has_g, HAS_W=has_w, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
+    _grad_kernel[geo.grid](
+        *geo.strided(x3), big_m, alpha_over_s.contiguous(), beta.contiguous(), g.contiguous() if has_g else big_m,
+        safe.contiguous(), owned.contiguous(), w_local.contiguous() if has_w else big_m, *geo.strided(grad3),
+        x3.shape[1], geo.length, HAS_G=has_g, HAS_W=has_w, **geo.options)
+
+
+def _require_contiguous(name: str, t: Tensor) -> None:
+    """An output written at flat ``(N, L)`` offsets must be contiguous."""
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (written at flat offsets), got strides {t.stride()}")

@@ -13,21 +13,17 @@ Reference expressions, per position ``(n, l)`` of an ``(N, C, L)`` operand (clas
 * :func:`nll_rows`: ``-w_y x[n, y, l]`` (0 where ``y == ignore_index``) and the gradient of the reduced
   loss: zeros but ``-w_y * scale`` at each target.
 
-Layout. A program takes a tile of ``BLOCK_R`` consecutive positions ``l`` of one sample ``n`` (their
-targets and losses at ``r = n * L + l``) and walks their ``C`` classes in blocks of ``BLOCK_C``, so any C
-(262144 and beyond) runs in registers of a fixed size (:func:`_launch` says how the sizes are chosen).
-With the classes innermost (``L == 1``: language models, classification) the N rows are taken as the
-positions of one sample: a large C gets one row per program and ``BLOCK_C``-long contiguous loads,
-short rows share a program. With ``L > 1`` (``(N, C, H, W)`` segmentation) the classes of a position lie
-``L`` apart but its neighbours are adjacent: a tile of at least 32 positions of one sample makes every
-load 32 adjacent elements per class (a 128-byte line of float32) where one position per program would
-fetch a 32-byte sector per element. Keeping a tile inside one sample is what lets the compiler see the
-positions contiguous (``l0 + arange``, position stride 1 specialised) and lay its threads along them,
-vectorised when ``L`` is a multiple of 16; a tile of ``(n, l)`` spanning samples (``r // L``, ``r % L``)
-would hide that for any other L (checked on the sm_90 TTGIR for L = 4, 49, 512 * 512). Every operand is
-addressed through its own strides as 64-bit offsets (``n * stride_n`` passes 2^31 on large inputs).
-``grad3`` may be ``x3`` itself (the chunked linear cross-entropy turns its logits into their gradient in
-place): each element is read by the program that writes it, before it writes it.
+Layout (:mod:`._tiles`: :class:`~._tiles.Tiling` sizes the tiles, :class:`~._tiles.RowTiles` lays them). A
+program takes a tile of ``BLOCK_R`` consecutive positions ``l`` of one sample ``n`` (their targets and
+losses at ``r = n * L + l``) and walks their ``C`` classes in blocks of ``BLOCK_C``, so any C (262144 and
+beyond) runs in registers of a fixed size. With the classes innermost (``L == 1``: language models,
+classification) a large C gets one row per program and ``BLOCK_C``-long contiguous loads, short rows share
+a program. With ``L > 1`` (``(N, C, H, W)`` segmentation) the classes of a position lie ``L`` apart but
+its neighbours are adjacent: a tile of at least 32 positions of one sample makes every load 32 adjacent
+elements per class, laid along the threads and vectorised when ``L`` is a multiple of 16 (checked on the
+sm_90 TTGIR for L = 4, 49, 512 * 512). Every operand is addressed through its own strides as 64-bit
+offsets. ``grad3`` may be ``x3`` itself (the chunked linear cross-entropy turns its logits into their
+gradient in place): each element is read by the program that writes it, before it writes it.
 
 Algorithm (:func:`xent_rows`). Pass 1 reads a row's blocks once: the online max ``m``, the sum of
 ``exp(x - m)``, and, for smoothing and probability targets, ``V = sum_c v_c`` and ``A = sum_c v_c (m - x_c)``
@@ -74,131 +70,32 @@ a NaN loss and a NaN gradient row, never a read or write out of bounds.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._math import log1p
+from ._tiles import (RowTiles, Tiling, check_dtypes, class_weights, column_at, load_tile, scalar, scalar_arg,
+                     store_tile, tile_mask, tile_rows)
+
 __all__ = ["nll_rows", "xent_rows"]
 
-#: Elements of one (BLOCK_R, BLOCK_C) tile per loop step: 8 per thread (``_PER_THREAD``, one 16-byte load
-#: of bfloat16) at 16 warps. Compiled for sm_90 and counted by ptxas (bfloat16, every option): 32-62
-#: registers with one row per program (C = 262144), 48-128 with tiles of many short rows (each thread
-#: holds the per-row state of several rows), no spills; 16 elements per thread took up to 141.
-_TILE = 4096
-#: Positions per tile where the classes are strided (L > 1, or transposed): 32 adjacent elements per load.
-_RUN = 32
-#: Positions per tile at most, for short rows: 128 rows of C <= 32, so that a million rows still make
-#: thousands of programs (an H100 has 132 SMs) while each shares its per-row work over a tile.
-_MAX_ROWS = 128
-#: Elements of a tile per thread that num_warps is chosen for.
-_PER_THREAD = 8
+#: Tiles of 4096 elements at 8 per thread (one 16-byte load of bfloat16): 16 warps for a full tile.
+#: Compiled for sm_90 and counted by ptxas (bfloat16, every option): 32-62 registers with one row per
+#: program (C = 262144), 48-128 with tiles of many short rows (each thread holds the per-row state of
+#: several rows), no spills; 16 elements per thread took up to 141.
+_TILING = Tiling(elements=4096, per_thread=8)
 #: The focal loss's q^gamma takes at most this many products of q (the rest of gamma goes to one exp2).
 _MAX_GAMMA_PRODUCTS = 8
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _launch(c: int, positions: int, class_stride: int, block: int | None) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_C, num_warps)`` for rows of ``c`` classes, ``positions`` per sample (L, or N for an
-    ``(N, C, 1)`` operand, whose rows are taken as the positions of one sample).
-
-    BLOCK_C: the row rounded up to a power of two (one block: the row is read once), at most what leaves
-    room in a ``_TILE`` for the ``_RUN`` positions that make loads coalesce where the classes are strided
-    (``class_stride != 1``: ``(N, C, H, W)``, or a transposed ``(N, C)``). BLOCK_R: as many positions as
-    fill the tile (short rows), at least ``_RUN`` where the classes are strided, at most ``_MAX_ROWS`` and
-    the positions there are. num_warps: ``_PER_THREAD`` elements of the tile per thread, 1 to 16 warps.
-    ``block`` (tests): BLOCK_C itself, a power of two.
-    """
-    if block is not None and (block < 1 or block & (block - 1)):
-        raise ValueError(f"block must be a power of two, got {block}")
-    all_positions = triton.next_power_of_2(positions)
-    run = 1 if class_stride == 1 else min(_RUN, all_positions)
-    block_c = block or min(triton.next_power_of_2(c), _TILE // run)
-    block_r = min(all_positions, _MAX_ROWS, max(run, _TILE // block_c))
-    return block_r, block_c, min(16, max(1, block_r * block_c // (32 * _PER_THREAD)))
-
-
-class _Geometry(NamedTuple):
-    """How an ``(N, C, L)`` call is tiled: ``samples`` x ``length`` positions, ``length`` split into tiles of
-    ``BLOCK_R`` (``options``, with BLOCK_C and num_warps). ``flip``: L == 1, the N rows are taken as the
-    ``length`` positions of one sample (their stride becomes the position stride), so that short rows
-    share a tile and position ``r = n * L + l`` stays the row's index."""
-
-    samples: int
-    length: int
-    flip: bool
-    grid: tuple[int]
-    options: dict[str, int]
-
-    @staticmethod
-    def of(x3: Tensor, block: int | None) -> _Geometry:
-        n, c, length = x3.shape
-        flip = length == 1
-        samples, length = (1, n) if flip else (n, length)
-        block_r, block_c, warps = _launch(c, length, x3.stride(1), block)
-        return _Geometry(samples, length, flip, (samples * triton.cdiv(length, block_r),),
-                         {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": warps})
-
-    def strided(self, t: Tensor | None) -> tuple[Tensor | None, int, int, int]:
-        """A kernel's view of an (N, C, L) operand: (tensor, stride_n, stride_c, stride_l); None: absent."""
-        if t is None:
-            return None, 0, 0, 0
-        sn, sc, sl = t.stride()
-        return (t, 0, sc, sn) if self.flip else (t, sn, sc, sl)
-
-
-def _check_dtype(name: str, t: Tensor | None) -> None:
-    if t is not None and t.dtype not in _DTYPES:
-        raise ValueError(f"triton xent operand {name}: dtype {t.dtype} is not supported (float32, bfloat16 or "
-                         f"float16; float64 runs on the C or torch backend)")
 
 
 # ---- device helpers -------------------------------------------------------------------------------
 
 @triton.jit
-def _rows(L, BLOCK_R: tl.constexpr):
-    """This program's tile: ``BLOCK_R`` consecutive positions ``l`` of one sample ``n`` (so that the
-    compiler sees them contiguous where the position stride is 1), as (r = n * L + l, in range, n, l)."""
-    tiles = tl.cdiv(L, BLOCK_R)
-    pid = tl.program_id(0)
-    n = (pid // tiles).to(tl.int64)
-    l = (pid % tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    return n * L + l, l < L, n, l
-
-
-@triton.jit
 def _load(ptr, base, cols, sc, rmask, C):
     """(BLOCK_R, BLOCK_C) float32 tile of classes ``cols`` at rows ``base``; -inf outside, and its mask."""
-    mask = rmask[:, None] & (cols < C)[None, :]
-    x = tl.load(ptr + (base[:, None] + cols.to(tl.int64)[None, :] * sc), mask=mask, other=float("-inf"))
-    return x.to(tl.float32), mask
-
-
-@triton.jit
-def _store(ptr, base, cols, sc, mask, value):
-    tl.store(ptr + (base[:, None] + cols.to(tl.int64)[None, :] * sc), value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scalar(value, IS_PTR: tl.constexpr):
-    """A float32 scalar from a Python float or from a 0-dim device tensor (read here: no host sync)."""
-    if IS_PTR:
-        out = tl.load(value).to(tl.float32)
-    else:
-        out = tl.cast(value, tl.float32)
-    return out
-
-
-@triton.jit
-def _class_weights(w_ptr, cols, C, HAS_WEIGHT: tl.constexpr):
-    """(BLOCK_C,) float32 class weights of ``cols`` (ones without weights), 0 outside ``[0, C)``."""
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
-    else:
-        w = tl.where(cols < C, 1.0, 0.0)
-    return w
+    mask = tile_mask(rmask, cols, C)
+    return load_tile(ptr, base, cols, sc, mask, float("-inf")), mask
 
 
 @triton.jit
@@ -207,12 +104,11 @@ def _class_target(y_ptr, r, rmask, C, ignore_index, w_ptr, x_ptr, xbase, sxc, HA
     ``x[y]`` and ``w[y]`` are read only where the target is in range (0 elsewhere)."""
     y = tl.load(y_ptr + r, mask=rmask, other=ignore_index)
     kept = y != ignore_index
-    hit = kept & (y >= 0) & (y < C)
-    safe = tl.where(hit, y, 0)
-    x_y = tl.load(x_ptr + (xbase + safe * sxc), mask=rmask & hit, other=0.0).to(tl.float32)
+    hit = kept & (y >= 0) & (y < C)  # rows out of range have y = ignore_index: not kept
+    x_y = column_at(x_ptr, xbase, y, sxc, hit)
     w_y = tl.where(hit, 1.0, 0.0)
     if HAS_WEIGHT:
-        w_y = tl.load(w_ptr + safe, mask=rmask & hit, other=0.0).to(tl.float32)
+        w_y = column_at(w_ptr, 0, y, 1, hit)
     return y, kept, hit, x_y, w_y
 
 
@@ -220,13 +116,6 @@ def _class_target(y_ptr, r, rmask, C, ignore_index, w_ptr, x_ptr, xbase, sxc, HA
 def _kept(value, hit, kept):
     """``value`` on rows whose target is in range, 0 on ignored rows, NaN on rows of out-of-range targets."""
     return tl.where(hit, value, tl.where(kept, float("nan"), 0.0))
-
-
-@triton.jit
-def _log1p(z):
-    """log(1 + z) for z >= 0 to a few ulp also where 1 + z rounds to 1 (Goldberg: log(u) z / (u - 1))."""
-    u = 1.0 + z
-    return tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
 
 
 @triton.jit
@@ -241,8 +130,8 @@ def _smoothing_weights(t_ptr, tbase, stc, cols, mask, w, ls, C, PROB: tl.constex
     """(BLOCK_R, BLOCK_C) ``v_c``: ``w_c t'_c`` with ``t' = (1 - ls) t + ls / C`` (PROB), else ``w_c``; 0
     outside ``mask``."""
     if PROB:
-        t = tl.load(t_ptr + (tbase[:, None] + cols.to(tl.int64)[None, :] * stc), mask=mask, other=0.0)
-        v = ((1.0 - ls) * t.to(tl.float32) + ls / C) * w[None, :]
+        t = load_tile(t_ptr, tbase, cols, stc, mask, 0.0)
+        v = ((1.0 - ls) * t + ls / C) * w[None, :]
     else:
         v = tl.broadcast_to(w[None, :], mask.shape)
     return tl.where(mask, v, 0.0)
@@ -256,7 +145,7 @@ def _block(x_ptr, xbase, sxc, t_ptr, tbase, stc, w_ptr, cols, rmask, C, ls, PROB
     x, mask = _load(x_ptr, xbase, cols, sxc, rmask, C)
     w, v = cols, x
     if SMOOTH:
-        w = _class_weights(w_ptr, cols, C, HAS_WEIGHT)
+        w = class_weights(w_ptr, cols, C, HAS_WEIGHT)
         if WANT_V:
             v = _smoothing_weights(t_ptr, tbase, stc, cols, mask, w, ls, C, PROB)
     return x, mask, w, v
@@ -295,14 +184,14 @@ def _emit(x, v, w, mask, cols, y, m, coef, beta, g, log_s, tcoef, g_ptr, gbase, 
     ``coef = scale alpha / s``, and (probabilities) ``target_grad = tcoef w (log s - (x - m))``."""
     z = x - m[:, None]
     if HAS_TGRAD:
-        _store(tg_ptr, tgbase, cols, stgc, mask, tcoef * w[None, :] * (log_s[:, None] - z))
+        store_tile(tg_ptr, tgbase, cols, stgc, mask, tcoef * w[None, :] * (log_s[:, None] - z))
     if HAS_GRAD:
         grad = coef[:, None] * tl.exp(z)
         if not PROB:
             grad = grad - tl.where(cols[None, :] == y[:, None], beta[:, None], 0.0)
         if SMOOTH:
             grad = grad - g[:, None] * v
-        _store(g_ptr, gbase, cols, sgc, mask, grad)
+        store_tile(g_ptr, gbase, cols, sgc, mask, grad)
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -316,7 +205,7 @@ def _xent_kernel(x_ptr, sxn, sxc, sxl, y_ptr, t_ptr, stn, stc, stl, g_ptr, sgn, 
     """Loss (and gradients) of ``BLOCK_R`` positions: index targets ``y`` or probabilities ``t`` (PROB);
     SMOOTH: the ``v`` sums are needed (PROB or label smoothing); FOCAL: ``gamma != 0`` (``gamma_int`` its
     integer part); ONE_BLOCK: ``C <= BLOCK_C``."""
-    r, rmask, n, l = _rows(L, BLOCK_R)
+    r, rmask, n, l = tile_rows(L, BLOCK_R)
     xbase, tbase = n * sxn + l * sxl, n * stn + l * stl
     gbase, tgbase = n * sgn + l * sgl, n * stgn + l * stgl
     ls = tl.cast(label_smoothing, tl.float32)
@@ -340,7 +229,7 @@ def _xent_kernel(x_ptr, sxn, sxc, sxl, y_ptr, t_ptr, stn, stc, stl, g_ptr, sgn, 
             m, s1, vs, a = _absorb(x, v, mask, m, s1, vs, a, SMOOTH)
 
     # per row: log s, loss = beta (-log p_y) + g (V log s + A), grad = scale (alpha p - beta [c == y] - g v)
-    log_s = tl.where(m == float("-inf"), float("nan"), _log1p(s1))  # a row of only -inf: NaN, as torch
+    log_s = tl.where(m == float("-inf"), float("nan"), log1p(s1))  # a row of only -inf: NaN, as torch
     if PROB:
         loss = vs * log_s + a
         alpha, beta, g = vs, tl.zeros_like(vs), tl.full((BLOCK_R,), 1.0, tl.float32)
@@ -370,7 +259,7 @@ def _xent_kernel(x_ptr, sxn, sxc, sxl, y_ptr, t_ptr, stn, stc, stl, g_ptr, sgn, 
         alpha = _kept(alpha, hit, kept)
     tl.store(loss_ptr + r, loss.to(tl.float32), mask=rmask)
     if HAS_GRAD or HAS_TGRAD:
-        sc = _scalar(scale, SCALE_PTR)
+        sc = scalar(scale, SCALE_PTR)
         coef = sc * alpha / (1.0 + s1)
         beta, g, tcoef = sc * beta, sc * g, sc * (1.0 - ls)
         if ONE_BLOCK:
@@ -391,18 +280,17 @@ def _nll_kernel(x_ptr, sxn, sxc, sxl, y_ptr, g_ptr, sgn, sgc, sgl, w_ptr, loss_p
                 HAS_WEIGHT: tl.constexpr, HAS_GRAD: tl.constexpr, SCALE_PTR: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """``loss = -w_y x[y]`` of ``BLOCK_R`` positions; gradient rows of zeros but ``-w_y scale`` at ``y``."""
-    r, rmask, n, l = _rows(L, BLOCK_R)
+    r, rmask, n, l = tile_rows(L, BLOCK_R)
     xbase, gbase = n * sxn + l * sxl, n * sgn + l * sgl
     y, kept, hit, x_y, w_y = _class_target(y_ptr, r, rmask, C, ignore_index, w_ptr, x_ptr, xbase, sxc, HAS_WEIGHT)
     tl.store(loss_ptr + r, _kept(-w_y * x_y, hit, kept), mask=rmask)
     if HAS_GRAD:
-        at_y = _kept(-w_y * _scalar(scale, SCALE_PTR), hit, kept)[:, None]
+        at_y = _kept(-w_y * scalar(scale, SCALE_PTR), hit, kept)[:, None]
         rest = _kept(tl.zeros_like(w_y), hit, kept)[:, None]  # NaN on a row of an out-of-range target
         cols = tl.arange(0, BLOCK_C)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + cols
-            mask = rmask[:, None] & (c < C)[None, :]
-            _store(g_ptr, gbase, c, sgc, mask, tl.where(c[None, :] == y[:, None], at_y, rest))
+            store_tile(g_ptr, gbase, c, sgc, tile_mask(rmask, c, C), tl.where(c[None, :] == y[:, None], at_y, rest))
 
 
 # ---- wrappers -----------------------------------------------------------------------------------
@@ -423,18 +311,19 @@ def xent_rows(x3: Tensor, target: Tensor, grad3: Tensor | None, target_grad3: Te
     0-dim float32 tensor on x3's device, read by the kernel. ``gamma != 0``: the focal loss (index
     targets). ``block``: BLOCK_C, a power of two (tests: rows longer than one block).
     """
-    _check_dtype("x3", x3)
+    check_dtypes(x3=x3)
     if x3.shape[0] * x3.shape[2] == 0:
         return
-    geo = _Geometry.of(x3, block)
+    geo = RowTiles.of(x3, _TILING, block)
     prob = target.is_floating_point()
+    scale, scale_ptr = scalar_arg(scale)
     _xent_kernel[geo.grid](*geo.strided(x3), None if prob else target, *geo.strided(target if prob else None),
                            *geo.strided(grad3), *geo.strided(target_grad3), weight, loss, scale, x3.shape[1],
                            geo.length, int(ignore_index), float(label_smoothing), float(gamma),
                            min(int(gamma), _MAX_GAMMA_PRODUCTS),
                            PROB=prob, SMOOTH=prob or label_smoothing != 0, FOCAL=gamma != 0,
                            HAS_WEIGHT=weight is not None, HAS_GRAD=grad3 is not None,
-                           HAS_TGRAD=target_grad3 is not None, SCALE_PTR=isinstance(scale, Tensor),
+                           HAS_TGRAD=target_grad3 is not None, SCALE_PTR=scale_ptr,
                            ONE_BLOCK=geo.options["BLOCK_C"] >= x3.shape[1], **geo.options)
 
 
@@ -449,10 +338,11 @@ def nll_rows(x3: Tensor, target: Tensor, grad3: Tensor | None, weight: Tensor | 
     dtype that receives zeros and ``-w[y] * scale`` at each non-ignored target, or None. ``weight``: (C,)
     contiguous float32, or None. ``scale``: a float or a 0-dim float32 tensor on x3's device.
     """
-    _check_dtype("x3", x3)
+    check_dtypes(x3=x3)
     if x3.shape[0] * x3.shape[2] == 0:
         return
-    geo = _Geometry.of(x3, block)
+    geo = RowTiles.of(x3, _TILING, block)
+    scale, scale_ptr = scalar_arg(scale)
     _nll_kernel[geo.grid](*geo.strided(x3), target, *geo.strided(grad3), weight, loss, scale, x3.shape[1],
                           geo.length, int(ignore_index), HAS_WEIGHT=weight is not None,
-                          HAS_GRAD=grad3 is not None, SCALE_PTR=isinstance(scale, Tensor), **geo.options)
+                          HAS_GRAD=grad3 is not None, SCALE_PTR=scale_ptr, **geo.options)
