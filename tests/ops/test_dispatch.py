@@ -83,7 +83,7 @@ def test_missing_triton_is_an_import_error_naming_it(monkeypatch):
 
 
 def test_triton_takes_no_float64(monkeypatch):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", minversion="3.8")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _dispatch.backend("xent_rows", "triton", torch.randn(2, 3)) == "triton"
     with pytest.raises(ValueError, match="does not take torch.float64"):
@@ -113,3 +113,17 @@ def test_composite_is_reached_and_agrees_with_the_reference(monkeypatch):
     assert out.grad_fn.name() != "_PrecomputedGradBackward"  # torch's own autograd, not a fused gradient
     assert_close(out, ref)
     assert_close(g, g_ref)
+
+
+def test_a_triton_too_old_for_the_kernels_counts_as_absent(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.6.0"))
+    monkeypatch.setattr(_dispatch, "_triton", [])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ImportError, match=r"triton 3.6.0 is older than 3.8"):
+        _dispatch.backend("xent_rows", "triton", torch.randn(2, 3))
+    monkeypatch.setattr(_dispatch, "_triton", [])
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.8.0+git1234"))
+    assert _dispatch.triton_error() is None

@@ -75,18 +75,26 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16, *_INTEGERS)
 #: Storage dtypes the C kernels take.
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, *_INTEGERS)
 
+#: The oldest triton the kernels build with. 3.6 fails on them (its frontend rejects some of their
+#: constexpr branches and helper calls, in the interpreter and for sm_90 alike), and a CUDA build of
+#: an older torch may ship it: such a triton counts as absent, so "auto" runs the composite there.
+MIN_TRITON = (3, 8)
+
 _triton: list[ImportError | None] = []
 
 
 def triton_error() -> ImportError | None:
-    """None when triton imports, else the ImportError (imported once, on first use)."""
+    """None when a triton the kernels build with imports, else the ImportError (checked once, on first use)."""
     if not _triton:
         try:
-            importlib.import_module("triton")
+            version = importlib.import_module("triton").__version__
         except ImportError as err:
             _triton.append(err)
         else:
-            _triton.append(None)
+            found = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+            too_old = found < MIN_TRITON
+            _triton.append(ImportError(f"triton {version} is older than {'.'.join(map(str, MIN_TRITON))}, the "
+                                       "oldest the kernels build with") if too_old else None)
     return _triton[0]
 
 

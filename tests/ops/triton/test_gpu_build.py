@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton", minversion="3.8")  # the oldest the kernels build with
 
 import gpu_build
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion="3.8")  # the oldest the kernels build with (ops/_dispatch.py)
 
 import torch
 from _helpers import (DTYPES, INF, INTERPRETER_WARNINGS, assert_identical, gen, normwise, refuses_block,
