@@ -127,3 +127,15 @@ def test_a_triton_too_old_for_the_kernels_counts_as_absent(monkeypatch):
     monkeypatch.setattr(_dispatch, "_triton", [])
     monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.8.0+git1234"))
     assert _dispatch.triton_error() is None
+
+
+def test_gpus_older_than_the_kernels_get_the_composite(monkeypatch):
+    capability = {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability["now"])
+    cuda = torch.device("cuda", 0)
+    for cap, f32, bf16 in (((7, 0), False, False), ((7, 5), True, False), ((8, 0), True, True), ((9, 0), True, True)):
+        capability["now"] = cap
+        _dispatch._capability.cache_clear()
+        assert _dispatch.gpu_runs_triton(cuda, [torch.float32, torch.int64]) is f32, cap
+        assert _dispatch.gpu_runs_triton(cuda, [torch.bfloat16]) is bf16, cap
+    _dispatch._capability.cache_clear()

@@ -98,6 +98,23 @@ def triton_error() -> ImportError | None:
     return _triton[0]
 
 
+#: The oldest CUDA architectures the kernels are for: Turing (7.5) for float32 and float16, Ampere (8.0)
+#: for bfloat16, which older GPUs have no instructions for (triton 3.8 targets 7.5 and newer).
+MIN_CAPABILITY = (7, 5)
+MIN_CAPABILITY_BFLOAT16 = (8, 0)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def gpu_runs_triton(device: torch.device, dtypes: list[torch.dtype]) -> bool:
+    """Whether the Triton kernels are for the GPU ``device`` in ``dtypes`` (its capability, read once)."""
+    need = MIN_CAPABILITY_BFLOAT16 if torch.bfloat16 in dtypes else MIN_CAPABILITY
+    return _capability(device) >= need
+
+
 def triton_interpreted() -> bool:
     """Whether Triton kernels run on CPU tensors here: ``TRITON_INTERPRET=1``, read as triton reads it."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -126,7 +143,7 @@ def backend(op: str, impl: object, *tensors: Tensor | None) -> str:
         if device == "cpu" and CPU in _TABLE[op] and all(d in CPU_DTYPES for d in dtypes):
             return CPU if native.available(_cpu_extension(op)) else COMPOSITE
         if device == "cuda" and TRITON in _TABLE[op] and all(d in TRITON_DTYPES for d in dtypes):
-            return TRITON if triton_error() is None else COMPOSITE
+            return TRITON if triton_error() is None and gpu_runs_triton(present[0].device, dtypes) else COMPOSITE
         return COMPOSITE
     if impl == "compiled":
         if device == "cpu":
