@@ -84,3 +84,15 @@ def test_compiled_kernels_trace_in_one_graph(name):
     ref.backward()
     assert_close(out, ref)
     assert_close(a.grad, b.grad)
+
+
+def test_float64_traces_through_the_c_kernels_at_float64_precision():
+    # Probability targets: "mean" divides by the 3 positions, a Python scale of 1/3 (inexact in float32).
+    x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    p = torch.rand(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).softmax(1)
+    fn = lambda a: LF.cross_entropy(a, p, label_smoothing=0.1, impl="compiled")  # noqa: E731
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with losskit.no_sync():
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(a).backward()
+    fn(b).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-15, atol=0)  # a float32 scale: off by 1e-8

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from .blocks import accumulation_dtype
 
 _NAMESPACE = "losskit"
 
@@ -41,7 +42,10 @@ def _raw(op: str, backend: str) -> Callable:
 
 
 def _as_tensor(scale: Tensor | float, like: Tensor) -> Tensor:
-    return scale if isinstance(scale, Tensor) else torch.tensor(float(scale), dtype=torch.float32, device=like.device)
+    """A Python scale as a 0-dim tensor of ``like``'s accumulation dtype (float64 keeps its double)."""
+    if isinstance(scale, Tensor):
+        return scale
+    return torch.tensor(float(scale), dtype=accumulation_dtype(like.dtype), device=like.device)
 
 
 def _define(backend: str) -> dict[str, Callable]:

@@ -58,6 +58,7 @@ class _KernelSoftmax(torch.autograd.Function):
 
 def softmax(x: Tensor, d: int, dtype: torch.dtype | None, impl: str, *, log: bool) -> Tensor:
     """softmax (log_softmax if ``log``) of ``x`` along dim ``d``, cast to ``dtype`` first when given."""
+    # The kernels compute in the output's dtype: a dtype= cast decides which backend takes the call.
     backend = _dispatch.backend("softmax_rows", impl, x if dtype is None else x.new_empty(0, dtype=dtype))
     if backend in (_dispatch.REFERENCE, _dispatch.COMPOSITE):
         return composite.log_softmax(x, d, dtype) if log else composite.softmax(x, d, dtype)

@@ -172,10 +172,11 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch
     :func:`release_buffer_cache` unmaps them (:func:`set_buffer_cache` turns the reuse off). Elsewhere,
     ``torch.empty``.
     """
+    if torch.compiler.is_compiling():  # traced: the compiler plans the buffer (and cannot trace an import)
+        return torch.empty(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
     ext = load()
     if (torch.device(device).type == "cpu" and nbytes >= BLOCK_MIN_BYTES and not isinstance(ext, ImportError)
-            and not torch.compiler.is_compiling()
             and hasattr(ext, "block")):
         return torch.frombuffer(ext.block(nbytes), dtype=dtype).view(shape)
     return torch.empty(shape, dtype=dtype, device=device)
