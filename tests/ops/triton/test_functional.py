@@ -105,11 +105,16 @@ def test_triton_custom_ops_pass_opcheck():
     ops = _library._ops("triton")
     opcheck(ops["xent_rows"], (x3, target, torch.empty(3, 5, 2), None, torch.rand(5) + 0.5, torch.empty(3, 2),
                                torch.tensor(0.5), -100, 0.1, 0.0))
+    opcheck(ops["nll_rows"], (x3.log_softmax(1), target, torch.empty(3, 5, 2), None, torch.empty(3, 2),
+                              torch.tensor(0.5), -100))
     opcheck(ops["softmax_rows"], (x3, torch.empty(3, 5, 2), False))
+    opcheck(ops["softmax_backward_rows"], (x3.log_softmax(1), x3, torch.empty(3, 5, 2), True))
     opcheck(ops["entropy_rows"], (x3, torch.empty(3, 2), torch.empty(3, 5, 2), True))
     x, y = torch.randn(4, 7, generator=_g(13)), torch.rand(4, 7, generator=_g(14))
     opcheck(ops["binary"], ("logits", 0.0, 0.0, [x, y, None, None], [True, True, False, False], torch.float32,
                             torch.float32, False, torch.tensor(0.5), False))
+    opcheck(ops["pointwise"], ("1", 0.0, 0.0, [x.log_softmax(1), y], [True, True], torch.float32, torch.float32,
+                               True, torch.tensor(0.5), False))
 
 
 def test_torch_compile_traces_through_the_triton_kernel_in_one_graph():
