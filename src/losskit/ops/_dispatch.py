@@ -167,8 +167,9 @@ def backend(op: str, impl: object, *tensors: Tensor | None) -> str:
 def _triton_backend(op: str, impl: str, dtypes: list[torch.dtype]) -> str:
     err = None if torch.compiler.is_compiling() else triton_error()
     if err is not None:
-        raise ImportError(f"impl={impl!r} on this device needs triton, which did not import ({err}); "
-                          "`pip install triton` (CUDA builds of torch ship it), or use impl='torch'")
+        raise ImportError(f"impl={impl!r} on this device needs triton {'.'.join(map(str, MIN_TRITON))} or newer, "
+                          f"which is not available ({err}); `pip install 'triton>="
+                          f"{'.'.join(map(str, MIN_TRITON))}'` (CUDA builds of torch ship it), or use impl='torch'")
     if TRITON not in _TABLE[op]:
         raise ValueError(f"impl={impl!r}: no Triton kernel computes {op}; use impl='auto' or impl='torch'")
     _dtypes_taken(impl, dtypes, TRITON_DTYPES)
