@@ -98,10 +98,9 @@ def xent_rows_(work: Tensor, target: Tensor, spec: RowSpec, scale: Tensor | floa
             # q^(g-1) log p_y is written q^g * (log p_y / q), whose limit at q = 0 is q^g * -1.
             ratio = torch.where(q > 0, logp_y / q, torch.full_like(q, -1.0))
             beta = w_y * q_g * (1 - spec.gamma * logp_y.exp() * ratio)
-            alpha = beta
         else:
             beta = (1 - ls) * w_y
-            alpha = beta + (ls / n_classes) * w_total * keep if ls else beta
+        alpha = beta + (ls / n_classes) * w_total * keep if ls else beta  # the smoothing term's share of p
         if spec.z_loss:
             alpha = alpha + (2 * spec.z_loss) * lse.masked_fill(ignored, 0)
         alpha, beta = alpha * scale, beta * scale
