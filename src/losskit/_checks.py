@@ -124,7 +124,8 @@ def no_sync() -> Iterator[None]:
     out-of-range target then gives a NaN loss and gradient for its position (the Triton kernels), the
     same ValueError (the C kernels, which check every target themselves), or torch's device-side assert
     (the composite and reference paths on CUDA); a BCE input outside [0, 1] gives NaN or, in the C
-    kernel, the same ValueError.
+    kernel, the same ValueError. The setting holds for the whole process while the block runs, other
+    threads' losses included.
 
     Example:
         >>> import torch, losskit, losskit.functional as LF
