@@ -1,9 +1,9 @@
 """Compiled CPU kernels (``impl="compiled"``): C extensions built with the package, and what they share.
 
 This module loads the extensions (``losskit.ops.cpu._native*``, one per ``_native*.c``; each optional),
-resolves ``impl`` (:func:`use_compiled`), allocates kernel outputs (:func:`empty`) and drives the
-softmax cross-entropy kernel of ``_native.c`` (:func:`xent_rows`, for ``cross_entropy`` and
-``focal_loss``); ``native_softmax``, ``native_binary`` and ``native_pointwise`` drive the others.
+allocates kernel outputs (:func:`empty`) and drives the softmax cross-entropy kernel of ``_native.c``
+(:func:`xent_rows`, for ``cross_entropy`` and ``focal_loss``); ``native_softmax``, ``native_binary`` and
+``native_pointwise`` drive the others. Which backend runs is :mod:`losskit.ops._dispatch`'s decision.
 
 Reference expression of :func:`xent_rows`: the same per-row loss and gradient as
 :func:`losskit.ops.reference.rows.xent_rows_`, i.e. ``F.cross_entropy(x, y, weight, ignore_index=...,
@@ -41,7 +41,6 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ..._types import IMPLS
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 #: Below this many elements one thread does the work: starting a thread costs tens of microseconds.
@@ -126,30 +125,6 @@ def module(name: str = XENT) -> ModuleType:
 def available(name: str = XENT) -> bool:
     """Whether the compiled kernels of extension ``name`` were built and load."""
     return not isinstance(load(name), ImportError)
-
-
-def use_compiled(impl: object, *tensors: Tensor, extension: str = XENT) -> bool:
-    """Resolve ``impl`` for a call on ``tensors``: True to run the compiled kernel of ``extension``.
-
-    ``"auto"`` picks it when it is built, every tensor is on the CPU and no torch.compile trace is
-    running (the kernel is opaque to dynamo, a graph break; the torch path traces and fuses), nor a
-    torch.func transform (vmap, grad: their wrapped tensors have no data pointer for the kernel);
-    ``"compiled"`` insists, with an ImportError saying how to build it or a ValueError for tensors it
-    cannot take.
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch":
-        return False
-    on_cpu = all(t.device.type == "cpu" for t in tensors)
-    if impl == "auto":
-        return (on_cpu and not torch.compiler.is_compiling() and available(extension)
-                and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors))
-    module(extension)
-    if not on_cpu:
-        devices = sorted({str(t.device) for t in tensors})
-        raise ValueError(f"impl='compiled' runs on CPU tensors only, got tensors on {devices}; use impl='torch'")
-    return True
 
 
 #: Outputs of at least this many bytes live in the extension's own 2 MiB-aligned, huge-page mappings.
