@@ -191,6 +191,11 @@ def kernel(op: str, name: str) -> Callable:
     """
     if name in (CPU, TRITON) and torch.compiler.is_compiling():
         return _library.custom_op(op, name)
+    return plain(op, name)
+
+
+def plain(op: str, name: str) -> Callable:
+    """The function of backend ``name`` that computes ``op``, never its custom op (what the custom op runs)."""
     module, function = _TABLE[op][name].split(":")[:2]
     return getattr(_module(module), function)  # looked up at each call: tests may replace a kernel
 

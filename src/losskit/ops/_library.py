@@ -36,11 +36,6 @@ from .blocks import accumulation_dtype
 _NAMESPACE = "losskit"
 
 
-def _raw(op: str, backend: str) -> Callable:
-    module, function = _dispatch._TABLE[op][backend].split(":")[:2]
-    return getattr(_dispatch._module(module), function)
-
-
 def _as_tensor(scale: Tensor | float, like: Tensor) -> Tensor:
     """A Python scale as a 0-dim tensor of ``like``'s accumulation dtype (float64 keeps its double)."""
     if isinstance(scale, Tensor):
@@ -56,25 +51,25 @@ def _define(backend: str) -> dict[str, Callable]:
     def xent_rows(x3: Tensor, target: Tensor, grad3: Optional[Tensor], target_grad3: Optional[Tensor],
                   weight: Optional[Tensor], loss: Tensor, scale: Tensor, ignore_index: int, label_smoothing: float,
                   gamma: float) -> None:
-        _raw("xent_rows", backend)(x3, target, grad3, target_grad3, weight, loss, ignore_index=ignore_index,
+        _dispatch.plain("xent_rows", backend)(x3, target, grad3, target_grad3, weight, loss, ignore_index=ignore_index,
                                    label_smoothing=label_smoothing, gamma=gamma, scale=scale)
 
     @torch.library.custom_op(ns + "nll_rows", mutates_args=("grad3", "loss"))
     def nll_rows(x3: Tensor, target: Tensor, grad3: Optional[Tensor], weight: Optional[Tensor], loss: Tensor,
                  scale: Tensor, ignore_index: int) -> None:
-        _raw("nll_rows", backend)(x3, target, grad3, weight, loss, ignore_index=ignore_index, scale=scale)
+        _dispatch.plain("nll_rows", backend)(x3, target, grad3, weight, loss, ignore_index=ignore_index, scale=scale)
 
     @torch.library.custom_op(ns + "softmax_rows", mutates_args=("out3",))
     def softmax_rows(x3: Tensor, out3: Tensor, log: bool) -> None:
-        _raw("softmax_rows", backend)(x3, out3, log=log)
+        _dispatch.plain("softmax_rows", backend)(x3, out3, log=log)
 
     @torch.library.custom_op(ns + "softmax_backward_rows", mutates_args=("out3",))
     def softmax_backward_rows(y3: Tensor, g3: Tensor, out3: Tensor, log: bool) -> None:
-        _raw("softmax_backward_rows", backend)(y3, g3, out3, log=log)
+        _dispatch.plain("softmax_backward_rows", backend)(y3, g3, out3, log=log)
 
     @torch.library.custom_op(ns + "entropy_rows", mutates_args=("h", "grad3"))
     def entropy_rows(x3: Tensor, h: Tensor, grad3: Optional[Tensor], logits: bool) -> None:
-        _raw("entropy_rows", backend)(x3, h, grad3, logits=logits)
+        _dispatch.plain("entropy_rows", backend)(x3, h, grad3, logits=logits)
 
     def elementwise(op: str) -> Callable:
         @torch.library.custom_op(ns + op, mutates_args=())
@@ -83,7 +78,7 @@ def _define(backend: str) -> dict[str, Callable]:
                 ) -> tuple[Tensor, Tensor, Tensor]:
             params = {"alpha": alpha, "gamma": gamma} if op == "binary" else {}
             rows = {"sum_last_dim": True} if sum_last_dim else {}  # (pointwise losses have no row sums)
-            loss, grads = _raw(op, backend)(_kind(op, kind), **params)(
+            loss, grads = _dispatch.plain(op, backend)(_kind(op, kind), **params)(
                 None, operands, want, acc=acc, out_dtype=out_dtype, keep=keep, grad_scale=grad_scale, **rows)
             if not keep:
                 loss = loss.sum(0, keepdim=True)  # partial sums, however many the backend made: one
