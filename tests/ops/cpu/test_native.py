@@ -489,3 +489,47 @@ def test_gradient_of_probability_target_alone_and_no_gradient():
         assert_close(pp.grad, ref.grad)
     with torch.no_grad():
         assert_close(LF.cross_entropy(x.requires_grad_(), p, w, impl="compiled"), F.cross_entropy(x, p, w))
+
+
+# --- the weight-gradient sum of the chunked linear cross-entropy -----------------------------------------
+
+@pytest.mark.parametrize("cols", [1, 7, 8, 1000, 1031])
+@pytest.mark.parametrize("first", [True, False])
+def test_weight_sum_equals_torch_copy_and_add_bit_for_bit(cols, first):
+    """native.weight_sum_ against its reference (torch's bfloat16 -> float32 copy / mixed add), on rows
+    strided as a K-dimensional head's position (row stride 3 * cols), with tails shorter than a vector
+    and non-finite values (NaN, +-inf, inf - inf) in both operands."""
+    from losskit.ops.reference.rows import weight_sum_ as reference
+    g = _gen(cols)
+    rows = 37
+    acc = torch.randn(rows, 3, cols, generator=g)[:, 1]  # (rows, cols), row stride 3 * cols
+    src = (torch.randn(rows, cols, generator=g) * 100).bfloat16()
+    acc[::2, ::11] = torch.inf
+    src[::3, ::13] = -torch.inf
+    src[::5, ::17] = torch.nan
+    ours, ref = acc.clone(), acc.clone()
+    native.weight_sum_(ours, src, first=first)
+    reference(ref, src, first=first)
+    assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))  # NaN payloads included
+
+
+def test_weight_sum_splits_rows_over_threads_without_changing_a_bit():
+    g = _gen(5)
+    acc, src = torch.randn(4096, 512, generator=g), torch.randn(4096, 512, generator=g).bfloat16()
+    expected = acc + src.float()
+    torch.set_num_threads(2)
+    native.weight_sum_(acc, src, first=False)
+    assert torch.equal(acc, expected)
+
+
+@pytest.mark.parametrize("acc, src, words", [
+    (torch.zeros(4, 8, dtype=torch.float64), torch.zeros(4, 8, dtype=torch.bfloat16), ["float32", "float64"]),
+    (torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.float16), ["bfloat16", "float16"]),
+    (torch.zeros(4, 8), torch.zeros(4, 9, dtype=torch.bfloat16), ["(4, 8)", "(4, 9)"]),
+    (torch.zeros(8, 4).T, torch.zeros(4, 8, dtype=torch.bfloat16), ["unit column stride", "(1, 4)"]),
+])
+def test_weight_sum_operands_are_checked(acc, src, words):
+    with pytest.raises(ValueError) as err:
+        native.weight_sum_(acc, src, first=True)
+    for word in words:
+        assert word in str(err.value)
