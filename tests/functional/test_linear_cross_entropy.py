@@ -19,7 +19,8 @@ import losskit.functional as LF
 import losskit.functional._linear_cross_entropy as lce_module
 import losskit.nn as LN
 from losskit.ops import linear_xent
-from losskit.ops.linear_xent import CHUNK_BYTES, MIN_ROWS, chunk_rows, class_buffers, products_dtype
+from losskit.ops.linear_xent import (ALIGN_ROWS, CHUNK_BYTES, CUDA_CHUNK_BYTES, MIN_ROWS, chunk_budget, chunk_rows,
+                                     class_buffers, products_dtype)
 from losskit.ops.cpu import native as cpu_native
 from losskit.ops.cpu.native import available as native_available
 from losskit.ops.reference.rows import RowSpec
@@ -262,10 +263,10 @@ def test_bfloat16_call_runs_its_products_in_the_chosen_dtype(products, monkeypat
     """The weight gradient's product gets bfloat16 operands and a float32 accumulator (native), or
     float32 operands (upcast); the C row kernel reads the bfloat16 logits where it is built."""
     seen, rows = [], []
-    grad_w, xent_rows = linear_xent.weight_grad_, cpu_native.xent_rows
-    monkeypatch.setattr(linear_xent, "weight_grad_",
-                        lambda out, grad, x, **kw: seen.append((out.dtype, grad.dtype, x.dtype)) or
-                        grad_w(out, grad, x, **kw))
+    add, xent_rows = linear_xent.WeightGradSum.add_, cpu_native.xent_rows
+    monkeypatch.setattr(linear_xent.WeightGradSum, "add_",
+                        lambda self, l, grad, x, **kw: seen.append((self.out.dtype, grad.dtype, x.dtype)) or
+                        add(self, l, grad, x, **kw))
     monkeypatch.setattr(cpu_native, "xent_rows",
                         lambda x3, *a, **kw: rows.append(x3.dtype) or xent_rows(x3, *a, **kw))
     x, w, t, b = _problem(torch.bfloat16, n=20, d=8, c=30)
@@ -276,16 +277,68 @@ def test_bfloat16_call_runs_its_products_in_the_chosen_dtype(products, monkeypat
     assert loss.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
 
 
-def test_weight_grad_cuda_form_on_meta_tensors():
-    """CUDA's GEMM 3 (bfloat16 operands, a float32 block through out_dtype, added to the accumulator)
-    cannot run on a CPU; on meta tensors its calls check their signatures, shapes and dtypes."""
-    out = torch.empty(10, 4, device="meta")  # (C, D) float32 accumulator
+def test_weight_grad_cuda_forms_on_meta_tensors(monkeypatch):
+    """CUDA's GEMM 3 cannot run on a CPU; on meta tensors its calls check their signatures, shapes and
+    dtypes: the fused form (one GEMM with ``out_dtype`` accumulating into the float32 sum) and the
+    blockwise form (a torch without ``out_dtype``), at a position of a K-dimensional head."""
     grad = torch.empty(3, 10, dtype=torch.bfloat16, device="meta")  # (r, C)
     x = torch.empty(3, 4, dtype=torch.bfloat16, device="meta")  # (r, D)
-    block = torch.empty(4, 4, device="meta"), None  # 4 classes a block: 3 blocks, the last short
-    for first in (True, False):
-        linear_xent.weight_grad_(out, grad, x, first=first, block=block)
-    assert out.dtype == torch.float32 and out.shape == (10, 4)
+    for fused in (True, False):
+        monkeypatch.setattr(linear_xent, "float32_output_gemm", lambda device, fused=fused: fused)
+        monkeypatch.setattr(linear_xent, "WEIGHT_BLOCK_BYTES", 4 * 4 * 2)  # 4 classes a block: 3, the last short
+        out = torch.empty(10, 2, 4, device="meta")  # (C, L, D) float32 sum
+        gw = linear_xent.WeightGradSum(out, torch.bfloat16)
+        assert gw.mode == ("fused" if fused else "blocks")
+        for first in (True, False):
+            gw.add_(1, grad, x, first=first)
+        assert out.dtype == torch.float32 and out.shape == (10, 2, 4)
+
+
+def _emulated_float32_gemm(out, a, b, *, accumulate):
+    """What cuBLAS does for :func:`linear_xent.gemm_float32_`: the float32 product of the low-precision
+    operands, added to ``out`` (``accumulate``) or written over it."""
+    product = a.float() @ b.float()
+    out.add_(product) if accumulate else out.copy_(product)
+
+
+def test_float32_output_probe(monkeypatch):
+    """The probe says yes only where the fused GEMM runs and gives the right sum (a NaN left in ``out``
+    by the first product, or an ``accumulate`` that overwrites, is a no); never on a CPU."""
+    probe = linear_xent._float32_output_gemm_runs.__wrapped__
+    cpu = torch.device("cpu")
+    assert linear_xent.float32_output_gemm(cpu) is False
+
+    def raises(out, a, b, *, accumulate):
+        raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")  # torch 2.4
+
+    def overwrites(out, a, b, *, accumulate):
+        _emulated_float32_gemm(out, a, b, accumulate=False)
+
+    def keeps_nan(out, a, b, *, accumulate):
+        _emulated_float32_gemm(out, a, b, accumulate=True)
+
+    for gemm, runs in ((_emulated_float32_gemm, True), (raises, False), (overwrites, False), (keeps_nan, False)):
+        monkeypatch.setattr(linear_xent, "gemm_float32_", gemm)
+        assert probe(cpu) is runs, gemm.__name__
+
+
+def test_fused_weight_grad_sum_matches_float64(monkeypatch):
+    """The CUDA form of GEMM 3 (one GEMM per chunk accumulating into the float32 sum, emulated here as
+    cuBLAS computes it) over several chunks and the positions of a K-dimensional head: the gradients
+    are within the fixed eps of the float64 truth and equal the blockwise form's up to its roundings."""
+    monkeypatch.setattr(linear_xent, "cpu_multiplies_bfloat16", lambda: True)
+    x, w, t, b = _problem(torch.bfloat16, n=20, d=8, c=30, k=(3,))
+    blocks = _loss_and_grads(_ours, x, w, t, b, chunk_size=7)
+    monkeypatch.setattr(linear_xent, "float32_output_gemm", lambda device: True)
+    monkeypatch.setattr(linear_xent, "gemm_float32_", _emulated_float32_gemm)
+    fused = _loss_and_grads(_ours, x, w, t, b, chunk_size=7)
+    truth = _loss_and_grads(_ref, x.double(), w.double(), t, b.double())
+    for name, a, tr in zip(("d/dinput", "d/dlinear_weight", "d/dlinear_bias"), fused[1], truth[1]):
+        assert_within_eps(a, tr, GRAD_EPS, floor=tr.abs().max().item(), msg=name)
+    assert torch.equal(fused[0], blocks[0]) and torch.equal(fused[1][0], blocks[1][0])
+    # The blockwise form rounds each chunk's product to bfloat16 before the float32 sum; the fused one
+    # does not: at most one bfloat16 rounding per chunk apart (3 chunks), normwise.
+    assert _bfloat16_eps_normwise(fused[1][1], blocks[1][1].double()) <= 3
 
 
 def _confident_problem(n=512, d=64, c=3000, seed=0, confident_classes=8):
@@ -482,15 +535,33 @@ def test_property_matches_reference(n, d, c, chunk, k, probabilities, reduction,
 
 # --- chunk size and memory ------------------------------------------------------------------------------
 
+def _check_rows(n, bytes_per_row, rows, budget=CHUNK_BYTES):
+    """``rows`` fits the budget, is a multiple of ALIGN_ROWS (or all of N, or MIN_ROWS), and takes no
+    more chunks than the budget's own row count would."""
+    fit = budget // bytes_per_row
+    assert rows <= max(fit, MIN_ROWS) and (rows == n or rows % ALIGN_ROWS == 0), (n, fit, rows)
+    assert -(-n // rows) == -(-n // max(MIN_ROWS, fit - fit % ALIGN_ROWS)), (n, fit, rows)
+
+
 def test_chunk_rows_follows_the_budget():
-    # (rows, V) float32 logits within the budget; never fewer than MIN_ROWS or more than N.
-    assert chunk_rows(2048, 32768, 1024, torch.float32) == CHUNK_BYTES // (32768 * 4)
+    # (rows, V) float32 logits within the budget; never fewer than MIN_ROWS or more than N; spread evenly
+    # over the chunks, in multiples of ALIGN_ROWS (2048 at 448: 5 chunks, the last 256).
+    assert chunk_rows(2048, 32768, 1024, torch.float32) == CHUNK_BYTES // (32768 * 4) == 448
     assert chunk_rows(10, 32768, 1024, torch.float32) == 10
+    assert chunk_rows(0, 32768, 1024, torch.float32) >= 1
     assert chunk_rows(1 << 20, 1 << 22, 1024, torch.float32) == MIN_ROWS
-    assert chunk_rows(2048, 32768, 1024, torch.float64) == CHUNK_BYTES // (32768 * 8)
+    _check_rows(2048, 32768 * 8, chunk_rows(2048, 32768, 1024, torch.float64))
     # bfloat16 input: the upcast input row and its gradient count too; so do extra (rows, C) buffers.
-    assert chunk_rows(1 << 20, 1000, 1000, torch.bfloat16) == CHUNK_BYTES // (4 * 3000)
-    assert chunk_rows(1 << 20, 1000, 10, torch.float32, buffers=3) == CHUNK_BYTES // (4 * 3000)
+    n, bf16 = (1 << 20) + 1, torch.bfloat16
+    _check_rows(n, 4 * 3000, chunk_rows(n, 1000, 1000, bf16))
+    _check_rows(n, 4 * 3000, chunk_rows(n, 1000, 10, torch.float32, buffers=3))
+    # bfloat16 products: the logits and the torch row step's float32 rows, or, with a row kernel, the
+    # logits alone (turned into their gradient in place): 896 rows fit, 3 chunks of 704 (the last 640).
+    _check_rows(n, 1000 * (2 + 8), chunk_rows(n, 1000, 10, bf16, buffers=2, products=bf16))
+    assert chunk_rows(2048, 32768, 1024, bf16, 3, products=bf16, kernel=True) == 704
+    # CUDA's budget: 2048 rows of 128256 bfloat16 logits, 4 chunks for 8192 tokens.
+    assert chunk_budget(torch.device("cuda")) == CUDA_CHUNK_BYTES and chunk_budget(torch.device("cpu")) == CHUNK_BYTES
+    assert chunk_rows(8192, 128256, 4096, bf16, budget=CUDA_CHUNK_BYTES, products=bf16, kernel=True) == 2048
     plain, capped = RowSpec(), RowSpec(label_smoothing=0.1, weight=torch.ones(3))
     assert class_buffers(plain, None, False) == 1
     assert class_buffers(capped, 30.0, False) == 3
@@ -505,7 +576,7 @@ _MEMORY_CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     dtype, native = getattr(torch, sys.argv[1]), sys.argv[2] == "native"
     linear_xent.cpu_multiplies_bfloat16 = lambda: native
-    d, v, chunk = 64, 8192, 128
+    d, v, chunk = 64, 8192, 512
     out = {}
     for n in (1024, 4096):
         g = torch.Generator().manual_seed(0)
@@ -527,27 +598,31 @@ _MEMORY_CHILD = textwrap.dedent("""
 def test_peak_memory_is_gradients_plus_one_chunk_and_flat_in_n(dtype, products):
     """Measured in a child process (VmHWM), at two N: the peak above the inputs, minus the gradients,
     stays within one (chunk, V) chunk plus small scratch, and does not grow with N (the materialised
-    float32 logits would be 32 MiB and 128 MiB). bfloat16 adds the weight gradient's float32
-    accumulator (rounded to bfloat16 at the end, when both exist); with bfloat16 products the chunk is
-    the bfloat16 logits and their bfloat16 gradient (as many bytes as float32 logits) plus one block of
-    the weight gradient's product (WEIGHT_BLOCK_BYTES or the whole (V, D) product, if smaller) and its
-    float32 staging copy; upcast,
-    the float32 logits and a float32 copy of the head."""
+    float32 logits would be 32 MiB and 128 MiB). float32: the float32 logits, which the torch row step
+    turns into their gradient in place. bfloat16 adds the weight gradient's float32 sum; with bfloat16
+    products the chunk is the bfloat16 logits alone (the C row kernel writes their gradient in place)
+    plus one block of the weight gradient's product (WEIGHT_BLOCK_BYTES or the whole (V, D) product, if
+    smaller) and its float32 staging copy; upcast, the float32 logits and a float32 copy of the head.
+    Measured here: 15.9, 12.0-12.3 and 19.0-19.1 MiB against bounds of 20, 17 and 24."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, dtype, products], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     peaks = {int(n): p for n, p in json.loads(run.stdout).items()}
-    d, v, chunk, mib = 64, 8192, 128, 1 << 20
+    d, v, chunk, mib = 64, 8192, 512, 1 << 20
     size = getattr(torch, dtype).itemsize
-    chunk_bytes = chunk * v * 4  # 4 MiB: float32 logits, or bfloat16 logits and their gradient
+    low = dtype == "bfloat16" and products == "native"
+    # 16 MiB of float32 logits; bfloat16 logits, 8 MiB, turned into their gradient in place by the C
+    # kernel or, without it, copied to float32 for the torch row step
+    chunk_bytes = chunk * v * ((2 if native_available() else 6) if low else 4)
     if dtype == "bfloat16":
-        chunk_bytes += v * d * 4  # the weight gradient's float32 accumulator
+        chunk_bytes += v * d * 4  # the weight gradient's float32 sum
         # native: a block of the product and its float32 staging copy; upcast: the head's float32 copy
         chunk_bytes += 3 * min(v * d * size, linear_xent.WEIGHT_BLOCK_BYTES) if products == "native" else v * d * 4
-    # Scratch beyond the chunk: the in-cache sub-block temporaries of ops.reference.rows (a few 2 MiB blocks),
-    # per-position vectors, and the allocator's and interpreter's slack.
-    slack = 10 * mib
+    # Scratch beyond the chunk: per-position vectors, the in-cache sub-block temporaries of
+    # ops.reference.rows, and the allocator's and interpreter's slack; less than the 8 MiB that a second
+    # (chunk, V) bfloat16 buffer would add.
+    slack = 4 * mib
     extra = {n: p - (n * d + v * d) * size for n, p in peaks.items()}  # minus grad_input and grad_weight
     for n, e in extra.items():
         assert e <= chunk_bytes + slack, f"N={n}: {e / mib:.1f} MiB above the gradients"

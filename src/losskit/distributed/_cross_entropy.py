@@ -25,7 +25,7 @@ from .._types import REDUCTIONS, Impl, Reduction
 from ..functional._classification import _class_dim, _index_shape, check_class_input
 from ..ops import _dispatch
 from ..ops.blocks import Block, accumulation_dtype, as_3d, block_rows, blocks, positions_2d, work_buffer
-from ..ops.linear_xent import products_dtype, weight_grad_, weight_grad_block
+from ..ops.linear_xent import WeightGradSum, products_dtype
 from ._comm import Comm, Fields, default_device, exchange, float_bits, require_same, resolve
 from ._shard import Shard, ShardXent
 
@@ -343,19 +343,19 @@ class _Head:
         gw = torch.zeros(v_r, d, dtype=self.acc, device=dev) if want_w else None
         gb = torch.zeros(v_r, dtype=self.acc, device=dev) if want_b else None
         # The weight gradient's products in bfloat16/float16 where the hardware multiplies them (a float32
-        # sum of blocks, see ops.linear_xent.weight_grad_), else in float32 from the upcast input.
+        # sum, see ops.linear_xent.WeightGradSum), else in float32 from the upcast input.
         mm = products_dtype(self.h2.dtype, dev)
-        block = weight_grad_block(v_r, d, mm, self.acc, dev) if want_w else None
+        gw_sum = WeightGradSum(gw.unsqueeze(1), mm) if gw is not None else None  # (V_r, 1, D) view
         if any(want):
             for blk, work in self._chunks():
                 core.grad_block_(blk, work)  # logits -> scale * dloss/dlogits
                 low = None if self.lw.dtype == self.acc else work.to(self.lw.dtype)  # (rows, V_r)
                 if gh is not None:
                     gh[blk.b0:blk.b1] = (work if low is None else low) @ self.lw
-                if gw is not None:
+                if gw_sum is not None:
                     hc = self.h2[blk.b0:blk.b1]  # (rows, D)
                     g, x = (work, hc.to(self.acc)) if mm == self.acc else (low, hc)
-                    weight_grad_(gw, g, x, first=False, block=block)
+                    gw_sum.add_(0, g, x, first=False)
                 if gb is not None:
                     gb.add_(work.sum(0))
         if gh is not None:

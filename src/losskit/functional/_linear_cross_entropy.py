@@ -19,7 +19,8 @@ from .. import _autocast, _checks, _reduction
 from .._autograd import attach, needs_grad
 from .._types import IMPLS, Impl, Reduction
 from ..ops.blocks import accumulation_dtype
-from ..ops.linear_xent import Problem, Sweep, chunk_rows, class_buffers, products_dtype, row_kernel, sweep
+from ..ops.linear_xent import (Problem, Sweep, chunk_budget, chunk_rows, class_buffers, products_dtype, rounded,
+                               row_kernel, sweep)
 from ..ops.reference.rows import RowSpec
 
 __all__ = ["LinearCrossEntropyResult", "linear_cross_entropy", "linear_cross_entropy_with_stats"]
@@ -240,7 +241,8 @@ def _validate(input: object, linear_weight: object, target: object, linear_bias:
     rows = _chunk_size(chunk_size, torch_chunk)
     if rows is None:
         rows = chunk_rows(x.shape[0] if x.dim() == 2 else 1, n_classes, x.shape[-1], x.dtype,
-                          class_buffers(spec, cap, probabilities), products=products_dtype(x.dtype, x.device),
+                          class_buffers(spec, cap, probabilities), chunk_budget(x.device),
+                          products=products_dtype(x.dtype, x.device),
                           kernel=row_kernel(x, target, spec, cap, str(impl), per_position=reduction == "none")
                           is not None)
     return _Options(spec, cap, rows, probabilities, str(reduction), str(impl)), reduction == "none" or retain
@@ -338,7 +340,7 @@ def _shaped_grads(s: Sweep, input: Tensor, linear_weight: Tensor, linear_bias: T
                   target: Tensor | None) -> tuple[Tensor | None, ...]:
     """The sweep's gradients in each tensor's own shape and dtype (accumulators cast down at the end)."""
     def like(g: Tensor | None, ref: Tensor | None) -> Tensor | None:
-        return None if g is None or ref is None else g.view(ref.shape).to(ref.dtype)
+        return None if g is None or ref is None else rounded(g.view(ref.shape), ref.dtype)
     return like(s.grad_input, input), like(s.grad_weight, linear_weight), like(s.grad_bias, linear_bias), \
         like(s.grad_target, target)
 

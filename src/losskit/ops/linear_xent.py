@@ -23,17 +23,20 @@ themselves. bfloat16/float16 run in themselves on CUDA and, for bfloat16, on CPU
 hardware (AMX or AVX512-BF16, read from ``torch.cpu.get_capabilities()``: :func:`cpu_multiplies_bfloat16`)::
 
     logits = x_c @ W_l.T (+ b_l)            (rows, C) bf16  GEMM 1, row-major: the C row kernel's rows
-    grad = xent_rows(logits)                (rows, C) bf16  read and written in bfloat16, computed in float32
+    xent_rows(logits) in place              (rows, C) bf16  read and written in bfloat16, computed in float32
     grad_b_l += grad.sum(0)                 (C,) float32
     grad_x_c = grad @ W_l                   (rows, D) bf16  GEMM 2 (float32 sum over the L positions)
-    grad_W_l += grad.T @ x_c                (C, D) float32  GEMM 3 a block of classes at a time, added in float32
+    grad_W_l += grad.T @ x_c                (C, D) float32  GEMM 3 into a float32 sum (WeightGradSum)
 
-GEMM 3's product is formed per block of classes (bfloat16 on the CPU, whose GEMM has no float32 output;
-float32 on CUDA through ``out_dtype``) and added to a float32 accumulator, rounded to the weight's dtype
-once at the end. Without the C kernel (CUDA, torch.compile, softcap, z-loss, statistics, "none"'s
-per-position scale) the torch row step runs on a float32 copy of the chunk and writes the gradient
-back into the bfloat16 logits. CPUs that emulate 16-bit products (AVX2: measured 5x slower than
-float32) keep the float32 path: operands are upcast (``W`` once per call, ``x`` per chunk).
+GEMM 3 adds each chunk's product to a float32 sum, rounded to the weight's dtype once at the end: on
+CUDA in one GEMM with a float32 output (``out_dtype``, where this torch has it); on the CPU, whose GEMM
+has no float32 output for bfloat16 operands, formed a block of classes at a time in bfloat16 and added
+by the C extension's one pass (:class:`WeightGradSum`). A row kernel (:func:`row_kernel`: the C kernel
+on the CPU, Triton on CUDA) turns the logits into their gradient in place, so a chunk is one buffer.
+Without one (torch.compile, softcap, z-loss, statistics, "none"'s per-position scale) the torch row
+step runs on a float32 copy of the chunk and writes the gradient back into the bfloat16 logits. CPUs
+that emulate 16-bit products (AVX2: measured 5x slower than float32) keep the float32 path: operands
+are upcast (``W`` once per call, ``x`` per chunk).
 
 The chunk is class-major because GEMM 1 is the costliest of the three (it writes the whole chunk while
 reading only ``D`` numbers per output): written as ``(C, rows)`` it ran in 0.79 s instead of 0.99 s
@@ -51,12 +54,12 @@ would be 16 GiB, ~48 GiB for its forward + backward): 55 s (120 GFLOP/s), peak 4
 inputs (gradients 272 MiB + one 128 MiB chunk). A second run of the first case gave 2.62 s against
 eager's 3.00 s (1.14x): the figures move by a few per cent between runs on this shared machine.
 
-bfloat16, same case, the same EPYC (Zen 4: AVX512-BF16, no AMX), torch 2.13, load ~2, median of 3
-(``benchmarks/lce_bfloat16.py``): this 1.19 s, peak 200 MiB above the inputs (the bfloat16 gradients
-68 MiB + the float32 weight accumulator 128 MiB + 4); the float32 upcast it replaces here 2.90 s; eager
-``F.cross_entropy((x @ W.T).float(), t)`` 1.45 s, 768 MiB; torch's chunked loss 6.62 s; the three
-bfloat16 products alone 1.06 s (this is 1.12x them). float32 in the same rounds: 2.38 s against the
-three products' 2.44 s.
+bfloat16, same case, the same EPYC (Zen 4: AVX512-BF16, no AMX), torch 2.13, load ~1, median of 5
+(``benchmarks/lce_bfloat16.py``): this 1.12 s, peak 196 MiB above the inputs (the bfloat16 gradients
+68 MiB + the float32 weight sum 128 MiB, both alive while the sum is rounded); the float32 upcast it
+replaces here 2.47 s; eager ``F.cross_entropy((x @ W.T).float(), t)`` 1.50 s, 768 MiB; torch's chunked
+loss 6.74 s; the three bfloat16 products alone 1.06 s (this is 1.05x them). float32 in the same rounds:
+2.36 s against the three products' 2.48 s.
 """
 
 from __future__ import annotations
@@ -70,16 +73,29 @@ from torch import Tensor
 
 from . import _dispatch
 from .blocks import accumulation_dtype
+from .cpu.native import empty
 from .reference.rows import RowSpec, xent_rows_
 
-#: Bytes of one chunk's working buffers. Each chunk streams the whole head through each GEMM, so larger
-#: chunks make the GEMMs more efficient and mean fewer, larger elementwise calls (each a parallel region
-#: that, on a loaded machine, waits for every thread to be scheduled). Measured at N=2048, D=1024,
+#: Bytes of one chunk's working buffers on the CPU. Each chunk streams the whole head through each GEMM,
+#: so larger chunks make the GEMMs more efficient and mean fewer, larger elementwise calls (each a parallel
+#: region that, on a loaded machine, waits for every thread to be scheduled). Measured at N=2048, D=1024,
 #: C=32768 float32 on the 2-core EPYC (loaded; CPU s of GEMM 1 / 2 / 3 over the batch, row-major): 256 rows
 #: 2.55 / 1.92 / 1.64, 384 rows 2.41 / 1.76 / 1.68, 448 rows 2.12 / 1.78 / 1.62, 512 rows 2.03 / 1.64 /
-#: 1.61, unchunked 2.06 / 1.65 / 1.81. 56 MiB gives that case 448 rows and keeps its peak at the
-#: gradients (136 MiB) + 56 MiB.
+#: 1.61, unchunked 2.06 / 1.65 / 1.81. 56 MiB gives that case 5 chunks of 410 rows and keeps its peak at
+#: the gradients (136 MiB) + 56 MiB.
 CHUNK_BYTES = 56 << 20
+#: The same on CUDA. GEMM 3 reads and writes the (C, D) float32 weight-gradient sum once per chunk
+#: (8 bytes per element) for ``2 * rows`` flops per element, so it stays compute-bound only when ``rows / 4``
+#: flops per byte exceeds the GPU's balance (an H100: about 990 TFLOP/s of bfloat16 over 3.35 TB/s, ~300):
+#: ``rows`` >= ~1200. 512 MiB holds 2048 rows of 128256 bfloat16 logits (turned into their gradient in
+#: place), 4 chunks for 8192 tokens. Not measured: no GPU was available when this was written.
+CUDA_CHUNK_BYTES = 512 << 20
+
+
+def chunk_budget(device: torch.device) -> int:
+    """Bytes of one chunk's buffers on ``device``: ``CUDA_CHUNK_BYTES`` on CUDA, else ``CHUNK_BYTES``."""
+    return CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
+
 
 #: Fewest rows per chunk when the vocabulary is so large that ``CHUNK_BYTES`` holds fewer: each GEMM
 #: reads the whole head per chunk for ``2 * rows`` flops per element, so few rows make it memory-bound.
@@ -88,16 +104,22 @@ CHUNK_BYTES = 56 << 20
 #: eighth of its 1 GiB weight gradient.
 MIN_ROWS = 128
 
+#: Chunks hold a multiple of this many rows where the budget allows: the class-major float32 chunk's
+#: rows are its leading dimension (410 rows, 1640 bytes, ran the N=2048, D=1024, C=32768 float32 case in
+#: 3.02 s against 2.59 s at 448; median of 5, 2-core EPYC), and the bfloat16 GEMMs' inner dimension is
+#: the rows in GEMM 3 (AVX512-BF16 multiplies pairs along it).
+ALIGN_ROWS = 64
+
 #: Bytes of the buffer a block of the weight gradient's low-precision product is formed in before it is
-#: added to the float32 accumulator (:func:`weight_grad_`, which also stages its float32 copy): a block of
-#: classes rather than the whole (C, D) product, which would need (C, D) buffers beside the accumulator.
+#: added to the float32 accumulator (:class:`WeightGradSum`'s "blocks"): a block of classes rather than
+#: the whole (C, D) product, which would need (C, D) buffers beside the accumulator.
 #: Measured per 448-row chunk at C=32768, D=1024 bfloat16 (2-core EPYC, load 3-5, median / minimum of 9),
 #: with torch's mixed-dtype add: blocks of 1 MiB 0.66 / 0.22 s, 2 MiB 0.46 / 0.21, 4 MiB 0.34 / 0.23,
 #: 8 MiB 0.35 / 0.23, 16 MiB 0.43 / 0.30; bfloat16 accumulation with no float32 sum (beta = 1) 0.26 / 0.17.
 WEIGHT_BLOCK_BYTES = 4 << 20
-#: The same on CUDA, where the block is float32 (``out_dtype``) and the add needs no copy: large enough
-#: that each block is a GEMM worth a launch (16384 classes of D=4096: 8 per chunk at V=128256), well
-#: inside a gradients + 1 GiB budget. Not measured: no GPU was available when this was written.
+#: The same on CUDA, where "blocks" serves only a torch without ``out_dtype`` (:func:`float32_output_gemm`)
+#: and the mixed-dtype add needs no copy: large enough that each block is a GEMM worth a launch (32768
+#: classes of D=4096: 4 per chunk at V=128256). Not measured: no GPU was available when this was written.
 CUDA_WEIGHT_BLOCK_BYTES = 256 << 20
 
 
@@ -116,21 +138,36 @@ def chunk_rows(n: int, n_classes: int, in_features: int, dtype: torch.dtype, buf
     """Samples per chunk for ``n`` samples of a ``(C, D)`` head in ``dtype``, whose products run in
     ``products`` (default: the accumulation dtype; see :func:`products_dtype`).
 
-    Products in the accumulation dtype: per sample a chunk holds ``buffers`` rows of ``C`` accumulation-dtype
-    numbers (see :func:`class_buffers`) and, for upcast bfloat16/float16 input, two ``D``-rows more (the
-    upcast input and its gradient): ``rows = budget // (acc_bytes * (buffers * C + 2 D [upcast]))``.
-    Low-precision products: the logits row in ``products`` plus either its gradient row in ``products``
-    (``kernel``, the C row kernel) or ``buffers`` accumulation-dtype rows (the torch row step on a copy):
-    ``rows = budget // (C * (2 p_bytes [kernel] | p_bytes + buffers * acc_bytes))``. At least
-    ``MIN_ROWS``, at most ``n``.
+    Bytes per sample of a chunk:
+
+    * ``kernel`` (a row kernel, :func:`row_kernel`, turns the logits into their gradient in place): one
+      logits row in ``products``, ``C * p_bytes``;
+    * low-precision products and the torch row step: the logits row in ``products`` and ``buffers``
+      accumulation-dtype rows on which the step runs (see :func:`class_buffers`):
+      ``C * (p_bytes + buffers * acc_bytes)``;
+    * products in the accumulation dtype: ``buffers`` rows of ``C`` and, for upcast bfloat16/float16
+      input, two ``D``-rows more (the upcast input and its gradient):
+      ``acc_bytes * (buffers * C + 2 D [upcast])``.
+
+    ``rows = budget // bytes``, rounded down to a multiple of ``ALIGN_ROWS``, at least ``MIN_ROWS`` and at
+    most ``n``; then spread evenly over the chunks that takes, rounded up to a multiple of ``ALIGN_ROWS``
+    again (2048 samples at 896 a chunk: 3 chunks, 704 + 704 + 640, not 896 + 896 + 256), so that no
+    chunk runs short GEMMs and the weight gradient's sum takes as few passes as the budget allows.
     """
     acc = accumulation_dtype(dtype)
     acc_bytes, mm = acc.itemsize, products or acc
-    if mm != acc:
-        per_row = n_classes * (2 * mm.itemsize if kernel else mm.itemsize + buffers * acc_bytes)
+    if kernel:
+        per_row = n_classes * mm.itemsize
+    elif mm != acc:
+        per_row = n_classes * (mm.itemsize + buffers * acc_bytes)
     else:
         per_row = acc_bytes * (buffers * n_classes + (2 * in_features if dtype != acc else 0))
-    return max(1, min(n, max(MIN_ROWS, budget // per_row)))
+    rows = budget // per_row
+    rows = max(1, min(n, max(MIN_ROWS, rows - rows % ALIGN_ROWS if rows >= ALIGN_ROWS else rows)))
+    if n <= rows:
+        return rows
+    even = -(-n // -(-n // rows))  # ceil(n / chunks)
+    return min(rows, -(-even // ALIGN_ROWS) * ALIGN_ROWS)
 
 
 @functools.cache
@@ -183,45 +220,88 @@ def row_kernel(x: Tensor, target: Tensor, spec: RowSpec, softcap: float | None, 
     return None
 
 
-def weight_grad_block(n_classes: int, in_features: int, products: torch.dtype, acc: torch.dtype,
-                      device: torch.device) -> tuple[Tensor, Tensor | None] | None:
-    """The buffers in which :func:`weight_grad_` forms a block of a low-precision product, or None when
-    the products run in ``acc``: ``(product, staging)``, each ``(block, D)``. On the CPU the product is in
-    the products' dtype (torch's CPU GEMM has no float32 output for bfloat16 operands) and ``staging``
-    is its float32 copy, made before the add (torch's add of a bfloat16 tensor to a float32 one would
-    allocate that copy on every call: measured 0.13 s against 0.02 s for the (32768, 1024) gradient).
-    On CUDA the product is float32 (``out_dtype``) and there is no staging. ``WEIGHT_BLOCK_BYTES`` of
-    product (``CUDA_WEIGHT_BLOCK_BYTES`` on CUDA), at most C rows."""
-    if products == acc:
-        return None
-    if device.type == "cuda":
-        rows = max(1, min(n_classes, CUDA_WEIGHT_BLOCK_BYTES // (in_features * acc.itemsize)))
-        return torch.empty(rows, in_features, dtype=acc, device=device), None
-    rows = max(1, min(n_classes, WEIGHT_BLOCK_BYTES // (in_features * products.itemsize)))
-    return (torch.empty(rows, in_features, dtype=products, device=device),
-            torch.empty(rows, in_features, dtype=acc, device=device))
+def gemm_float32_(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool) -> None:
+    """``out = a @ b`` or ``out += a @ b`` in one GEMM: ``a``, ``b`` bfloat16/float16, ``out`` float32,
+    the products summed in float32 and added to ``out`` before any rounding (cuBLAS with a float32
+    C; torch's ``out_dtype``). CUDA only, where :func:`float32_output_gemm` says this torch has it."""
+    if accumulate:
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
 
 
-def weight_grad_(out: Tensor, grad: Tensor, x: Tensor, *, first: bool,
-                 block: tuple[Tensor, Tensor | None] | None) -> None:
-    """GEMM 3: ``out = grad.T @ x`` (``first``) or ``out += grad.T @ x``; ``out`` (C, D) acc, ``grad``
-    (r, C) and ``x`` (r, D) in the products' dtype. Low-precision products (``block`` from
-    :func:`weight_grad_block`) are formed a block of classes at a time and added to ``out``, so the
-    weight gradient is a float32 sum of the chunks' products, rounded once at the end."""
-    if block is None:
-        torch.mm(grad.T, x, out=out) if first else out.addmm_(grad.T, x)
-        return
-    product, staging = block
-    for c0 in range(0, out.shape[0], product.shape[0]):
-        c1 = min(out.shape[0], c0 + product.shape[0])
-        part = product[:c1 - c0]  # (c, D)
-        if staging is None:  # CUDA: bfloat16/float16 operands, float32 output
-            torch.mm(grad[:, c0:c1].T, x, out_dtype=out.dtype, out=part)
-        else:
-            torch.mm(grad[:, c0:c1].T, x, out=part)
-            if not first:
-                part = staging[:c1 - c0].copy_(part)
-        out[c0:c1].copy_(part) if first else out[c0:c1].add_(part)
+def float32_output_gemm(device: torch.device) -> bool:
+    """Whether :func:`gemm_float32_` runs, and is right, on ``device``: a CUDA device whose torch has
+    ``mm``/``addmm`` with ``out_dtype`` accepting a float32 ``out`` that is also ``addmm``'s input (torch
+    2.4 has no ``out_dtype``; some later versions refuse a float32 input to ``addmm``). Checked once per
+    device on a 2x2 product, which costs one host sync; False on other devices and while torch.compile
+    traces (the trace gets the blockwise form)."""
+    return device.type == "cuda" and not torch.compiler.is_compiling() and _float32_output_gemm_runs(device)
+
+
+@functools.cache
+def _float32_output_gemm_runs(device: torch.device) -> bool:
+    try:
+        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16, device=device)
+        out = torch.full((2, 2), float("nan"), device=device)
+        gemm_float32_(out, a, a, accumulate=False)  # NaN in out must not survive the first product
+        gemm_float32_(out, a, a.T, accumulate=True)
+        return bool(torch.equal(out, a.float() @ a.float() + a.float() @ a.float().T))
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+class WeightGradSum:
+    """GEMM 3 of every chunk, ``out[:, l] (+)= grad.T @ x_c``, summed into ``out`` (C, L, D) in the
+    accumulation dtype (the first chunk writes it); the caller rounds it to the weight's dtype once.
+
+    ``mode``, by the products' dtype and the device:
+
+    * ``"blas"`` (products in the accumulation dtype): one GEMM per chunk accumulates into ``out``
+      (beta = 1);
+    * ``"fused"`` (low-precision products on CUDA with :func:`float32_output_gemm`): one GEMM per chunk
+      with bfloat16/float16 operands accumulates into the float32 ``out`` in place (:func:`gemm_float32_`);
+    * ``"blocks"`` (low-precision products elsewhere: the CPU, whose GEMM has no float32 output for
+      bfloat16 operands, and CUDA without ``out_dtype``): the product is formed a block of classes at a
+      time in the products' dtype and added to ``out`` (first chunk: copied) by the ``weight_sum``
+      operation of :mod:`losskit.ops._dispatch`: on the CPU the C extension's one pass (4 MiB blocks of
+      the N=2048, D=1024, C=32768 bfloat16 case: 44.7 + 12.6 ms for torch's copies and adds of the sum
+      over a call, 2-core EPYC), else torch's mixed-dtype copy and add (``impl="torch"``, CUDA,
+      torch.compile).
+
+    A block is ``WEIGHT_BLOCK_BYTES`` of product (``CUDA_WEIGHT_BLOCK_BYTES`` on CUDA), at most C rows: a
+    block rather than the whole (C, D) product, which would need (C, D) buffers beside the accumulator.
+    """
+
+    def __init__(self, out: Tensor, products: torch.dtype, impl: str = "auto") -> None:
+        self.out = out
+        acc, device = out.dtype, out.device
+        n_classes, d = out.shape[0], out.shape[-1]
+        self.mode = "blas" if products == acc else "fused" if float32_output_gemm(device) else "blocks"
+        self.product = self.sum_ = None
+        if self.mode == "blocks":
+            budget = CUDA_WEIGHT_BLOCK_BYTES if device.type == "cuda" else WEIGHT_BLOCK_BYTES
+            rows = max(1, min(n_classes, budget // (d * products.itemsize)))
+            self.product = torch.empty(rows, d, dtype=products, device=device)
+            # The C sum where "auto" would run the C kernels, else torch's ops (also for impl="triton").
+            name = _dispatch.backend("weight_sum", "torch" if impl == "torch" else "auto", out, self.product)
+            self.sum_ = _dispatch.plain("weight_sum", _dispatch.CPU if name == _dispatch.CPU else _dispatch.REFERENCE)
+
+    def add_(self, l: int, grad: Tensor, x: Tensor, *, first: bool) -> None:
+        """``out[:, l] = grad.T @ x`` (``first``) or ``out[:, l] += grad.T @ x``; ``grad`` (r, C) and ``x``
+        (r, D) in the products' dtype."""
+        out = self.out[:, l]  # (C, D), row stride L * D
+        if self.mode == "blas":
+            torch.mm(grad.T, x, out=out) if first else out.addmm_(grad.T, x)
+            return
+        if self.mode == "fused":
+            gemm_float32_(out, grad.T, x, accumulate=not first)
+            return
+        product = self.product
+        for c0 in range(0, out.shape[0], product.shape[0]):
+            c1 = min(out.shape[0], c0 + product.shape[0])
+            part = torch.mm(grad[:, c0:c1].T, x, out=product[:c1 - c0])  # (c, D) in the products' dtype
+            self.sum_(out[c0:c1], part, first=first)
 
 
 @dataclass(frozen=True)
@@ -288,19 +368,23 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
     lse = torch.empty(n, length, dtype=acc, device=dev) if p.spec.argmax else None
     top = torch.empty(n, length, dtype=torch.int64, device=dev) if p.spec.argmax else None
     gx = torch.empty(n, d, dtype=x.dtype, device=dev) if want_input else None
-    # grad_W accumulates in acc; the first chunk writes it (no zero-fill pass), unless no chunk runs.
-    gw = (torch.empty if n else torch.zeros)(n_classes, length, d, dtype=acc, device=dev) if want_weight else None
+    # grad_W accumulates in acc; the first chunk writes it (no zero-fill pass), unless no chunk runs. On the
+    # CPU its pages come from the extension's huge-page mappings (see cpu.native.empty): the N=2048,
+    # D=1024, C=32768 bfloat16 sum's first write and rounding took 54 ms in fresh torch.empty memory and
+    # 18 ms there (10.5 ms reusing the previous call's), median of 9.
+    gw = (empty((n_classes, length, d), acc, dev) if n else torch.zeros(n_classes, length, d, dtype=acc, device=dev)
+          ) if want_weight else None
     gb = torch.zeros(n_classes, length, dtype=acc, device=dev) if want_bias else None
     gt = torch.empty(p.target.shape, dtype=p.target.dtype, device=dev) if want_target else None
 
-    # The chunk's buffers, allocated once (see chunk_rows for their count and size). In acc the logits
-    # are class-major (C, rows) and become their gradient in place; a short last chunk is the (C, r)
-    # column slice, which BLAS writes directly (row stride rows >= r). In low precision they are
-    # row-major (rows, C), the C row kernel's contiguous rows, and the gradient goes to a second
-    # (rows, C) buffer (the kernel) or back into the logits' (the torch row step, from an acc copy).
+    # The chunk's buffers, allocated once (see chunk_rows for their count and size). The logits become
+    # their gradient in place: written by the row kernel (which reads each element before writing it),
+    # or by the torch row step (on them in acc, or copied back from its acc copy in low precision). In
+    # acc the logits are class-major (C, rows); a short last chunk is the (C, r) column slice, which BLAS
+    # writes directly (row stride rows >= r). In low precision they are row-major (rows, C), the C row
+    # kernel's contiguous rows.
     rows = max(1, min(p.rows, n))
     logits_all = torch.empty((rows, n_classes) if low else (n_classes, rows), dtype=mm, device=dev)
-    grad_all = torch.empty(rows, n_classes, dtype=mm, device=dev) if kernel and want_grad else None
     work_all = torch.empty(rows, n_classes, dtype=acc, device=dev) if low and not kernel else None
     tanh_all = torch.empty(n_classes, rows, dtype=acc, device=dev) if p.softcap and want_grad else None
     tg_all = torch.empty(rows, n_classes, dtype=acc, device=dev) if want_target and not kernel else None
@@ -308,7 +392,7 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
     # (rows, D) acc: the input gradient summed over the L positions (low precision), or upcast
     gx_all = torch.empty(rows, d, dtype=acc, device=dev) if want_input and (upcast or low and length > 1) else None
     loss_all = torch.empty(rows, dtype=acc, device=dev) if kernel else None  # the kernel's (rows,) loss
-    block = weight_grad_block(n_classes, d, mm, acc, dev) if want_weight else None
+    gw_sum = WeightGradSum(gw, mm, p.impl) if gw is not None else None
     kernel_scale = scale if kernel else 0.0  # one scale for every position (row_kernel)
 
     for n0 in range(0, n, rows):
@@ -329,13 +413,12 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
                 if b_l is not None:
                     logits.add_(b_l)
             if kernel:
-                grad = None if grad_all is None else grad_all[:r]
+                grad = logits  # (r, C): scale * dloss/dlogits, in place of the logits
                 gt_l = None if gt is None else gt[n0:n1, :, l]
                 row_fn(logits.unsqueeze(2), t.unsqueeze(2) if p.probabilities else t.contiguous(),
-                                 None if grad is None else grad.unsqueeze(2),
-                                 None if gt_l is None else gt_l.unsqueeze(2), class_weight, loss_all[:r],
-                                 ignore_index=p.spec.ignore_index, label_smoothing=p.spec.label_smoothing,
-                                 gamma=0.0, scale=kernel_scale)
+                       grad.unsqueeze(2) if want_grad else None, None if gt_l is None else gt_l.unsqueeze(2),
+                       class_weight, loss_all[:r], ignore_index=p.spec.ignore_index,
+                       label_smoothing=p.spec.label_smoothing, gamma=0.0, scale=kernel_scale)
                 loss[n0:n1, l] = loss_all[:r]
             else:
                 work = work_all[:r].copy_(logits) if low else logits  # (r, C) acc
@@ -360,11 +443,17 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
                     torch.mm(grad, w_l, out=gx_c) if gx_c.dtype == mm else gx_c.copy_(grad @ w_l)
                 else:
                     gx_c.addmm_(grad, w_l) if gx_c.dtype == mm else gx_c.add_(grad @ w_l)
-            if gw is not None:  # GEMM 3: (C, r) @ (r, D), accumulated in acc
-                weight_grad_(gw[:, l], grad, x_c, first=n0 == 0, block=block)
+            if gw_sum is not None:  # GEMM 3: (C, r) @ (r, D), accumulated in acc
+                gw_sum.add_(l, grad, x_c, first=n0 == 0)
         if gx_all is not None and gx is not None:
             gx[n0:n1] = gx_c
     return Sweep(loss, lse, top, gx, gw, gb, gt)
+
+
+def rounded(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (itself if already): a float32 sum rounded once to the weight's dtype, in a buffer
+    of :func:`losskit.ops.cpu.native.empty` (huge pages, reused by the next call on the CPU)."""
+    return t if t.dtype == dtype else empty(t.shape, dtype, t.device).copy_(t)
 
 
 def _softcap_(work: Tensor, cap: float | None, tanh_out: Tensor | None) -> None:
