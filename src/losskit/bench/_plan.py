@@ -27,8 +27,9 @@ def plan(device: str, cases: list[Case] | None = None, sizes: list[Size] | None 
         if not case_sizes:
             skipped.append(f"{case.name}: no --sizes entry of the form {'x'.join(case.dims)}")
         wanted = dtypes or list(on_gpu.dtypes if on_gpu else [torch.float32])
-        # Case.dtypes is what runs on CPU (linear_cross_entropy leaves out torch's slow 16-bit CPU GEMM).
-        runs = [d for d in wanted if device == "cuda" or case.dtypes is None or d in case.dtypes]
+        # Case.dtypes is what runs on CPU (linear_cross_entropy leaves out bfloat16 where torch emulates its GEMM).
+        on_cpu = case.dtypes() if callable(case.dtypes) else case.dtypes
+        runs = [d for d in wanted if device == "cuda" or on_cpu is None or d in on_cpu]
         skipped += [f"{case.name} {dtype_name(d)}: {case.dtypes_why}" for d in wanted if d not in runs]
         units += [Unit(case, size, dtype, device) for size in case_sizes for dtype in runs]
     return units, skipped

@@ -122,6 +122,11 @@ def _verdict(what: str, met: bool, target: str) -> str:
     return f"{what} (target {target}: {'met' if met else 'NOT met'})"
 
 
+def _size(nbytes: float, fmt: str = ".2f") -> str:
+    """Bytes in GiB from 1 GiB up, else in MiB."""
+    return f"{nbytes / GIB:{fmt}} GiB" if abs(nbytes) >= GIB else f"{nbytes / (1 << 20):{fmt}} MiB"
+
+
 def _judged(r: Result, target: Target) -> list[str]:
     """The parts of ``target`` this result measured, each with its verdict (a library that is not installed
     is named as not judged)."""
@@ -141,9 +146,9 @@ def _judged(r: Result, target: Target) -> list[str]:
     if target.max_peak_over_grad is not None and peak is not None:
         met = peak <= target.max_peak_over_grad * r.grad_bytes + target.peak_slack
         if target.peak_slack:
-            parts.append(_verdict(f"peak above inputs {peak / GIB:.2f} GiB = the gradient ({r.grad_bytes / GIB:.2f} "
-                                  f"GiB) + {(peak - r.grad_bytes) / GIB:.2f} GiB", met,
-                                  f"<= {target.max_peak_over_grad:g}x gradient + {target.peak_slack / GIB:g} GiB"))
+            parts.append(_verdict(f"peak above inputs {_size(peak)} = the gradient ({_size(r.grad_bytes)}) + "
+                                  f"{_size(peak - r.grad_bytes)}", met,
+                                  f"<= {target.max_peak_over_grad:g}x gradient + {_size(target.peak_slack, '.0f')}"))
         else:
             parts.append(_verdict(f"peak above inputs {peak / r.grad_bytes:.2f}x the gradient", met,
                                   f"<= {target.max_peak_over_grad:g}x"))
