@@ -320,6 +320,13 @@ def test_float32_output_probe(monkeypatch):
     for gemm, runs in ((_emulated_float32_gemm, True), (raises, False), (overwrites, False), (keeps_nan, False)):
         monkeypatch.setattr(linear_xent, "gemm_float32_", gemm)
         assert probe(cpu) is runs, gemm.__name__
+    # On CUDA the cached check runs, except while a CUDA graph is captured (its sync would break the capture).
+    cuda, probed = torch.device("cuda"), []
+    monkeypatch.setattr(linear_xent, "_float32_output_gemm_runs", lambda device: probed.append(device) or True)
+    for capturing in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda capturing=capturing: capturing)
+        assert linear_xent.float32_output_gemm(cuda) is not capturing
+    assert probed == [cuda]
 
 
 def test_fused_weight_grad_sum_matches_float64(monkeypatch):

@@ -234,9 +234,11 @@ def float32_output_gemm(device: torch.device) -> bool:
     """Whether :func:`gemm_float32_` runs, and is right, on ``device``: a CUDA device whose torch has
     ``mm``/``addmm`` with ``out_dtype`` accepting a float32 ``out`` that is also ``addmm``'s input (torch
     2.4 has no ``out_dtype``; some later versions refuse a float32 input to ``addmm``). Checked once per
-    device on a 2x2 product, which costs one host sync; False on other devices and while torch.compile
-    traces (the trace gets the blockwise form)."""
-    return device.type == "cuda" and not torch.compiler.is_compiling() and _float32_output_gemm_runs(device)
+    device on a 2x2 product, which costs one host sync; False on other devices, while torch.compile traces
+    (the trace gets the blockwise form) and while a CUDA graph is captured (which a sync would break; the
+    check then waits for the first call outside a capture)."""
+    return (device.type == "cuda" and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+            and _float32_output_gemm_runs(device))
 
 
 @functools.cache
