@@ -609,7 +609,7 @@ def test_peak_memory_is_gradients_plus_one_chunk_and_flat_in_n(dtype, products):
     turns into their gradient in place. bfloat16 adds the weight gradient's float32 sum; with bfloat16
     products the chunk is the bfloat16 logits alone (the C row kernel writes their gradient in place)
     plus one block of the weight gradient's product (WEIGHT_BLOCK_BYTES or the whole (V, D) product, if
-    smaller) and its float32 staging copy; upcast, the float32 logits and a float32 copy of the head.
+    smaller) and its float32 copy; upcast, the float32 logits and a float32 copy of the head.
     Measured here: 15.9, 12.0-12.3 and 19.0-19.1 MiB against bounds of 20, 17 and 24."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, dtype, products], env=env, capture_output=True,
@@ -624,7 +624,8 @@ def test_peak_memory_is_gradients_plus_one_chunk_and_flat_in_n(dtype, products):
     chunk_bytes = chunk * v * ((2 if native_available() else 6) if low else 4)
     if dtype == "bfloat16":
         chunk_bytes += v * d * 4  # the weight gradient's float32 sum
-        # native: a block of the product and its float32 staging copy; upcast: the head's float32 copy
+        # native: a block of the product and the float32 copy torch's mixed-dtype add may make of it;
+        # upcast: the head's float32 copy
         chunk_bytes += 3 * min(v * d * size, linear_xent.WEIGHT_BLOCK_BYTES) if products == "native" else v * d * 4
     # Scratch beyond the chunk: per-position vectors, the in-cache sub-block temporaries of
     # ops.reference.rows, and the allocator's and interpreter's slack; less than the 8 MiB that a second

@@ -63,15 +63,9 @@ _TABLE: dict[str, dict[str, str]] = {
                REFERENCE: "reference.elementwise:runner"},
     "pointwise": {CPU: "cpu.native_pointwise:pointwise_runner:_native_pointwise",
                   TRITON: "triton.elementwise:pointwise_runner", REFERENCE: "reference.elementwise:runner"},
-    "weight_sum": {CPU: "cpu.native:weight_sum_:_native", REFERENCE: "reference.rows:weight_sum_"},
     "shard_stats": {TRITON: "triton.shard:shard_stats"},
     "shard_grad": {TRITON: "triton.shard:shard_grad"},
 }
-
-#: Operations without a Triton kernel by design: on CUDA torch does them in one kernel. ``weight_sum``
-#: (adding a chunk's bfloat16 product to the float32 weight-gradient sum, ops.linear_xent.WeightGradSum)
-#: runs on CUDA only with a torch whose GEMM has no float32 output, as one mixed-dtype add.
-NO_TRITON = frozenset({"weight_sum"})
 
 #: Integer targets the kernels convert as they read them (the losses that take them: mse_loss,
 #: multilabel_soft_margin_loss); class indices are int64 by then.

@@ -31,7 +31,7 @@ hardware (AMX or AVX512-BF16, read from ``torch.cpu.get_capabilities()``: :func:
 GEMM 3 adds each chunk's product to a float32 sum, rounded to the weight's dtype once at the end: on
 CUDA in one GEMM with a float32 output (``out_dtype``, where this torch has it); on the CPU, whose GEMM
 has no float32 output for bfloat16 operands, formed a block of classes at a time in bfloat16 and added
-by the C extension's one pass (:class:`WeightGradSum`). A row kernel (:func:`row_kernel`: the C kernel
+to the sum (:class:`WeightGradSum`). A row kernel (:func:`row_kernel`: the C kernel
 on the CPU, Triton on CUDA) turns the logits into their gradient in place, so a chunk is one buffer.
 Without one (torch.compile, softcap, z-loss, statistics, "none"'s per-position scale) the torch row
 step runs on a float32 copy of the chunk and writes the gradient back into the bfloat16 logits. CPUs
@@ -265,29 +265,26 @@ class WeightGradSum:
       with bfloat16/float16 operands accumulates into the float32 ``out`` in place (:func:`gemm_float32_`);
     * ``"blocks"`` (low-precision products elsewhere: the CPU, whose GEMM has no float32 output for
       bfloat16 operands, and CUDA without ``out_dtype``): the product is formed a block of classes at a
-      time in the products' dtype and added to ``out`` (first chunk: copied) by the ``weight_sum``
-      operation of :mod:`losskit.ops._dispatch`: on the CPU the C extension's one pass (4 MiB blocks of
-      the N=2048, D=1024, C=32768 bfloat16 case: 44.7 + 12.6 ms for torch's copies and adds of the sum
-      over a call, 2-core EPYC), else torch's mixed-dtype copy and add (``impl="torch"``, CUDA,
-      torch.compile).
+      time in the products' dtype and added to ``out`` (first chunk: copied) by torch's mixed-dtype
+      add. A one-pass C add measured no faster: 12.7 ms against torch's 13.2 ms for the three passes of
+      the N=2048, D=1024, C=32768 bfloat16 case over a (32768, 1024) sum already in memory, and 1.146 s
+      against 1.148 s for the whole call (2-core EPYC, medians of 9); what had made torch's adds look slow
+      was the fresh sum's page faults, which the huge-page buffer of :func:`sweep` removes.
 
     A block is ``WEIGHT_BLOCK_BYTES`` of product (``CUDA_WEIGHT_BLOCK_BYTES`` on CUDA), at most C rows: a
     block rather than the whole (C, D) product, which would need (C, D) buffers beside the accumulator.
     """
 
-    def __init__(self, out: Tensor, products: torch.dtype, impl: str = "auto") -> None:
+    def __init__(self, out: Tensor, products: torch.dtype) -> None:
         self.out = out
         acc, device = out.dtype, out.device
         n_classes, d = out.shape[0], out.shape[-1]
         self.mode = "blas" if products == acc else "fused" if float32_output_gemm(device) else "blocks"
-        self.product = self.sum_ = None
+        self.product = None
         if self.mode == "blocks":
             budget = CUDA_WEIGHT_BLOCK_BYTES if device.type == "cuda" else WEIGHT_BLOCK_BYTES
             rows = max(1, min(n_classes, budget // (d * products.itemsize)))
             self.product = torch.empty(rows, d, dtype=products, device=device)
-            # The C sum where "auto" would run the C kernels, else torch's ops (also for impl="triton").
-            name = _dispatch.backend("weight_sum", "torch" if impl == "torch" else "auto", out, self.product)
-            self.sum_ = _dispatch.plain("weight_sum", _dispatch.CPU if name == _dispatch.CPU else _dispatch.REFERENCE)
 
     def add_(self, l: int, grad: Tensor, x: Tensor, *, first: bool) -> None:
         """``out[:, l] = grad.T @ x`` (``first``) or ``out[:, l] += grad.T @ x``; ``grad`` (r, C) and ``x``
@@ -303,7 +300,7 @@ class WeightGradSum:
         for c0 in range(0, out.shape[0], product.shape[0]):
             c1 = min(out.shape[0], c0 + product.shape[0])
             part = torch.mm(grad[:, c0:c1].T, x, out=product[:c1 - c0])  # (c, D) in the products' dtype
-            self.sum_(out[c0:c1], part, first=first)
+            out[c0:c1].copy_(part) if first else out[c0:c1].add_(part)
 
 
 @dataclass(frozen=True)
@@ -394,7 +391,7 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
     # (rows, D) acc: the input gradient summed over the L positions (low precision), or upcast
     gx_all = torch.empty(rows, d, dtype=acc, device=dev) if want_input and (upcast or low and length > 1) else None
     loss_all = torch.empty(rows, dtype=acc, device=dev) if kernel else None  # the kernel's (rows,) loss
-    gw_sum = WeightGradSum(gw, mm, p.impl) if gw is not None else None
+    gw_sum = WeightGradSum(gw, mm) if gw is not None else None
     kernel_scale = scale if kernel else 0.0  # one scale for every position (row_kernel)
 
     for n0 in range(0, n, rows):

@@ -137,9 +137,6 @@ def test_out_of_range_targets_are_nan_not_an_address_without_checks():
 
 def test_the_table_reaches_triton_for_every_kernel_operation():
     for op in _dispatch._TABLE:
-        if op in _dispatch.NO_TRITON:  # torch's own ops on CUDA, by design
-            assert _dispatch.TRITON not in _dispatch._TABLE[op] and _dispatch.CPU in _dispatch._TABLE[op]
-            continue
         assert _dispatch.backend(op, "triton", X) == "triton"
         assert callable(_dispatch.kernel(op, "triton"))
 

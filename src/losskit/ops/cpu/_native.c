@@ -96,63 +96,6 @@ static PyObject *py_xent(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* ---- the weight gradient's float32 sum (ops/linear_xent.py, WeightGradSum) ----------------------------- */
-
-/* acc[r, :] = src[r, :] (first) or acc[r, :] += src[r, :] for `rows` rows of `cols` elements: src a
- * chunk's bfloat16 product (the GEMM wrote it just before, so it is read from cache), acc the float32 sum,
- * each row at its own stride (in elements). One pass over acc, where torch needs a bfloat16 -> float32
- * copy and then a float32 add. The sum is exact float32 arithmetic, as torch's: bfloat16 -> float32 is
- * exact and each element is one float32 add. */
-struct sum_args {
-    float *acc;
-    const uint16_t *src;
-    int64_t cols, acc_stride, src_stride;
-    int first;
-};
-
-HOT static void bf16_sum_row(float *restrict acc, const uint16_t *restrict src, int64_t n, int first)
-{
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        v8f f = bf16_widen8(src + i);
-        if (!first) {
-            v8f a;
-            memcpy(&a, acc + i, sizeof a);
-            f = a + f;
-        }
-        memcpy(acc + i, &f, sizeof f);
-    }
-    for (; i < n; i++) acc[i] = first ? bf16_to_f32(src[i]) : acc[i] + bf16_to_f32(src[i]);
-}
-
-static int bf16_sum_range(void *ctx, int64_t r0, int64_t r1)
-{
-    const struct sum_args *a = ctx;
-    for (int64_t r = r0; r < r1; r++)
-        bf16_sum_row(a->acc + r * a->acc_stride, a->src + r * a->src_stride, a->cols, a->first);
-    return 0;
-}
-
-static PyObject *py_bf16_sum(PyObject *self, PyObject *args)
-{
-    (void)self;
-    unsigned long long acc, src;
-    long long rows, cols, acc_stride, src_stride;
-    int first, nthreads;
-    if (!PyArg_ParseTuple(args, "KKLLLLpi", &acc, &src, &rows, &cols, &acc_stride, &src_stride, &first, &nthreads))
-        return NULL;
-    if (rows < 0 || cols < 0 || !acc || !src || acc_stride < cols || src_stride < cols) {
-        PyErr_SetString(PyExc_ValueError, "losskit._native.bf16_sum: invalid sizes, strides or pointers");
-        return NULL;
-    }
-    struct sum_args a = {(float *)(uintptr_t)acc, (const uint16_t *)(uintptr_t)src, cols, acc_stride, src_stride,
-                         first};
-    Py_BEGIN_ALLOW_THREADS
-    parallel_for(bf16_sum_range, &a, rows, nthreads);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_exp(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -297,9 +240,6 @@ static PyMethodDef methods[] = {
     {"set_block_cache", py_set_block_cache, METH_VARARGS,
      "set_block_cache(enabled): turn the cache of freed Blocks' mappings on or off; empties it either way."},
 #endif
-    {"bf16_sum", py_bf16_sum, METH_VARARGS,
-     "bf16_sum(acc_ptr, src_ptr, rows, cols, acc_stride, src_stride, first, nthreads): acc (+)= src, float32 and "
-     "bfloat16 rows (see native.weight_sum_)."},
     {"exp", py_exp, METH_VARARGS,
      "exp(data_ptr, n, double, bf16_grade): the kernels' vector exp, in place (tests)."},
     {NULL, NULL, 0, NULL},

@@ -232,26 +232,6 @@ def xent_rows(x3: Tensor, target: Tensor, grad3: Tensor | None, target_grad3: Te
                 threads if threads is not None else threads_for(x3.numel()))
 
 
-def weight_sum_(acc: Tensor, src: Tensor, *, first: bool) -> None:
-    """``acc = src`` (``first``) or ``acc += src`` in one pass: ``acc`` a (rows, D) float32 block of the
-    chunked linear cross-entropy's weight-gradient sum, ``src`` a chunk's (rows, D) bfloat16 product; CPU
-    tensors with unit column stride, any row stride. The reference is
-    :func:`losskit.ops.reference.rows.weight_sum_` (``acc.copy_(src)`` / ``acc.add_(src)``), which this
-    equals bit for bit."""
-    if acc.device.type != "cpu" or src.device.type != "cpu" or acc.dtype != torch.float32 or \
-            src.dtype != torch.bfloat16:
-        raise ValueError(f"weight_sum_ takes a float32 acc and a bfloat16 src on CPU, got {acc.dtype} on "
-                         f"{acc.device} and {src.dtype} on {src.device}")
-    if acc.dim() != 2 or acc.shape != src.shape or (acc.shape[1] > 1 and (acc.stride(1) != 1 or src.stride(1) != 1)):
-        raise ValueError(f"weight_sum_ takes two (rows, D) tensors of one shape with unit column stride, got "
-                         f"{tuple(acc.shape)} {acc.stride()} and {tuple(src.shape)} {src.stride()}")
-    rows, cols = acc.shape
-    if rows * cols == 0:
-        return
-    strides = (acc.stride(0), src.stride(0)) if rows > 1 else (cols, cols)  # one row: its stride is unused
-    module().bf16_sum(acc.data_ptr(), src.data_ptr(), rows, cols, *strides, first, threads_for(acc.numel()))
-
-
 def exp_(x: Tensor, *, bf16_grade: bool = False) -> Tensor:
     """The kernels' vector exp applied in place to a contiguous float32/float64 CPU tensor (for tests);
     ``bf16_grade``: the float32 exp of the bfloat16 rows (used where results are rounded to bfloat16)."""

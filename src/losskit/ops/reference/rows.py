@@ -189,10 +189,3 @@ def nll_rows(x3: Tensor, target: Tensor, grad3: Tensor | None, weight: Tensor | 
     loss.view(n, length).copy_((-(x3.gather(1, safe).to(acc) * w_y)).masked_fill(~valid, 0.0).squeeze(1))
     if grad3 is not None:
         grad3.zero_().scatter_(1, safe, (-w_y * scale).to(grad3.dtype))
-
-
-def weight_sum_(acc: Tensor, src: Tensor, *, first: bool) -> None:
-    """``acc = src`` (``first``) or ``acc += src``: a float32 block of the chunked linear cross-entropy's
-    weight-gradient sum and a chunk's bfloat16/float16 product of the same shape
-    (:class:`losskit.ops.linear_xent.WeightGradSum`), by torch's mixed-dtype copy and add."""
-    acc.copy_(src) if first else acc.add_(src)
