@@ -81,8 +81,8 @@ from .reference.rows import RowSpec, xent_rows_
 #: region that, on a loaded machine, waits for every thread to be scheduled). Measured at N=2048, D=1024,
 #: C=32768 float32 on the 2-core EPYC (loaded; CPU s of GEMM 1 / 2 / 3 over the batch, row-major): 256 rows
 #: 2.55 / 1.92 / 1.64, 384 rows 2.41 / 1.76 / 1.68, 448 rows 2.12 / 1.78 / 1.62, 512 rows 2.03 / 1.64 /
-#: 1.61, unchunked 2.06 / 1.65 / 1.81. 56 MiB gives that case 5 chunks of 410 rows and keeps its peak at
-#: the gradients (136 MiB) + 56 MiB.
+#: 1.61, unchunked 2.06 / 1.65 / 1.81. 56 MiB gives that case chunks of 448 rows (the last 256) and keeps
+#: its peak at the gradients (136 MiB) + 56 MiB.
 CHUNK_BYTES = 56 << 20
 #: The same on CUDA. GEMM 3 reads and writes the (C, D) float32 weight-gradient sum once per chunk
 #: (8 bytes per element) for ``2 * rows`` flops per element, so it stays compute-bound only when ``rows / 4``
