@@ -19,7 +19,9 @@
 # of ~50 ms each (three 8.6 TFLOP products), fits 6 rounds in 3 s.
 #
 # Usage: benchmarks/gpu_bench.sh [extra `losskit bench` options for every group, e.g. --dtype bfloat16]
-# Environment: OUT, PYTHON (default python), REPS (default 10), BUDGET (seconds per unit, default 3).
+# Environment: OUT, PYTHON (default python), REPS (default 10), BUDGET (seconds per unit, default 3),
+# WHEELS (default .gpu-wheels: Liger-Kernel's and Cut Cross-Entropy's wheels from benchmarks/gpu_wheels.sh,
+# installed first when present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +35,15 @@ if ! "$py" -m pip install --quiet --no-deps --no-build-isolation --no-index -e .
     # The C extensions are CPU kernels: the CUDA bench runs without them, from the source tree.
     echo "pip install failed: running losskit from src/ instead"
     export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+fi
+# The libraries compared against, from the wheels benchmarks/gpu_wheels.sh downloaded (no network here;
+# their dependencies, torch and triton, come with the machine's CUDA torch). Without them their columns
+# say "not installed".
+wheels=${WHEELS:-.gpu-wheels}
+if compgen -G "$wheels/*.whl" > /dev/null; then
+    "$py" -m pip install --quiet --no-deps --no-index "$wheels"/*.whl || echo "installing $wheels/*.whl failed"
+else
+    echo "no wheels in $wheels: Liger-Kernel and Cut Cross-Entropy are not installed unless the machine has them"
 fi
 "$py" -m losskit.cli env
 echo "setup took $((SECONDS - start)) s"

@@ -288,3 +288,17 @@ def test_the_gpu_script_parses_and_runs_every_gpu_case():
     groups = [line.split()[2] for line in text.splitlines() if line.startswith("group ")]
     named = [name for cases in groups for name in cases.split(",")]
     assert sorted(named) == sorted({u.case.name for u in plan("cuda")[0]})
+
+
+def test_the_gpu_wheels_are_the_libraries_the_bench_imports():
+    """benchmarks/gpu_wheels.sh fetches, pinned and without dependencies, the two libraries whose columns
+    the GPU bench fills (Liger-Kernel, Cut Cross-Entropy), and gpu_bench.sh installs from the same folder."""
+    root = Path(__file__).parents[2] / "benchmarks"
+    fetch, bench = (root / "gpu_wheels.sh").read_text(), (root / "gpu_bench.sh").read_text()
+    for script in (root / "gpu_wheels.sh", root / "gpu_bench.sh"):
+        done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+    assert "--no-deps" in fetch and "liger-kernel==" in fetch and "cut-cross-entropy==" in fetch
+    modules = {library.module.split(".")[0] for case in CASES if case.cuda for library in case.cuda.libraries.values()}
+    assert modules == {"liger_kernel", "cut_cross_entropy"}
+    assert "WHEELS:-.gpu-wheels" in fetch and "WHEELS:-.gpu-wheels" in bench and "--no-index" in bench
