@@ -610,7 +610,7 @@ def test_peak_memory_is_gradients_plus_one_chunk_and_flat_in_n(dtype, products):
     products the chunk is the bfloat16 logits alone (the C row kernel writes their gradient in place)
     plus one block of the weight gradient's product (WEIGHT_BLOCK_BYTES or the whole (V, D) product, if
     smaller) and its float32 copy; upcast, the float32 logits and a float32 copy of the head.
-    Measured here: 15.9, 12.0-12.3 and 19.0-19.1 MiB against bounds of 20, 17 and 24."""
+    Measured here: 15.9, 11.9 and 19.0-19.1 MiB against bounds of 20, 17 and 24."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, dtype, products], env=env, capture_output=True,
                          text=True, timeout=300)
