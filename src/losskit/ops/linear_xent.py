@@ -73,7 +73,7 @@ from torch import Tensor
 
 from . import _dispatch
 from .blocks import accumulation_dtype
-from .cpu.native import empty
+from .cpu.native import empty, round_in_place
 from .reference.rows import RowSpec, xent_rows_
 
 #: Bytes of one chunk's working buffers on the CPU. Each chunk streams the whole head through each GEMM,
@@ -450,9 +450,15 @@ def sweep(p: Problem, scale: Tensor | float, *, want_input: bool, want_weight: b
 
 
 def rounded(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype`` (itself if already): a float32 sum rounded once to the weight's dtype, in a buffer
-    of :func:`losskit.ops.cpu.native.empty` (huge pages, reused by the next call on the CPU)."""
-    return t if t.dtype == dtype else empty(t.shape, dtype, t.device).copy_(t)
+    """``t`` in ``dtype`` (itself if already): a float32 sum rounded once to the weight's dtype. ``t`` is
+    consumed. On the CPU a sum in one of the extension's buffers is rounded into its own first half and
+    the second half released (:func:`losskit.ops.cpu.native.round_in_place`): the (C, D) bfloat16 result
+    is never alive beside its float32 sum. Elsewhere, a copy in a buffer of
+    :func:`losskit.ops.cpu.native.empty`."""
+    if t.dtype == dtype:
+        return t
+    done = round_in_place(t, dtype)
+    return done if done is not None else empty(t.shape, dtype, t.device).copy_(t)
 
 
 def _softcap_(work: Tensor, cap: float | None, tanh_out: Tensor | None) -> None:

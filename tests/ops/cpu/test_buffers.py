@@ -121,3 +121,92 @@ def test_environment_turns_the_cache_off():
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOSSKIT_BUFFER_CACHE": value},
                              capture_output=True, text=True, check=True).stdout.strip()
         assert out == released, value
+
+
+# --- round_in_place: a float32 buffer rounded to 16 bits over its own first half -----------------------
+
+def _specials(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n,) float32 normals, with the values the rounding must carry: NaN, infinities, zeros of both signs,
+    ties, the largest float32 (inf in float16), subnormals of the target, float16's overflow."""
+    t = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1e3
+    info = torch.finfo(dtype)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8,
+                            3.4e38, -3.4e38, info.tiny / 3, -info.tiny / 5, 65520.0, 65519.0])
+    for start in (0, n // 2 - 3, n - len(special)):  # in the first, a middle and the last step
+        t[start:start + len(special)] = special
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [(1 << 20) + 3, 3 << 20], ids=["1M+3", "3M"])
+def test_round_in_place_equals_to_and_releases_the_second_half(dtype, n, cache):
+    t = native.empty((n,), torch.float32, torch.device("cpu"))
+    t.copy_(_specials(n, torch.float32 if dtype == torch.bfloat16 else dtype))
+    expected = t.to(dtype)  # torch's rounding, on another copy
+    shape = (n // 3, 3) if n % 3 == 0 else (n,)
+    held = _rss()
+    out = native.round_in_place(t.view(shape), dtype)
+    assert out is not None and out.dtype == dtype and out.shape == shape and out.is_contiguous()
+    assert out.data_ptr() == t.data_ptr()
+    assert out.untyped_storage().nbytes() == 2 * n  # its storage is the first half, no more
+    assert torch.equal(out.view(-1).view(torch.int16), expected.view(torch.int16))  # bit for bit, NaN too
+    if n * 4 >= 8 * MIB:
+        assert _rss() < held - n * 2 + 2 * MIB  # the second half's pages are gone
+    del t
+    out.view(-1)[-1] = 1  # the Block lives with the result
+    assert out.view(-1)[-1].item() == 1 and torch.equal(out.view(-1)[:-1].view(torch.int16),
+                                                      expected[:-1].view(torch.int16))
+
+
+def test_round_in_place_takes_only_a_whole_block_of_four_byte_floats(cache):
+    dev = torch.device("cpu")
+    block = native.empty((2 * MIB,), torch.float32, dev).fill_(1.5)
+    assert native.round_in_place(block[1:], torch.bfloat16) is None  # not the whole buffer
+    assert native.round_in_place(block[:-1], torch.bfloat16) is None
+    assert native.round_in_place(block.view(1024, -1).T, torch.bfloat16) is None  # not contiguous
+    assert native.round_in_place(block, torch.float32) is None  # nothing to halve
+    assert native.round_in_place(torch.ones(2 * MIB), torch.bfloat16) is None  # torch's own memory
+    wide = native.empty((2 * MIB,), torch.float64, dev)
+    assert native.round_in_place(wide, torch.float32) is None  # 8 -> 4 bytes: not this function's case
+    assert block.eq(1.5).all()  # none of these touched it
+    assert native.round_in_place(block, torch.bfloat16).eq(1.5).all()
+
+
+def test_a_rounded_buffer_is_reused_and_written_whole_again(cache):
+    dev, n = torch.device("cpu"), 4 * MIB  # a 16 MiB sum
+    out = native.round_in_place(native.empty((n,), torch.float32, dev).fill_(3), torch.bfloat16)
+    ptr = out.data_ptr()
+    del out  # the Block is freed: its mapping, half released, is kept
+    again = native.empty((n,), torch.float32, dev)
+    assert again.data_ptr() == ptr
+    again.fill_(-2)  # the released half faults back in
+    assert again.eq(-2).all()
+
+
+def test_linear_cross_entropy_bfloat16_weight_gradient_rounded_in_place(monkeypatch, cache):
+    """The functional's (C, D) float32 sum, 4 MiB and up, is rounded in its own buffer: the weight
+    gradient is the same bits as the copy it replaces, accumulates over two backward calls as torch's
+    AccumulateGrad does, and matches a float64 truth within bfloat16's error of one rounding."""
+    from losskit.ops import linear_xent
+
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 96, 256, 4096  # a 4 MiB sum: the extension's buffer
+    x = torch.randn(n, d, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(v, d, generator=g) / 16).bfloat16().requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+    calls = []
+    monkeypatch.setattr(linear_xent, "round_in_place",
+                        lambda s, dtype: calls.append(s.shape) or native.round_in_place(s, dtype))
+    LF.linear_cross_entropy(x, w, t).backward()
+    assert calls == [(v, d)] and w.grad.untyped_storage().nbytes() == v * d * 2
+    in_place = w.grad.clone()
+    monkeypatch.setattr(linear_xent, "round_in_place", lambda s, dtype: None)  # the copy
+    w.grad = None
+    LF.linear_cross_entropy(x, w, t).backward()
+    assert torch.equal(w.grad.view(torch.int16), in_place.view(torch.int16))
+    xd, wd = x.detach().double(), w.detach().double().requires_grad_()
+    torch.nn.functional.cross_entropy(xd @ wd.T, t).backward()
+    eps = torch.finfo(torch.bfloat16).eps
+    assert (in_place.double() - wd.grad).abs().max() <= 2 * eps * wd.grad.abs().max()
+    LF.linear_cross_entropy(x, w, t).backward()  # accumulates: AccumulateGrad adds in place
+    assert torch.equal(w.grad, in_place * 2)  # doubling is exact

@@ -13,6 +13,7 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 struct xent_args {
@@ -121,11 +122,13 @@ static PyObject *py_exp(PyObject *self, PyObject *args)
 #define HAVE_BLOCKS 1
 enum { HUGE = 2 << 20 };
 
-typedef struct {
+typedef struct Block {
     PyObject_HEAD
     void *ptr;
     size_t size, mapped; /* bytes asked for; bytes mapped (size rounded up to 2 MiB) */
+    struct Block *prev, *next; /* the live Blocks, so that block_at finds a tensor's Block by its address */
 } Block;
+static Block *live = NULL;
 
 /* Two: the outputs one loss call has alive at once (a gradient and a target gradient, softmax's output
  * and then its gradient). */
@@ -159,6 +162,9 @@ static void *map_aligned(size_t mapped)
 
 static void block_dealloc(Block *self)
 {
+    if (self->prev) self->prev->next = self->next;
+    else if (live == self) live = self->next;
+    if (self->next) self->next->prev = self->prev;
     if (self->ptr) {
         int i = 0;
         while (i < KEEP && kept[i].ptr) i++;
@@ -179,11 +185,38 @@ static int block_getbuffer(Block *self, Py_buffer *view, int flags)
 
 static PyBufferProcs block_as_buffer = {.bf_getbuffer = (getbufferproc)block_getbuffer};
 
+/* Block.release(offset): the whole pages from byte `offset` to the end of the mapping go back to the OS
+ * (MADV_DONTNEED). The mapping stays: a tensor that still spans them reads zeros, never faults, and the
+ * next write faults fresh zeroed pages in. */
+static PyObject *block_release(Block *self, PyObject *args)
+{
+    unsigned long long offset;
+    if (!PyArg_ParseTuple(args, "K", &offset)) return NULL;
+    if (offset > self->size) {
+        PyErr_Format(PyExc_ValueError, "Block.release: offset %llu is past the buffer's %zu bytes", offset,
+                     self->size);
+        return NULL;
+    }
+    const long page_size = sysconf(_SC_PAGESIZE);
+    const size_t page = page_size > 0 ? (size_t)page_size : 4096;
+    const size_t from = ((size_t)offset + page - 1) / page * page;
+    if (from < self->mapped && madvise((char *)self->ptr + from, self->mapped - from, MADV_DONTNEED) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef block_methods[] = {
+    {"release", (PyCFunction)block_release, METH_VARARGS,
+     "release(offset): give the pages past byte offset back to the OS; they read as zeros (see _native.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject BlockType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "losskit.ops.cpu._native.Block",
     .tp_basicsize = sizeof(Block),
     .tp_dealloc = (destructor)block_dealloc,
     .tp_as_buffer = &block_as_buffer,
+    .tp_methods = block_methods,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "A kernel output's memory: a writable buffer of the asked size (see _native.c).",
 };
@@ -218,7 +251,26 @@ static PyObject *py_block(PyObject *self, PyObject *args)
     b->ptr = ptr;
     b->size = (size_t)size;
     b->mapped = mapped;
+    b->prev = NULL;
+    b->next = live;
+    if (live) live->prev = b;
+    live = b;
     return (PyObject *)b;
+}
+
+/* block_at(address, nbytes): the live Block whose buffer is exactly [address, address + nbytes), or None. */
+static PyObject *py_block_at(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long address, size;
+    if (!PyArg_ParseTuple(args, "KK", &address, &size)) return NULL;
+    for (Block *b = live; b; b = b->next) {
+        if ((uintptr_t)b->ptr == (uintptr_t)address && b->size == (size_t)size) {
+            Py_INCREF(b);
+            return (PyObject *)b;
+        }
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *py_set_block_cache(PyObject *self, PyObject *args)
@@ -237,6 +289,8 @@ static PyMethodDef methods[] = {
     SET_OPENMP_METHOD,
 #ifdef HAVE_BLOCKS
     {"block", py_block, METH_VARARGS, "block(nbytes): a Block of nbytes for a kernel's output (see _native.c)."},
+    {"block_at", py_block_at, METH_VARARGS,
+     "block_at(address, nbytes): the live Block whose buffer is exactly those bytes, or None."},
     {"set_block_cache", py_set_block_cache, METH_VARARGS,
      "set_block_cache(enabled): turn the cache of freed Blocks' mappings on or off; empties it either way."},
 #endif

@@ -157,6 +157,50 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+#: Elements of the first step of :func:`round_in_place`, rounded through a temporary (128 KiB of
+#: bfloat16); every later step doubles the rounded prefix.
+_FIRST_ROUNDED = 1 << 16
+
+
+def round_in_place(t: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """``t.to(dtype)``, written over the first half of ``t``'s own memory, whose second half's pages then
+    go back to the OS; None (nothing done) unless ``t`` is a whole buffer of :func:`empty` (a Block)
+    holding a 4-byte float type and ``dtype`` is a 2-byte one. ``t`` is consumed: its values are gone.
+
+    For a float32 sum rounded to a bfloat16 result, this takes the result's bytes off the peak (the
+    N=2048, D=1024, C=32768 weight gradient: a 128 MiB sum and its 64 MiB rounding were alive at once).
+    The result is a tensor on the Block's first half (its storage is exactly that), so the Block, with
+    its mapping, lives as long as the result; freed, its mapping is kept for reuse like any other (see
+    :func:`empty`), the released half faulting back in when next written.
+
+    In place, element ``i`` moves from byte ``4i`` to byte ``2i``: rounding ``[a, b)`` writes bytes
+    ``[2a, 2b)``, which hold only elements below ``b / 2``. So after a first prefix (through a small
+    temporary), each step rounds ``[a, 2a)``, whose destination lies in elements already read, in one
+    parallel copy whose operands do not overlap.
+    """
+    if (torch.compiler.is_compiling() or t.device.type != "cpu" or not t.is_contiguous()
+            or not (t.is_floating_point() and dtype.is_floating_point)
+            or t.dtype.itemsize != 4 or dtype.itemsize != 2):
+        return None
+    ext = load()
+    n = t.numel()
+    block = None if isinstance(ext, ImportError) or not hasattr(ext, "block_at") or n == 0 else (
+        ext.block_at(t.data_ptr(), n * 4))
+    if block is None:
+        return None
+    src = t.view(-1)  # (n,) 4-byte
+    dst = src.view(dtype)[:n]  # (n,) 2-byte, the same bytes' first half
+    first = min(n, _FIRST_ROUNDED)
+    dst[:first].copy_(src[:first].to(dtype))
+    a = first
+    while a < n:
+        b = min(n, 2 * a)
+        dst[a:b].copy_(src[a:b])  # bytes [2a, 2b) from bytes [4a, 4b): disjoint
+        a = b
+    block.release(2 * n)
+    return torch.frombuffer(memoryview(block)[:2 * n], dtype=dtype).view(t.shape)
+
+
 #: Whether freed output buffers are kept for reuse (see :func:`empty`); ``LOSSKIT_BUFFER_CACHE=0`` turns
 #: it off for the process.
 _buffer_cache = os.environ.get("LOSSKIT_BUFFER_CACHE", "1") != "0"
