@@ -55,11 +55,13 @@ inputs (gradients 272 MiB + one 128 MiB chunk). A second run of the first case g
 eager's 3.00 s (1.14x): the figures move by a few per cent between runs on this shared machine.
 
 bfloat16, same case, the same EPYC (Zen 4: AVX512-BF16, no AMX), torch 2.13, load ~1, median of 5
-(``benchmarks/lce_bfloat16.py``): this 1.12 s, peak 196 MiB above the inputs (the bfloat16 gradients
-68 MiB + the float32 weight sum 128 MiB, both alive while the sum is rounded); the float32 upcast it
-replaces here 2.47 s; eager ``F.cross_entropy((x @ W.T).float(), t)`` 1.50 s, 768 MiB; torch's chunked
-loss 6.74 s; the three bfloat16 products alone 1.06 s (this is 1.05x them). float32 in the same rounds:
-2.36 s against the three products' 2.48 s.
+(``benchmarks/lce_bfloat16.py``): this 1.12 s; the float32 upcast it replaces here 2.47 s; eager
+``F.cross_entropy((x @ W.T).float(), t)`` 1.50 s, 768 MiB; torch's chunked loss 6.74 s; the three
+bfloat16 products alone 1.06 s (this is 1.05x them). float32 in the same rounds: 2.36 s against the
+three products' 2.48 s. Peak 188 MiB above the inputs, reached during the chunks: the float32 weight
+sum (128 MiB), the input gradient (4 MiB), one 704-row chunk of logits (44 MiB) and a block of GEMM 3's
+product with torch's float32 copy of it (12 MiB). The sum is then rounded over its own first half
+(:func:`rounded`), never beside a separate 64 MiB result: that had made the peak 196 MiB.
 """
 
 from __future__ import annotations
