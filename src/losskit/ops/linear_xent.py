@@ -251,6 +251,8 @@ def _float32_output_gemm_runs(device: torch.device) -> bool:
         gemm_float32_(out, a, a, accumulate=False)  # NaN in out must not survive the first product
         gemm_float32_(out, a, a.T, accumulate=True)
         return bool(torch.equal(out, a.float() @ a.float() + a.float() @ a.float().T))
+    # What a torch without the GEMM raises: TypeError (no out_dtype keyword: torch 2.4), RuntimeError (a
+    # refused dtype combination), NotImplementedError (no kernel for this backend). Each means "blocks".
     except (TypeError, RuntimeError, NotImplementedError):
         return False
 
