@@ -210,3 +210,10 @@ def test_linear_cross_entropy_bfloat16_weight_gradient_rounded_in_place(monkeypa
     assert (in_place.double() - wd.grad).abs().max() <= 2 * eps * wd.grad.abs().max()
     LF.linear_cross_entropy(x, w, t).backward()  # accumulates: AccumulateGrad adds in place
     assert torch.equal(w.grad, in_place * 2)  # doubling is exact
+
+
+def test_block_release_refuses_an_offset_past_its_buffer(cache):
+    block = native.load().block(4 * MIB)
+    with pytest.raises(ValueError, match=r"offset 4194305 is past the buffer's 4194304 bytes"):
+        block.release(4 * MIB + 1)
+    block.release(4 * MIB)  # the end itself: nothing past it but the mapping's slack
